@@ -1,0 +1,1 @@
+"""One decomposition per module; each is a pure function returning a frozen factor container."""

@@ -1,0 +1,189 @@
+"""Rank vocabulary, resolved in one place.
+
+A rank is an ``int`` (``svd``, ``spatial-svd``, CP) or a pair ``(R3, R4)`` (``tucker2``: input-
+and output-channel ranks; an int means both). ``select_rank`` turns a strategy into a rank:
+
+* ``fixed``: the given ``rank``, validated;
+* ``vbmf``: analytic EVBMF (Kim et al.), optionally weakened as in MUSCO:
+  ``R = Rmax - k (Rmax - Rvbmf)`` with ``k = weakening`` in [0, 1] (1 = plain VBMF), never below
+  ``min_rank`` (default 1, so a VBMF rank of 0 never produces an empty layer);
+* ``energy``: the smallest rank keeping a fraction ``energy`` of the squared singular values;
+* ``ratio``: the largest rank whose layer is at least ``ratio`` times smaller than the dense
+  one in parameters (``target='params'``) or MACs (``target='macs'``, needs the module and
+  ``input_size=(H, W)``).
+
+A rank that makes the layer larger than the dense one is refused (``RankTooLargeError``) unless
+``allow_larger=True``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._checks import check_finite, check_int_rank
+from .errors import LowRankError, RankTooLargeError
+from .geometry import ConvGeometry
+from .registry import KernelShape, Method, dense_macs, get_method
+from .vbmf import evbmf
+
+STRATEGIES = ("fixed", "vbmf", "energy", "ratio")
+TARGETS = ("params", "macs")
+
+
+def normalize_rank(method: Method, k: KernelShape, rank, *, allow_larger: bool = False):
+    """Validate ``rank`` for ``method`` on a kernel of shape ``k``; returns int or (R3, R4)."""
+    mx = method.max_rank(k)
+    if method.pair_rank:
+        if isinstance(rank, (list, tuple)):
+            if len(rank) != 2:
+                raise LowRankError(f"{method.name} rank must be an int or a pair (R3, R4), got {rank!r}")
+            r = (check_int_rank(rank[0], mx[0], "R3 (input-channel rank)"),
+                 check_int_rank(rank[1], mx[1], "R4 (output-channel rank)"))
+        else:
+            if isinstance(rank, int) and not isinstance(rank, bool) and rank > min(mx):
+                raise LowRankError(
+                    f"rank {rank} is above the maximum for this layer; accepted: 1..{min(mx)} "
+                    f"(or a pair (R3, R4) with R3 <= {mx[0]}, R4 <= {mx[1]})")
+            r0 = check_int_rank(rank, min(mx))
+            r = (r0, r0)
+    else:
+        if isinstance(rank, (list, tuple)):
+            raise LowRankError(f"{method.name} takes a single integer rank, got {rank!r}")
+        r = check_int_rank(rank, mx)
+    new, dense = method.n_params(k, r), k.dense_params
+    if new > dense and not allow_larger:
+        raise RankTooLargeError(
+            f"{method.name} at rank {r} has {new} parameters, more than the dense layer's {dense}; "
+            f"use a smaller rank or pass allow_larger=True")
+    return r
+
+
+def _matrices(method: Method, w: torch.Tensor, k: KernelShape) -> list[list[torch.Tensor]]:
+    """The matrices whose spectra determine each rank component (one list per component)."""
+    from .decompositions._common import kernel_groups
+    from .decompositions.spatial_svd import tai_matrix
+
+    g = k.groups
+    if method.name == "svd":
+        return [list(kernel_groups(w, g).reshape(g, k.t_g, -1))]
+    if method.name == "spatial-svd":
+        return [list(tai_matrix(w.reshape(k.t, k.s, k.kh, k.kw), g))]
+    if method.name == "tucker2":
+        wg = kernel_groups(w, g)  # (g, T_g, S, kh, kw)
+        return [
+            [wg[i].transpose(0, 1).reshape(k.s, -1) for i in range(g)],  # S-unfolding -> R3
+            [wg[i].reshape(k.t_g, -1) for i in range(g)],  # T-unfolding -> R4
+        ]
+    raise LowRankError(
+        f"this strategy needs a matrix rank and method {method.name!r} has none; "
+        f"accepted methods for 'vbmf'/'energy': svd, spatial-svd, tucker2 (use 'fixed' or 'ratio' for CP)")
+
+
+def _energy_rank(m: torch.Tensor, energy: float) -> int:
+    s2 = torch.linalg.svdvals(m) ** 2
+    cum = torch.cumsum(s2, 0) / s2.sum()
+    return int((cum < energy - 1e-12).sum()) + 1
+
+
+def _layer_cost(method, k, r, target, geo, input_size):
+    if target == "params":
+        return method.n_params(k, r), k.dense_params
+    h, w = input_size
+    ho, wo = geo.output_size(h, w)
+    if geo.needs_prepad:
+        top, bottom, left, right = geo.pad
+        h, w = h + top + bottom, w + left + right
+    return method.stages_macs(k, r, h, w, ho, wo), dense_macs(k, ho, wo)
+
+
+def _ratio_rank(method, k, ratio, target, geo, input_size):
+    mx = method.max_rank(k)
+    if method.pair_rank:
+        def rank_at(i):
+            return (i, max(1, min(mx[1], round(i * mx[1] / mx[0]))))
+        hi = mx[0]
+    else:
+        def rank_at(i):
+            return i
+        hi = mx
+
+    def ok(i):
+        new, dense = _layer_cost(method, k, rank_at(i), target, geo, input_size)
+        return dense / new >= ratio
+
+    if not ok(1):
+        new, dense = _layer_cost(method, k, rank_at(1), target, geo, input_size)
+        raise LowRankError(
+            f"{target} ratio {ratio:g} is not reachable with {method.name} on this layer; "
+            f"the most it reaches is {dense / new:.3g} (at rank {rank_at(1)})")
+    lo = 1
+    while lo < hi:  # largest i with ok(i); cost grows with the rank
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return rank_at(lo)
+
+
+def select_rank(weight, method: str, strategy: str = "fixed", *, rank=None, weakening: float = 1.0,
+                min_rank: int = 1, energy: float | None = None, ratio: float | None = None,
+                target: str = "params", input_size=None, groups: int = 1, allow_larger: bool = False):
+    """Choose a rank for ``weight`` (a tensor, or the ``nn.Conv2d``/``nn.Linear`` itself).
+
+    Returns an int, or ``(R3, R4)`` for ``tucker2``. See the module docstring for strategies.
+    """
+    m = get_method(method)
+    module = weight if isinstance(weight, nn.Module) else None
+    w = module.weight if module is not None else weight
+    check_finite(w)
+    k = KernelShape.of(module if module is not None else w, groups)
+    if strategy not in STRATEGIES:
+        raise LowRankError(f"unknown rank strategy {strategy!r}; accepted: {', '.join(STRATEGIES)}")
+
+    if strategy == "fixed":
+        if rank is None:
+            raise LowRankError("strategy 'fixed' needs rank=<int> (or a pair (R3, R4) for tucker2)")
+        return normalize_rank(m, k, rank, allow_larger=allow_larger)
+
+    if strategy == "ratio":
+        if ratio is None or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
+            raise LowRankError(f"strategy 'ratio' needs ratio >= 1 (how many times smaller), got {ratio!r}")
+        if target not in TARGETS:
+            raise LowRankError(f"unknown ratio target {target!r}; accepted: {', '.join(TARGETS)}")
+        geo = None
+        if target == "macs":
+            if isinstance(module, nn.Linear):
+                target = "params"  # a Linear's MACs equal its weight count
+            elif isinstance(module, nn.Conv2d) and input_size is not None:
+                geo = ConvGeometry.from_conv(module)
+            else:
+                raise LowRankError("target='macs' needs the conv module itself (not a bare weight) and input_size=(H, W)")
+        r = _ratio_rank(m, k, float(ratio), target, geo, input_size)
+        return normalize_rank(m, k, r, allow_larger=allow_larger)
+
+    w64 = w.detach().to(torch.float64)
+    mats = _matrices(m, w64, k)
+    if strategy == "energy":
+        if energy is None or not (0 < energy <= 1):
+            raise LowRankError(f"strategy 'energy' needs 0 < energy <= 1, got {energy!r}")
+        ranks = [max(_energy_rank(x, energy) for x in comp) for comp in mats]
+    else:  # vbmf
+        if not (0.0 <= weakening <= 1.0):
+            raise LowRankError(f"weakening must be in [0, 1] (1 = plain VBMF, 0 = full rank), got {weakening!r}")
+        mx = m.max_rank(k)
+        mxs = list(mx) if m.pair_rank else [mx]
+        ranks = []
+        for comp, rmax in zip(mats, mxs):
+            r_vbmf = max(evbmf(x)[0] for x in comp)
+            r_vbmf = min(r_vbmf, rmax)
+            ranks.append(int(round(rmax - weakening * (rmax - r_vbmf))))
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise LowRankError(f"min_rank must be an integer >= 1, got {min_rank!r}")
+    mx = m.max_rank(k)
+    mxs = list(mx) if m.pair_rank else [mx]
+    ranks = [min(max(r, min_rank), rmax) for r, rmax in zip(ranks, mxs)]
+    r = tuple(ranks) if m.pair_rank else ranks[0]
+    return normalize_rank(m, k, r, allow_larger=allow_larger)

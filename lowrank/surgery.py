@@ -1,0 +1,167 @@
+"""Model surgery: the only place that mutates a model.
+
+``compress_model(model, plan)`` replaces layers by qualified name and returns one
+``LayerReport`` per planned layer. A plan maps ``"layer.name"`` to ``(method, rank)``,
+``(method, rank, options)`` or ``{"method": ..., "rank": ..., **options}``; ``rank`` may be a
+strategy name (``'vbmf'``, ``'energy'``, ``'ratio'``) with the strategy's options.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .accounting import count, layer_input_shapes
+from .api import factorize_with_factors, relative_error
+from .errors import LowRankError, RankTooLargeError, UnsupportedLayerError
+from .registry import get_method
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer. ``status`` is ``ok``, ``skipped`` (with ``reason``) or
+    ``failed`` (with ``reason``). MACs are per sample and present when an input shape was given."""
+
+    name: str
+    method: str
+    rank: object = None
+    status: str = "ok"
+    reason: str = ""
+    layer_type: str = ""
+    rel_error: float | None = None
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    seconds: float = 0.0
+    diagnostics: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rank"] = list(self.rank) if isinstance(self.rank, tuple) else self.rank
+        return d
+
+
+def _normalize_entry(name, entry) -> tuple[str, object, dict]:
+    if isinstance(entry, dict):
+        entry = dict(entry)
+        try:
+            return entry.pop("method"), entry.pop("rank"), entry
+        except KeyError as e:
+            raise LowRankError(f"plan entry for {name!r} is missing {e.args[0]!r}; "
+                               f"accepted: {{'method': ..., 'rank': ..., **options}}") from None
+    if isinstance(entry, (tuple, list)) and len(entry) in (2, 3):
+        method, rank, *opts = entry
+        options = dict(opts[0]) if opts else {}
+        return method, rank, options
+    raise LowRankError(f"plan entry for {name!r} must be (method, rank), (method, rank, options) "
+                       f"or a dict with 'method' and 'rank', got {entry!r}")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: bool = False,
+                   on_error: str = "raise") -> tuple[nn.Module, list[LayerReport]]:
+    """Apply ``plan`` and return ``(new_model, reports)``.
+
+    ``input_shape`` (``(C, H, W)``) enables per-layer MACs and MAC-ratio strategies.
+    ``on_error='raise'`` (default) raises on bad input; ``'record'`` records a failed layer
+    with its reason and goes on with the others. A rank chosen by a strategy that would make
+    the layer larger than the dense one is always recorded as ``skipped`` (the layer stays dense).
+    """
+    if on_error not in ("raise", "record"):
+        raise LowRankError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+    if not isinstance(plan, dict):
+        raise LowRankError(f"plan must be a dict {{layer_name: (method, rank[, options])}}, got {type(plan).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for name in plan:
+        if name not in modules or name == "":
+            layers = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            raise LowRankError(f"no layer named {name!r} in the model; conv/linear layers are: "
+                               f"{', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}")
+    shapes = layer_input_shapes(model, plan, input_shape) if input_shape is not None else {}
+
+    reports: list[LayerReport] = []
+    for name, entry in plan.items():
+        method, rank, options = _normalize_entry(name, entry)
+        module = modules[name]
+        rep = LayerReport(name=name, method=str(method), layer_type=type(module).__name__,
+                          params_before=sum(p.numel() for p in module.parameters()))
+        in_shape = shapes.get(name)
+        if in_shape is not None:
+            rep.macs_before = count(module, in_shape)[1]
+        if isinstance(rank, str) and in_shape is not None and len(in_shape) == 4:
+            options.setdefault("input_size", tuple(in_shape[2:]))
+        if isinstance(rank, str) and rank != "ratio":
+            options.pop("input_size", None)
+        t0 = time.perf_counter()
+        try:
+            get_method(method)
+            new, factors = factorize_with_factors(module, method, rank, **options)
+        except RankTooLargeError as e:
+            if not isinstance(rank, str) and on_error == "raise":
+                raise
+            rep.status, rep.reason = "skipped", str(e)
+        except (LowRankError, UnsupportedLayerError, RuntimeError, ValueError, MemoryError) as e:
+            if on_error == "raise":
+                raise
+            rep.status, rep.reason = "failed", f"{type(e).__name__}: {e}"
+        else:
+            _set_submodule(model, name, new)
+            rep.rank = factors.rank
+            rep.rel_error = relative_error(module.weight, factors)
+            rep.params_after = sum(p.numel() for p in new.parameters())
+            if in_shape is not None:
+                rep.macs_after = count(new, in_shape)[1]
+            rep.diagnostics = dict(getattr(factors, "diagnostics", {}) or {})
+        rep.seconds = time.perf_counter() - t0
+        if rep.status != "ok":
+            rep.params_after, rep.macs_after = rep.params_before, rep.macs_before
+        reports.append(rep)
+    return model, reports
+
+
+def plan_layers(model: nn.Module, method: str, rank, *, include=None, exclude=None, skip_first: bool = True,
+                pointwise_method: str | None = None, options: dict | None = None) -> dict:
+    """A plan over every layer ``method`` applies to.
+
+    ``include``/``exclude`` are glob patterns on qualified names; ``skip_first`` leaves the first
+    conv dense (it has few input channels and is cheap). ``pointwise_method`` (e.g. ``'svd'``)
+    also factorizes 1x1 convs and Linears with that method at the same rank strategy.
+    """
+    m = get_method(method)
+    pw = get_method(pointwise_method) if pointwise_method else None
+    plan: dict = {}
+    first_conv = next((n for n, mod in model.named_modules() if isinstance(mod, nn.Conv2d)), None)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        if skip_first and name == first_conv:
+            continue
+        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        chosen = m if m.unsupported_reason(mod) is None else (
+            pw if pw is not None and pw.unsupported_reason(mod) is None else None)
+        if chosen is not None:
+            plan[name] = (chosen.name, rank, dict(options or {}))
+    return plan
+
+
+def summarize(reports: list[LayerReport]) -> dict:
+    """Totals over the reports: parameter and MAC deltas of the replaced layers."""
+    return {
+        "layers": len(reports),
+        "ok": sum(r.status == "ok" for r in reports),
+        "params_saved": sum(r.params_before - r.params_after for r in reports),
+        "macs_saved": sum((r.macs_before or 0) - (r.macs_after or 0) for r in reports),
+    }
