@@ -41,7 +41,7 @@ def per_layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
     for name, mod in model.named_modules():
         if isinstance(mod, (*_CONVS, nn.Linear)):
             def hook(m, inp, out, name=name):
-                found[name] = found.get(name, 0) + _macs_of(m, out) * (1 if out.shape[0] == 0 else 1)
+                found[name] = found.get(name, 0) + _macs_of(m, out)
             handles.append(mod.register_forward_hook(hook))
     was_training = model.training
     try:
@@ -65,10 +65,12 @@ def layer_input_shapes(model: nn.Module, names, input_shape) -> dict[str, tuple[
     """The input shape (one sample) each named layer sees in a forward pass."""
     wanted = set(names)
     shapes: dict[str, tuple[int, ...]] = {}
-    handles = [
-        mod.register_forward_pre_hook(lambda m, inp, name=name: shapes.setdefault(name, (1, *inp[0].shape[1:])))
-        for name, mod in model.named_modules() if name in wanted
-    ]
+    def record(name):
+        def hook(module, inputs):  # a pre-hook must return None or it replaces the input
+            shapes.setdefault(name, (1, *inputs[0].shape[1:]))
+        return hook
+
+    handles = [mod.register_forward_pre_hook(record(name)) for name, mod in model.named_modules() if name in wanted]
     x = _example_input(model, input_shape)
     was_training = model.training
     try:

@@ -115,7 +115,7 @@ def _ratio_rank(method, k, ratio, target, geo, input_size):
 
     if not ok(1):
         new, dense = _layer_cost(method, k, rank_at(1), target, geo, input_size)
-        raise LowRankError(
+        raise RankTooLargeError(
             f"{target} ratio {ratio:g} is not reachable with {method.name} on this layer; "
             f"the most it reaches is {dense / new:.3g} (at rank {rank_at(1)})")
     lo = 1

@@ -21,7 +21,13 @@ def fix_signs(u: torch.Tensor, *others: torch.Tensor):
 
 def leading_left_singular_vectors(x: torch.Tensor, r: int) -> torch.Tensor:
     """Top-``r`` left singular vectors of a matrix ``x`` (columns orthonormal, signs fixed)."""
-    u, _, _ = torch.linalg.svd(x, full_matrices=False)
+    if x.shape[0] < x.shape[1] and r < x.shape[0]:
+        # wide matrix: the leading eigenvectors of the small Gram matrix X X^T span the same
+        # subspace and cost one GEMM plus a (rows x rows) eigendecomposition
+        _, v = torch.linalg.eigh(x @ x.T)
+        u = v.flip(-1)
+    else:
+        u, _, _ = torch.linalg.svd(x, full_matrices=False)
     if u.shape[1] < r:  # more columns requested than the matrix has: complete the basis
         q, _ = torch.linalg.qr(torch.cat([u, torch.eye(x.shape[0], dtype=x.dtype, device=x.device)], dim=1))
         u = q

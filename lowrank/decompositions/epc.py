@@ -104,6 +104,13 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
     if delta is None:
         delta = float((x - reconstruct(factors)).norm())
     tau = engine.norm2 - delta * delta
+    norm = math.sqrt(engine.norm2) or 1.0
+    if delta < 1e-7 * norm:
+        # The secular equation works on squared norms, so it pins the error to about
+        # sqrt(eps) * ||X||; a fit already exact to that level is returned unchanged.
+        j = objective_value(factors, objective)
+        return factors, {"sweeps": 0, "objective_start": j, "objective_end": j, "delta": delta,
+                         "rel_error": delta / norm, "converged": True, "skipped": "fit exact to rounding"}
     rebalance(factors)
     if objective == "sens":
         _optimal_sensitivity_scaling(factors)
@@ -117,8 +124,11 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
         w = _weights(factors, n, objective).clamp_min(_W_FLOOR)
         wis = w.rsqrt()
         e, qmat = torch.linalg.eigh(wis[:, None] * gamma * wis[None, :])
-        e = e.clamp_min(0)
-        gt = (g * wis) @ qmat  # G W^{-1/2} Q
+        # null directions of Gamma: G has no component there in exact arithmetic (G = X K and
+        # K q = 0), so what the rounding leaves is dropped (the minimum-J solution)
+        null = e <= 1e-13 * e.max().clamp_min(1e-300)
+        e = torch.where(null, torch.ones_like(e), e)
+        gt = torch.where(null, torch.zeros_like(g[:1]), (g * wis) @ qmat)  # G W^{-1/2} Q
         c = gt.pow(2).sum(0)
         rho = _secular_root(c.cpu().numpy(), e.cpu().numpy(), tau)
         return ((gt / (e + rho)) @ qmat.T) * wis
@@ -139,7 +149,6 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
             break
         j_prev = j
     err = float((x - reconstruct(factors)).norm())
-    norm = math.sqrt(engine.norm2) or 1.0
     return factors, {
         "sweeps": sweep, "objective_start": j_start, "objective_end": j_prev, "delta": delta,
         "rel_error": err / norm, "converged": converged,

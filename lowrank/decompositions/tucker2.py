@@ -23,21 +23,28 @@ def _tucker2_group(w, r3, r4, *, n_iter_max, tol, callback, group):
     u_s = leading_left_singular_vectors(_unfold(w, 1), r3)
     u_t = leading_left_singular_vectors(_unfold(w, 0), r4)
 
-    def core_and_error(u_t, u_s):
-        core = torch.einsum("tsij,tp,sq->pqij", w, u_t, u_s)
+    def core_and_error(z, u_t):
+        # z = W x_S U_S^T, so the core is one more small contraction; with orthonormal
+        # factors ||W - W_hat||^2 = ||W||^2 - ||G||^2
+        core = torch.einsum("tqij,tp->pqij", z, u_t)
         err2 = max(norm2 - float((core * core).sum()), 0.0)
         return core, (err2 / norm2) ** 0.5 if norm2 > 0 else 0.0
 
-    core, err = core_and_error(u_t, u_s)
+    def project_s(u_s):
+        return torch.einsum("tsij,sq->tqij", w, u_s)
+
+    z = project_s(u_s)
+    core, err = core_and_error(z, u_t)
     if callback is not None:
         callback(0, err) if group is None else callback(0, err, group)
     for it in range(1, n_iter_max + 1):
         if err == 0.0:
             break
         u_s = leading_left_singular_vectors(_unfold(torch.einsum("tsij,tp->psij", w, u_t), 1), r3)
-        u_t = leading_left_singular_vectors(_unfold(torch.einsum("tsij,sq->tqij", w, u_s), 0), r4)
-        new_core, new_err = core_and_error(u_t, u_s)
-        core, prev, err = new_core, err, new_err
+        z = project_s(u_s)
+        u_t = leading_left_singular_vectors(_unfold(z, 0), r4)
+        prev = err
+        core, err = core_and_error(z, u_t)
         if callback is not None:
             callback(it, err) if group is None else callback(it, err, group)
         if prev - err <= tol * max(prev, 1e-300):
@@ -50,8 +57,8 @@ def decompose_tucker2(
     rank: tuple[int, int],
     *,
     groups: int = 1,
-    n_iter_max: int = 100,
-    tol: float = 1e-6,
+    n_iter_max: int = 50,
+    tol: float = 1e-4,
     callback: Callable | None = None,
 ) -> Tucker2Factors:
     """``weight``: ``(T, S_g, kh, kw)``; ``rank = (R3, R4)`` = (input-channel rank, output-channel rank).

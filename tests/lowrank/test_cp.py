@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank
+from lowrank.decompositions.cp_als import cp_als, khatri_rao, reconstruct
+from lowrank.decompositions.epc import epc, objective_value
+from lowrank.diagnostics import CANCELLATION_DEGENERATE
+
+
+def _rel(x, factors):
+    return float((x - reconstruct(factors)).norm() / x.norm())
+
+
+@pytest.mark.parametrize("dims,rank,init", [((12, 10, 9), 6, "svd"), ((9, 8, 7), 5, "random"),
+                                            ((10, 8, 3, 3), 7, "svd"), ((8, 6, 4, 3), 5, "random")])
+def test_exact_rank_tensors_are_recovered(dims, rank, init):
+    g = torch.Generator().manual_seed(sum(dims))
+    x = reconstruct([torch.randn(n, rank, generator=g, dtype=torch.float64) for n in dims])
+    factors, errors = cp_als(x, rank, init=init, seed=3, n_iter_max=3000, tol=0)
+    assert _rel(x, factors) < 1e-8
+    assert errors[-1] < 1e-8
+
+
+def test_als_error_non_increasing_and_seed_deterministic():
+    x = torch.randn(16, 12, 9, dtype=torch.float64)
+    rec = []
+    f1, _ = cp_als(x, 10, init="random", seed=7, n_iter_max=200, tol=0, callback=lambda it, e: rec.append((it, e)))
+    assert [it for it, _ in rec] == list(range(1, 201))
+    errs = [e for _, e in rec]
+    assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:]))
+    f2, _ = cp_als(x, 10, init="random", seed=7, n_iter_max=200, tol=0)
+    f3, _ = cp_als(x, 10, init="random", seed=8, n_iter_max=200, tol=0)
+    assert all(torch.equal(a, b) for a, b in zip(f1, f2))
+    assert not all(torch.equal(a, b) for a, b in zip(f1, f3))
+
+
+def test_mttkrp_matches_explicit_khatri_rao():
+    # the dimension-tree sweep must compute the same normal equations as the textbook ALS
+    from lowrank.decompositions.cp_als import SweepEngine
+
+    x = torch.randn(5, 4, 3, 2, dtype=torch.float64)
+    fs = [torch.randn(n, 3, dtype=torch.float64) for n in x.shape]
+    seen = {}
+
+    def update(n, g, gamma):
+        others = [fs_now[m] for m in range(4) if m != n]
+        unf = x.movedim(n, 0).reshape(x.shape[n], -1)
+        assert torch.allclose(g, unf @ khatri_rao(others), atol=1e-12)
+        seen[n] = True
+        return fs_now[n]
+
+    fs_now = [f.clone() for f in fs]
+    SweepEngine(x).sweep(fs_now, [f.T @ f for f in fs_now], update)
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def degenerate_kernel_fit():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 64, 3, 3, generator=g, dtype=torch.float64) * math.sqrt(2 / (64 * 9))
+    factors, errors = cp_als(x, 64, init="random", seed=1, n_iter_max=1000, tol=0)
+    return x, factors
+
+
+def test_epc_keeps_error_and_removes_cancellation(degenerate_kernel_fit):
+    x, als = degenerate_kernel_fit
+    before = lowrank.cp_diagnostics(als, x)
+    assert before["degenerate"] and before["cancellation_ratio"] > 4
+    js = []
+    fixed, info = epc(x, als, max_sweeps=1500, tol=1e-7, callback=lambda s, j: js.append(j))
+    after = lowrank.cp_diagnostics(fixed, x)
+    assert abs(after["rel_error"] - before["rel_error"]) <= 1e-6 * before["rel_error"]
+    assert after["cancellation_ratio"] * 3 <= before["cancellation_ratio"]
+    assert after["max_term_ratio"] < before["max_term_ratio"]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(js, js[1:]))  # objective non-increasing
+    assert info["objective_end"] < info["objective_start"]
+
+
+def test_epc_sensitivity_objective_and_user_target(degenerate_kernel_fit):
+    x, als = degenerate_kernel_fit
+    delta = 1.05 * float((x - reconstruct(als)).norm())
+    fixed, info = epc(x, als, delta=delta, objective="sens", max_sweeps=300)
+    assert float((x - reconstruct(fixed)).norm()) == pytest.approx(delta, rel=1e-6)
+    assert objective_value(fixed, "sens") < objective_value(als, "sens")
+
+
+def test_border_rank_tensor_is_flagged_and_healthy_is_not():
+    g = torch.Generator().manual_seed(0)
+    a1, a2, b1, b2, c1, c2 = (torch.randn(4, generator=g, dtype=torch.float64) for _ in range(6))
+    outer = lambda a, b, c: torch.einsum("i,j,k->ijk", a, b, c)  # noqa: E731
+    x = outer(a1, b1, c2) + outer(a1, b2, c1) + outer(a2, b1, c1)  # rank 3, border rank 2
+    f, errors = cp_als(x, 2, init="random", seed=0, n_iter_max=5000, tol=0)
+    d = lowrank.cp_diagnostics(f, x)
+    assert d["degenerate"]
+    assert d["cancellation_ratio"] > CANCELLATION_DEGENERATE and d["min_congruence"] < -0.8
+
+    fs = [torch.randn(n, 20, generator=g, dtype=torch.float64) for n in (30, 25, 20)]
+    y = reconstruct(fs)
+    y = y + 0.01 * y.norm() / math.sqrt(y.numel()) * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    h, _ = cp_als(y, 20, n_iter_max=500)
+    d = lowrank.cp_diagnostics(h, y)
+    assert not d["degenerate"]
+    assert d["cancellation_ratio"] < 1.1 and d["rel_error"] < 0.02
+
+
+def test_cp_epc_layer_reports_diagnostics_before_and_after():
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), conv)
+    new, [rep] = lowrank.compress_model(model, {"1": ("cp3-epc", 12, {"epc_max_sweeps": 50})}, input_shape=(3, 12, 12))
+    d = rep.diagnostics
+    assert {"als", "epc", "epc_sweeps", "degenerate"} <= set(d)
+    assert d["epc"]["rel_error"] == pytest.approx(d["als"]["rel_error"], rel=1e-6)
+    assert rep.rel_error == pytest.approx(d["epc"]["rel_error"], rel=1e-9)
+
+
+def test_cp_rank_larger_than_allowed():
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(lowrank.LowRankError, match=r"above the maximum 27"):
+        lowrank.decompose(w, "cp4", 28, allow_larger=True)
+
+
+@pytest.mark.gpu
+def test_cp_als_on_cuda_matches_cpu():
+    x = torch.randn(16, 12, 9, dtype=torch.float64)
+    f_cpu, _ = cp_als(x, 8, n_iter_max=50)
+    f_gpu, _ = cp_als(x.cuda(), 8, n_iter_max=50)
+    assert _rel(x, f_cpu) == pytest.approx(_rel(x, [f.cpu() for f in f_gpu]), rel=1e-6)
