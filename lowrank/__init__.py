@@ -11,7 +11,7 @@ from .factors import CPFactors, SpatialSVDFactors, SVDFactors, Tucker2Factors
 from .layers import FactorizedConv2d, FactorizedLinear
 from .ranks import select_rank
 from .registry import METHODS, get_method, list_methods, register_method
-from .surgery import LayerReport, compress_model, plan_layers, summarize
+from .surgery import LayerReport, apply_factors, compress_model, plan_layers, summarize
 from .vbmf import evbmf
 
 from .registry import _register_builtins
@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - cp module not present yet
 
 __all__ = [
     "decompose", "factorize_layer", "compress_model", "select_rank", "evbmf", "count", "cp_diagnostics",
-    "per_layer_macs", "relative_error", "plan_layers", "summarize", "LayerReport",
+    "per_layer_macs", "relative_error", "plan_layers", "apply_factors", "summarize", "LayerReport",
     "LowRankError", "RankTooLargeError", "UnsupportedLayerError",
     "SVDFactors", "SpatialSVDFactors", "Tucker2Factors", "CPFactors", "FactorizedConv2d", "FactorizedLinear",
     "METHODS", "get_method", "list_methods", "register_method",

@@ -165,3 +165,30 @@ def summarize(reports: list[LayerReport]) -> dict:
         "params_saved": sum(r.params_before - r.params_after for r in reports),
         "macs_saved": sum((r.macs_before or 0) - (r.macs_after or 0) for r in reports),
     }
+
+
+def apply_factors(model: nn.Module, factors_by_layer: dict, *, input_shape=None, inplace: bool = False):
+    """Replace layers by the layers that run precomputed factors (e.g. computed in parallel by
+    Ray tasks). Returns ``(new_model, reports)`` like ``compress_model`` (``seconds`` = build time)."""
+    model = model if inplace else copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    missing = [n for n in factors_by_layer if n not in modules]
+    if missing:
+        raise LowRankError(f"no layer named {missing[0]!r} in the model")
+    shapes = layer_input_shapes(model, factors_by_layer, input_shape) if input_shape is not None else {}
+    reports = []
+    for name, factors in factors_by_layer.items():
+        module = modules[name]
+        t0 = time.perf_counter()
+        new = get_method(factors.method).build(module, factors)
+        rep = LayerReport(name=name, method=factors.method, rank=factors.rank, layer_type=type(module).__name__,
+                          rel_error=relative_error(module.weight, factors),
+                          params_before=sum(p.numel() for p in module.parameters()),
+                          params_after=sum(p.numel() for p in new.parameters()),
+                          diagnostics=dict(getattr(factors, "diagnostics", {}) or {}))
+        if name in shapes:
+            rep.macs_before, rep.macs_after = count(module, shapes[name])[1], count(new, shapes[name])[1]
+        _set_submodule(model, name, new)
+        rep.seconds = time.perf_counter() - t0
+        reports.append(rep)
+    return model, reports

@@ -1,0 +1,133 @@
+"""Data sets: scikit-learn's bundled digits (the embedded default), CIFAR-10 in torchvision's
+on-disk format from a local folder (no download), and ImageFolder. Images are 3-channel,
+``input_size`` square, normalised."""
+from __future__ import annotations
+
+import functools
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .spec import DatasetSpec
+
+_MEAN, _STD = 0.5, 0.25
+
+
+class DataError(ValueError):
+    """A data set that cannot be loaded (one-line message)."""
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(round(n * val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+def _to_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, C, h, w)`` in [0, 1] -> ``(N, 3, size, size)`` normalised."""
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return ((x - _MEAN) / _STD).contiguous()
+
+
+def _digits(spec: DatasetSpec, seed: int):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    x = _to_images(x, spec.input_size)
+    tr, va = _split(len(y), spec.val_fraction, seed)
+    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), 10
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10 batches are pickles: only the numpy reconstruction they need is allowed."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name} from a CIFAR-10 batch file")
+
+
+def _read_cifar_batch(path: Path):
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="latin1").load()
+        data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
+    except (OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
+        raise DataError(f"CIFAR-10 batch {str(path)!r} cannot be read: {e}") from None
+    return torch.from_numpy(data), torch.from_numpy(labels)
+
+
+def _cifar10(spec: DatasetSpec, seed: int):
+    root = Path(spec.root)
+    base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    train_files = [base / f"data_batch_{i}" for i in range(1, 6)]
+    test_file = base / "test_batch"
+    missing = [p.name for p in [*train_files, test_file] if not p.is_file()]
+    if missing:
+        raise DataError(f"CIFAR-10 folder {str(base)!r} lacks {', '.join(missing)} "
+                        f"(expected torchvision's cifar-10-batches-py layout; nothing is downloaded)")
+    parts = [_read_cifar_batch(p) for p in train_files]
+    xtr = torch.cat([p[0] for p in parts]).float() / 255
+    ytr = torch.cat([p[1] for p in parts])
+    xte, yte = _read_cifar_batch(test_file)
+    return (TensorDataset(_to_images(xtr, spec.input_size), ytr),
+            TensorDataset(_to_images(xte.float() / 255, spec.input_size), yte), 10)
+
+
+class _Images(Dataset):
+    def __init__(self, base, size):
+        self.base, self.size = base, size
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return _to_images(img.unsqueeze(0), self.size)[0], label
+
+
+def _imagefolder(spec: DatasetSpec, seed: int):
+    from .tv import import_torchvision
+
+    tv = import_torchvision()
+    try:
+        base = tv.datasets.ImageFolder(str(spec.root), transform=tv.transforms.ToTensor())
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"image folder {str(spec.root)!r} has no usable images: {e}") from None
+    if len(base) < 2:
+        raise DataError(f"image folder {str(spec.root)!r} has {len(base)} image(s); need at least 2")
+    ds = _Images(base, spec.input_size)
+    tr, va = _split(len(ds), spec.val_fraction, seed)
+    return Subset(ds, tr), Subset(ds, va), len(base.classes)
+
+
+_LOADERS = {"digits": _digits, "cifar10": _cifar10, "imagefolder": _imagefolder}
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(spec_json: str, seed: int):
+    spec = DatasetSpec.model_validate_json(spec_json)
+    train, val, n_classes = _LOADERS[spec.kind](spec, seed)
+    if spec.limit_train is not None and spec.limit_train < len(train):
+        train = Subset(train, range(spec.limit_train))
+    if spec.limit_val is not None and spec.limit_val < len(val):
+        val = Subset(val, range(spec.limit_val))
+    return train, val, n_classes
+
+
+def load_dataset(spec: DatasetSpec, seed: int = 0):
+    """``(train, val, num_classes)``; cached per process (Ray workers reuse it across tasks)."""
+    return _load_cached(spec.model_dump_json(), seed)

@@ -1,0 +1,245 @@
+"""The sweep spec: YAML validated by strict pydantic models (unknown keys rejected, each error
+reported with the key's location). Validation never starts Ray or MLflow."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_MODELS = ("smallcnn",)
+DEFAULT_SPEC = Path(__file__).with_name("default_sweep.yaml")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message is one line naming the key and what is accepted."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerSelection(_Strict):
+    include: list[str] = Field(default_factory=list, description="glob patterns on qualified layer names; empty = all")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of layers to leave dense")
+    skip_first: bool = Field(True, description="leave the first conv dense (few input channels, cheap)")
+    pointwise_method: Literal["svd"] | None = Field(
+        None, description="also factorize 1x1 convs and Linear layers with this method")
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="torchvision architecture (resnet18, vgg16, ...) or 'smallcnn'")
+    num_classes: int = Field(10, ge=2, description="classifier outputs")
+    checkpoint: Path | None = Field(None, description="state dict file, loaded with torch.load(weights_only=True)")
+    layers: LayerSelection | None = Field(None, description="overrides compression.layers for this model")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from .models import available_models
+
+        names = available_models()
+        if v not in names:
+            close = [n for n in names if n.startswith(v[:4])][:6]
+            raise ValueError(f"unknown model {v!r}; accepted: 'smallcnn' or a torchvision classification model"
+                             + (f" (e.g. {', '.join(close)})" if close else " (e.g. resnet18, vgg16, alexnet)"))
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"checkpoint file {str(v)!r} does not exist")
+        return v
+
+
+class DatasetSpec(_Strict):
+    kind: Literal["digits", "cifar10", "imagefolder"] = Field(
+        "digits", description="digits: scikit-learn's bundled 8x8 digits (upscaled); cifar10: torchvision "
+                              "format in a local folder (no download); imagefolder: one folder per class")
+    root: Path | None = Field(None, description="data folder for cifar10 / imagefolder")
+    input_size: int = Field(32, ge=8, le=512, description="images are resized to input_size x input_size")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="validation split (digits, imagefolder)")
+    batch_size: int = Field(64, ge=1, description="batch size for training and evaluation")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    limit_train: int | None = Field(None, ge=1, description="use at most this many training samples")
+    limit_val: int | None = Field(None, ge=1, description="use at most this many validation samples")
+
+    @model_validator(mode="after")
+    def _root_needed(self):
+        if self.kind != "digits":
+            if self.root is None:
+                raise ValueError(f"dataset kind {self.kind!r} needs 'root' (a local folder)")
+            if not Path(self.root).is_dir():
+                raise ValueError(f"dataset root {str(self.root)!r} is not a folder")
+        return self
+
+
+class PretrainSpec(_Strict):
+    epochs: int = Field(3, ge=0, description="training epochs when no checkpoint is given")
+    lr: float = Field(0.05, gt=0, description="learning rate")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer")
+    cache_dir: Path = Field(Path(".cache/pretrained"), description="pre-trained weights cached by content hash")
+
+
+class RankSpec(_Strict):
+    strategy: Literal["fixed", "vbmf", "energy", "ratio"] = Field(
+        "ratio", description="fixed ranks, VBMF (Kim et al.), energy fraction, or a per-layer ratio target")
+    rank: int | tuple[int, int] | None = Field(None, description="fixed: rank for every layer")
+    per_layer: dict[str, int | tuple[int, int]] = Field(default_factory=dict, description="fixed: rank per layer name")
+    ratio: float | None = Field(None, description="ratio: how many times smaller each layer becomes (>= 1)")
+    target: Literal["params", "macs"] = Field("params", description="ratio: count parameters or MACs")
+    energy: float | None = Field(None, description="energy: fraction of squared singular values kept, (0, 1]")
+    weakening: float = Field(1.0, ge=0, le=1, description="vbmf: R = Rmax - k (Rmax - Rvbmf); 1 = plain VBMF")
+    min_rank: int = Field(1, ge=1, description="vbmf/energy: never below this rank")
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.strategy == "fixed" and self.rank is None and not self.per_layer:
+            raise ValueError("rank strategy 'fixed' needs 'rank' or 'per_layer'")
+        if self.strategy == "ratio" and (self.ratio is None or self.ratio < 1):
+            raise ValueError(f"rank strategy 'ratio' needs 'ratio' >= 1, got {self.ratio!r}")
+        if self.strategy == "energy" and (self.energy is None or not 0 < self.energy <= 1):
+            raise ValueError(f"rank strategy 'energy' needs 0 < 'energy' <= 1, got {self.energy!r}")
+        return self
+
+    def for_layer(self, name: str):
+        """(rank, strategy options) for one layer, in lowrank's vocabulary."""
+        if self.strategy == "fixed":
+            r = self.per_layer.get(name, self.rank)
+            return (tuple(r) if isinstance(r, (list, tuple)) else r), {}
+        if self.strategy == "ratio":
+            return "ratio", {"ratio": self.ratio, "target": self.target}
+        if self.strategy == "energy":
+            return "energy", {"energy": self.energy, "min_rank": self.min_rank}
+        return "vbmf", {"weakening": self.weakening, "min_rank": self.min_rank}
+
+
+class CompressionSpec(_Strict):
+    methods: list[str] = Field(description="lowrank methods, e.g. spatial-svd, tucker2, cp3, cp3-epc")
+    rank: RankSpec = Field(default_factory=RankSpec, description="how ranks are chosen")
+    layers: LayerSelection = Field(default_factory=LayerSelection, description="which layers are compressed")
+    options: dict[str, dict[str, float | int | str | bool | None]] = Field(
+        default_factory=dict, description="per-method decomposition options, e.g. {cp3: {n_iter_max: 200}}")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v):
+        import lowrank
+
+        if not v:
+            raise ValueError("at least one method is needed")
+        for m in v:
+            if m not in lowrank.METHODS:
+                raise ValueError(f"unknown method {m!r}; accepted: {', '.join(lowrank.list_methods())}")
+        if len(set(v)) != len(v):
+            raise ValueError("methods are listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _options_for_known_methods(self):
+        import inspect
+
+        import lowrank
+
+        for m, opts in self.options.items():
+            if m not in self.methods:
+                raise ValueError(f"options given for method {m!r}, which is not in methods {self.methods}")
+            params = inspect.signature(lowrank.METHODS[m].decompose).parameters
+            bad = sorted(set(opts) - set(params) - {"allow_larger"})
+            if bad:
+                ok = [p for p in params if p not in ("weight", "rank", "groups", "callback", "epc_callback")]
+                raise ValueError(f"unknown option(s) {bad} for method {m!r}; accepted: {ok}")
+        return self
+
+
+class FinetuneSpec(_Strict):
+    epochs: int = Field(1, ge=0, description="fine-tuning epochs after compression")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer")
+    lr: float = Field(0.005, gt=0, description="learning rate (about 0.1x the pre-training one)")
+    bn_recalibration: bool = Field(True, description="recompute BatchNorm statistics before fine-tuning")
+    bn_batches: int = Field(20, ge=1, description="training batches used for BN recalibration")
+
+
+class ResourcesSpec(_Strict):
+    cpus_per_task: float = Field(1, gt=0, description="CPUs per Ray task")
+    gpus_per_task: float = Field(0, ge=0, description="GPUs per Ray task (fractions allowed); 0 = CPU")
+    max_concurrent: int | None = Field(None, ge=1, description="most tasks in flight at once")
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (also the registry)")
+    experiment: str = Field("lowrank-sweeps", min_length=1, description="experiment name")
+    registered_model_prefix: str = Field("lowrank-", description="registered model = prefix + model name")
+    registered_names: dict[str, str] = Field(default_factory=dict, description="explicit registered names per model")
+
+    def registered_name(self, model: str) -> str:
+        return self.registered_names.get(model, f"{self.registered_model_prefix}{model}")
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="sweep name (tag on every run)")
+    seed: int = Field(0, description="seed for data split, training and decompositions")
+    models: list[ModelSpec] = Field(min_length=1, description="models to compress")
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="data for training and evaluation")
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec, description="pre-training without a checkpoint")
+    compression: CompressionSpec = Field(description="methods, ranks and layers")
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, description="fine-tuning after compression")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray resources")
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="where results go")
+
+    @model_validator(mode="after")
+    def _unique_models(self):
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each model may appear once, got {names}")
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_spec(data, source: str = "spec") -> SweepSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a sweep spec is a YAML mapping, got {type(data).__name__}")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_error(e, source)) from None
+
+
+def load_spec(path: str | Path | None = None) -> SweepSpec:
+    """Read and validate a spec file (``None``: the embedded default sweep)."""
+    p = Path(path) if path is not None else DEFAULT_SPEC
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{p}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    return parse_spec(data, str(p))
+
+
+def stable_hash(obj, n: int = 16) -> str:
+    """Hash of a JSON-serialisable object with sorted keys (paths as strings)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

@@ -1,0 +1,135 @@
+"""The work Ray runs. Plain functions (the driver wraps them with ``ray.remote``); they take and
+return plain data (dicts, tensors, factor dataclasses) and never log to MLflow."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import lowrank
+from lowrank.errors import RankTooLargeError
+
+from .data import load_dataset
+from .models import build_model, load_checkpoint
+from .spec import DatasetSpec, FinetuneSpec, ModelSpec, PretrainSpec
+from .train import evaluate, loader, measure_latency, recalibrate_bn, train_epochs
+
+
+def pick_device(want_gpu: bool) -> str:
+    return "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _latency(model, input_shape, device) -> dict:
+    return {"b1": measure_latency(model, input_shape, 1, device=device, repeats=10),
+            "b32": measure_latency(model, input_shape, 32, device=device, repeats=3, warmup=1)}
+
+
+def baseline_task(model_json: str, dataset_json: str, pretrain_json: str, seed: int, cache_key: str,
+                  want_gpu: bool) -> dict:
+    """Trained weights of one model (checkpoint, cache, or a few epochs of training), its
+    accuracy, size and latency."""
+    mspec, dspec, pspec = (ModelSpec.model_validate_json(model_json), DatasetSpec.model_validate_json(dataset_json),
+                           PretrainSpec.model_validate_json(pretrain_json))
+    device = pick_device(want_gpu)
+    torch.manual_seed(seed)
+    train, val, _ = load_dataset(dspec, seed)
+    model = build_model(mspec.name, mspec.num_classes)
+    input_shape = tuple(train[0][0].shape)
+    t0 = time.perf_counter()
+    cache = Path(pspec.cache_dir) / f"{mspec.name}-{cache_key}.pt"
+    if mspec.checkpoint is not None:
+        load_checkpoint(model, mspec.checkpoint)
+        source = "checkpoint"
+    elif cache.is_file():
+        load_checkpoint(model, cache)
+        source = "cache"
+    else:
+        train_epochs(model, loader(train, dspec.batch_size, shuffle=True, workers=dspec.workers, seed=seed),
+                     epochs=pspec.epochs, lr=pspec.lr, optimizer=pspec.optimizer, device=device)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save(_cpu_state(model), tmp)
+        os.replace(tmp, cache)  # atomic: a concurrent sweep never reads half a file
+        source = "trained"
+    train_seconds = time.perf_counter() - t0
+    model.to(device)
+    acc = evaluate(model, loader(val, dspec.batch_size, shuffle=False), device)
+    params, macs = lowrank.count(model.cpu(), input_shape)
+    return {"state_dict": _cpu_state(model), "acc": acc, "params": params, "macs": macs,
+            "latency": _latency(model, input_shape, device), "source": source, "train_seconds": train_seconds,
+            "input_shape": input_shape, "device": device}
+
+
+def decompose_task(name: str, module: torch.nn.Module, method: str, rank, options: dict, want_gpu: bool) -> dict:
+    """One (layer, method, rank) decomposition. Failures are data (status + reason), not raises."""
+    t0 = time.perf_counter()
+    out = {"name": name, "method": method, "status": "ok", "reason": "", "factors": None, "rank": None,
+           "rel_error": None, "diagnostics": {}}
+    try:
+        opts = dict(options)
+        if method.startswith("cp") and want_gpu and torch.cuda.is_available():
+            opts.setdefault("device", "cuda")
+        _, factors = lowrank.api.factorize_with_factors(module, method, rank, **opts)
+        factors = _to_cpu(factors)
+        out.update(factors=factors, rank=factors.rank, rel_error=lowrank.relative_error(module.weight, factors),
+                   diagnostics=dict(getattr(factors, "diagnostics", {}) or {}))
+    except RankTooLargeError as e:
+        out.update(status="skipped", reason=str(e))
+    except Exception as e:  # noqa: BLE001 - a failed layer is recorded, the sweep goes on
+        out.update(status="failed", reason=f"{type(e).__name__}: {e}".splitlines()[0],
+                   traceback=traceback.format_exc(limit=5))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _to_cpu(factors):
+    import dataclasses
+
+    changes = {}
+    for f in dataclasses.fields(factors):
+        v = getattr(factors, f.name)
+        if torch.is_tensor(v):
+            changes[f.name] = v.cpu()
+        elif isinstance(v, tuple) and v and torch.is_tensor(v[0]):
+            changes[f.name] = tuple(t.cpu() for t in v)
+    return dataclasses.replace(factors, **changes) if changes else factors
+
+
+def evaluate_task(model_json: str, base_state: dict, dataset_json: str, finetune_json: str, seed: int,
+                  want_gpu: bool, *layer_results: dict) -> dict:
+    """Assemble the compressed model, evaluate it (post), recalibrate BN, fine-tune, evaluate (ft)."""
+    mspec, dspec, fspec = (ModelSpec.model_validate_json(model_json), DatasetSpec.model_validate_json(dataset_json),
+                           FinetuneSpec.model_validate_json(finetune_json))
+    device = pick_device(want_gpu)
+    torch.manual_seed(seed)
+    train, val, _ = load_dataset(dspec, seed)
+    input_shape = tuple(train[0][0].shape)
+    model = build_model(mspec.name, mspec.num_classes)
+    model.load_state_dict(base_state)
+    factors = {r["name"]: r["factors"] for r in layer_results if r["status"] == "ok"}
+    new, reports = lowrank.apply_factors(model, factors, input_shape=input_shape)
+    val_dl = loader(val, dspec.batch_size, shuffle=False)
+    train_dl = loader(train, dspec.batch_size, shuffle=True, workers=dspec.workers, seed=seed)
+    t0 = time.perf_counter()
+    acc_post = evaluate(new, val_dl, device)
+    acc_bn = None
+    if fspec.bn_recalibration and recalibrate_bn(new, train_dl, fspec.bn_batches, device):
+        acc_bn = evaluate(new, val_dl, device)
+    losses = train_epochs(new, train_dl, epochs=fspec.epochs, lr=fspec.lr, optimizer=fspec.optimizer, device=device)
+    acc_ft = evaluate(new, val_dl, device)
+    ft_seconds = time.perf_counter() - t0
+    params, macs = lowrank.count(new.cpu(), input_shape)
+    return {"state_dict": _cpu_state(new), "acc_post": acc_post, "acc_bn": acc_bn, "acc_ft": acc_ft,
+            "params": params, "macs": macs, "latency": _latency(new, input_shape, device),
+            "reports": [r.to_dict() for r in reports], "ft_losses": losses, "ft_seconds": ft_seconds,
+            "device": device, "factors": factors,
+            "layer_status": [{k: v for k, v in r.items() if k not in ("factors", "traceback")} for r in layer_results]}

@@ -1,0 +1,225 @@
+"""Everything MLflow. Only the driver calls this module: Ray tasks return plain data.
+
+Models are logged with ``serialization_format='pt2'`` (``torch.export``): they load back as a
+``GraphModule`` without unpickling anything, so a registry reader never runs code from a model
+file. The input example has batch 2 so the exported batch dimension stays dynamic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PIP_REQUIREMENTS = ["torch==2.13.0"]
+MODEL_TAGS = ("sweep", "config_hash", "model", "method", "compression_ratio", "mac_ratio", "acc_pre", "acc_post",
+              "acc_ft", "degenerate_layers")
+SECRET_MARKERS = ("TOKEN", "PASSWORD", "SECRET", "KEY", "CREDENTIAL", "AUTH")
+
+
+def redact(obj):
+    """Drop values of keys that look like secrets, and any value equal to a secret in the
+    environment (so specs and params never carry tokens or passwords)."""
+    secrets = {v for k, v in os.environ.items() if any(m in k.upper() for m in SECRET_MARKERS) and len(v) >= 6}
+    if isinstance(obj, dict):
+        return {k: ("***" if any(m in str(k).upper() for m in SECRET_MARKERS) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, "***")
+    return obj
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str):
+        import logging
+
+        import mlflow
+        from mlflow import MlflowClient
+
+        for name in ("mlflow", "alembic"):  # registry chatter; the driver prints its own progress
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.mlflow = mlflow
+        self.uri = tracking_uri
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+
+    # ---------------------------------------------------------------- registry reads
+    def registered_versions(self, name: str) -> list:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return list(self.client.search_model_versions(f"name='{name}'"))
+        except MlflowException:
+            return []
+
+    def registered_hashes(self, name: str) -> dict[str, str]:
+        return {v.tags.get("config_hash"): v.version for v in self.registered_versions(name) if v.tags.get("config_hash")}
+
+    # ---------------------------------------------------------------- runs
+    def fail_stale_parents(self, sweep: str) -> int:
+        """Parent runs of this sweep left RUNNING by a killed driver are marked FAILED."""
+        runs = self.client.search_runs([self.experiment_id],
+                                       f"tags.sweep = '{sweep}' and tags.kind = 'sweep' and attributes.status = 'RUNNING'")
+        for r in runs:
+            self.client.set_terminated(r.info.run_id, status="FAILED")
+        return len(runs)
+
+    def start_parent(self, sweep: str, spec_dict: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                     tags={"sweep": sweep, "kind": "sweep"})
+        rid = run.info.run_id
+        safe = redact(spec_dict)
+        self.client.log_text(rid, json.dumps(safe, indent=2, default=str), "spec.json")
+        return rid
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_config(self, parent_id: str, cfg: dict, base: dict, result: dict, model, input_shape) -> str:
+        """One child run per configuration: params, metrics, per-layer table, the model (pt2),
+        and a registered model version with the design's tags. Returns the version."""
+        mlflow = self.mlflow
+        run = self.client.create_run(self.experiment_id, run_name=f"{cfg['model']}-{cfg['method']}",
+                                     tags={"mlflow.parentRunId": parent_id, "sweep": cfg["sweep"], "kind": "config",
+                                           "config_hash": cfg["config_hash"], "model": cfg["model"],
+                                           "method": cfg["method"]})
+        rid = run.info.run_id
+        metrics = config_metrics(base, result)
+        with mlflow.start_run(run_id=rid):
+            mlflow.log_params(redact({k: v for k, v in cfg.items() if k not in ("layers",)}))
+            mlflow.log_metrics(metrics)
+            rows = layer_rows(result["reports"], result.get("layer_status", []))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "layers.parquet"
+                write_parquet(rows, path)
+                mlflow.log_artifact(str(path), artifact_path="layers")
+            mlflow.log_table(data=_columns(rows), artifact_file="layers.json")
+            example = np.zeros((2, *input_shape), dtype=np.float32)
+            info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pt2",
+                                            input_example=example, pip_requirements=PIP_REQUIREMENTS,
+                                            registered_model_name=cfg["registered_name"])
+        version = str(info.registered_model_version)
+        degenerate = sum(bool(r.get("diagnostics", {}).get("degenerate")) for r in result["reports"])
+        tags = {"sweep": cfg["sweep"], "config_hash": cfg["config_hash"], "model": cfg["model"],
+                "method": cfg["method"], "compression_ratio": f"{metrics['compression_ratio']:.4f}",
+                "mac_ratio": f"{metrics['mac_ratio']:.4f}", "acc_pre": f"{metrics['acc_pre']:.4f}",
+                "acc_post": f"{metrics['acc_post']:.4f}", "acc_ft": f"{metrics['acc_ft']:.4f}",
+                "degenerate_layers": str(degenerate), "run_id": rid}
+        for k, v in tags.items():
+            self.client.set_model_version_tag(cfg["registered_name"], version, k, v)
+        self.client.set_terminated(rid, status="FINISHED")
+        return version
+
+    def set_candidate(self, name: str) -> str | None:
+        """Alias ``candidate`` on the version with the best fine-tuned accuracy (then the higher
+        compression ratio)."""
+        versions = [v for v in self.registered_versions(name) if "acc_ft" in v.tags]
+        if not versions:
+            return None
+        best = max(versions, key=lambda v: (float(v.tags["acc_ft"]), float(v.tags.get("compression_ratio", 0)),
+                                            -int(v.version)))
+        self.client.set_registered_model_alias(name, "candidate", best.version)
+        return best.version
+
+    def log_sweep_summary(self, parent_id: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "summary.parquet"
+            write_parquet(rows, p)
+            self.client.log_artifact(parent_id, str(p))
+            png = Path(tmp) / "accuracy_vs_compression.png"
+            plot_sweep(rows, png)
+            self.client.log_artifact(parent_id, str(png))
+        self.client.log_table(parent_id, data=_columns(rows), artifact_file="summary.json")
+
+
+def config_metrics(base: dict, result: dict) -> dict:
+    m = {
+        "acc_pre": base["acc"]["top1"], "acc_post": result["acc_post"]["top1"], "acc_ft": result["acc_ft"]["top1"],
+        "compression_ratio": base["params"] / result["params"], "mac_ratio": base["macs"] / result["macs"],
+        "params": result["params"], "macs": result["macs"], "params_dense": base["params"], "macs_dense": base["macs"],
+        "latency_b1_dense_ms": 1e3 * base["latency"]["b1"], "latency_b1_ms": 1e3 * result["latency"]["b1"],
+        "latency_b32_dense_ms": 1e3 * base["latency"]["b32"], "latency_b32_ms": 1e3 * result["latency"]["b32"],
+        "speedup_b1": base["latency"]["b1"] / result["latency"]["b1"],
+        "speedup_b32": base["latency"]["b32"] / result["latency"]["b32"],
+        "decompose_seconds": sum(r.get("seconds", 0.0) for r in result.get("layer_status", [])),
+        "finetune_seconds": result["ft_seconds"],
+    }
+    if "top5" in base["acc"]:
+        m.update(acc_pre_top5=base["acc"]["top5"], acc_post_top5=result["acc_post"]["top5"],
+                 acc_ft_top5=result["acc_ft"]["top5"])
+    if result.get("acc_bn") is not None:
+        m["acc_bn"] = result["acc_bn"]["top1"]
+    return m
+
+
+def _flat(prefix: str, d: dict, out: dict) -> None:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flat(key + ".", v, out)
+        elif isinstance(v, (bool, int, float)) or v is None:
+            out[key] = v
+        else:
+            out[key] = str(v)
+
+
+def layer_rows(reports: list[dict], statuses: list[dict]) -> list[dict]:
+    """Per-layer table: the built layers plus layers that were skipped or failed (with reasons)."""
+    rows = []
+    for r in reports:
+        row = {"layer": r["name"], "method": r["method"], "status": "ok", "reason": "",
+               "rank": json.dumps(r["rank"]), "rel_error": r["rel_error"], "params_before": r["params_before"],
+               "params_after": r["params_after"], "macs_before": r["macs_before"], "macs_after": r["macs_after"]}
+        st = next((s for s in statuses if s["name"] == r["name"]), None)
+        row["seconds"] = st["seconds"] if st else r["seconds"]
+        _flat("diag.", r.get("diagnostics", {}), row)
+        rows.append(row)
+    for s in statuses:
+        if s["status"] != "ok":
+            rows.append({"layer": s["name"], "method": s["method"], "status": s["status"], "reason": s["reason"],
+                         "seconds": s["seconds"]})
+    return rows
+
+
+def _columns(rows: list[dict]) -> dict:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pydict(_columns(rows)), str(path))
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = [r for r in rows if r["model"] == model]
+        for method in sorted({r["method"] for r in sub}):
+            pts = [r for r in sub if r["method"] == method]
+            line = ax.plot([p["compression_ratio"] for p in pts], [p["acc_ft"] for p in pts], "o", label=f"{method} ft")
+            ax.plot([p["compression_ratio"] for p in pts], [p["acc_post"] for p in pts], "x",
+                    color=line[0].get_color(), label=f"{method} post")
+        ax.axhline(sub[0]["acc_pre"], color="gray", ls="--", lw=1, label="dense")
+        ax.set(title=model, xlabel="parameter compression ratio", ylabel="top-1 accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

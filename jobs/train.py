@@ -1,0 +1,114 @@
+"""Training, evaluation, BatchNorm recalibration and latency measurement."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def loader(ds, batch_size: int, *, shuffle: bool, workers: int = 0, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
+                      drop_last=False)
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float):
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+def train_epochs(model: nn.Module, dl: DataLoader, *, epochs: int, lr: float, optimizer: str = "sgd",
+                 device="cpu", on_epoch=None) -> list[float]:
+    """Cross-entropy training with a cosine learning-rate schedule; returns per-epoch mean loss."""
+    if epochs <= 0:
+        return []
+    model.to(device).train()
+    opt = make_optimizer(model, optimizer, lr)
+    steps = epochs * max(1, len(dl))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    losses = []
+    for epoch in range(epochs):
+        total, n = 0.0, 0
+        for x, y in dl:
+            x, y = x.to(device), y.to(device)
+            loss = nn.functional.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(y)
+            n += len(y)
+        losses.append(total / max(n, 1))
+        if on_epoch:
+            on_epoch(epoch + 1, losses[-1])
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dl: DataLoader, device="cpu") -> dict:
+    """Top-1 (and top-5 where there are more than 5 classes) accuracy in [0, 1]."""
+    model.to(device).eval()
+    top1 = top5 = n = 0
+    n_classes = None
+    for x, y in dl:
+        out = model(x.to(device))
+        y = y.to(device)
+        n_classes = out.shape[1]
+        top1 += (out.argmax(1) == y).sum().item()
+        if n_classes > 5:
+            top5 += (out.topk(5, dim=1).indices == y[:, None]).any(1).sum().item()
+        n += len(y)
+    res = {"top1": top1 / max(n, 1)}
+    if n_classes and n_classes > 5:
+        res["top5"] = top5 / max(n, 1)
+    return res
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, dl: DataLoader, batches: int, device="cpu") -> int:
+    """Recompute BatchNorm running statistics from ``batches`` training batches (cumulative mean)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.to(device).train()
+    seen = 0
+    for i, (x, _) in enumerate(dl):
+        if i >= batches:
+            break
+        model(x.to(device))
+        seen += 1
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.eval()
+    return seen
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_shape, batch: int, *, repeats: int = 10, warmup: int = 2,
+                    device="cpu") -> float:
+    """Median wall-clock seconds of one forward pass at ``batch``."""
+    model.to(device).eval()
+    x = torch.randn(batch, *input_shape, device=device)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(x)
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
