@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         cands = {}
         for name in {r["registered_name"] for r in result.rows}:
             try:
-                cands[name] = tracker.client.get_registered_model_alias(name, "candidate").version  # noqa
+                cands[name] = tracker.client.get_model_version_by_alias(name, "candidate").version
             except Exception:  # noqa: BLE001
                 pass
         print()

@@ -51,10 +51,17 @@ def train_epochs(model: nn.Module, dl: DataLoader, *, epochs: int, lr: float, op
     return losses
 
 
+def _eval_mode(model: nn.Module) -> None:
+    try:
+        model.eval()
+    except NotImplementedError:  # a torch.export GraphModule (pt2 from MLflow) is already in eval form
+        pass
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dl: DataLoader, device="cpu") -> dict:
     """Top-1 (and top-5 where there are more than 5 classes) accuracy in [0, 1]."""
-    model.to(device).eval()
+    _eval_mode(model.to(device))
     top1 = top5 = n = 0
     n_classes = None
     for x, y in dl:

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_start_2_cpus():
+    """One local Ray for the whole test session (ray.init takes seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
+             logging_level="warning")
+    yield ray
+    ray.shutdown()
