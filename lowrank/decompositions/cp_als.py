@@ -97,15 +97,17 @@ class SweepEngine:
         return float(g.sum())
 
 
-def rebalance(factors: list[torch.Tensor]) -> None:
+def rebalance(factors: list[torch.Tensor], grams: list[torch.Tensor] | None = None) -> None:
     """Give every mode of a component the same column norm ``lambda_r^(1/N)`` (tensor unchanged;
-    keeps the normal equations well scaled)."""
+    keeps the normal equations well scaled). ``grams``, if given, are rescaled to match."""
     norms = torch.stack([f.norm(dim=0) for f in factors])  # (N, R)
     lam = norms.prod(0)
     target = lam.clamp_min(0) ** (1.0 / len(factors))
     for n, f in enumerate(factors):
         scale = torch.where(norms[n] > 0, target / norms[n], torch.zeros_like(target))
         factors[n] = f * scale
+        if grams is not None:
+            grams[n] = grams[n] * scale[:, None] * scale[None, :]
 
 
 def _ls_solve(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -166,10 +168,11 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
         if err < 1e-6:  # the cheap formula loses digits near an exact fit: measure directly
             err = float((x - reconstruct(factors)).norm()) / norm
         errors.append(err)
-        rebalance(factors)
-        grams = [f.T @ f for f in factors]
+        if it % 10 == 0:  # ALS is invariant to column scaling; rebalancing only guards the range
+            rebalance(factors, grams)
         if callback is not None:
             callback(it, err)
         if err < 1e-15 or (len(errors) > 1 and abs(errors[-2] - err) < tol):
             break
+    rebalance(factors)
     return factors, errors
