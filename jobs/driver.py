@@ -35,6 +35,9 @@ class SweepResult:
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
+    timings: dict = field(default_factory=lambda: {"ray_init": 0.0, "mlflow": 0.0, "task_seconds": 0.0,
+                                                   "decompose_seconds": 0.0, "slots": 1, "wall": 0.0,
+                                                   "startup": 0.0, "tail": 0.0})
 
 
 def model_key(spec: SweepSpec, m) -> str:
@@ -91,6 +94,7 @@ def run_sweep(spec: SweepSpec, *, out=print) -> SweepResult:
     from .models import build_model
 
     say = Progress(out)
+    t_start = time.perf_counter()
     tracker = Tracker(spec.mlflow.tracking_uri, spec.mlflow.experiment)  # creates the store once, before fan-out
     configs = plan_configs(spec)
     registered = {c["registered_name"]: None for c in configs}
@@ -117,11 +121,20 @@ def run_sweep(spec: SweepSpec, *, out=print) -> SweepResult:
         status = "FINISHED" if not result.failed else "FAILED"
     finally:
         tracker.finish(parent, status)
+        end = time.perf_counter()
+        result.timings["wall"] = end - t_start
+        t = result.timings
+        if "first_submit" in t:
+            t["startup"] = t.pop("first_submit") - t_start
+            t["tail"] = end - t.pop("last_result")
     return result
 
 
 def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
+    t0 = time.perf_counter()
     ray = init_ray()
+    result.timings["ray_init"] = time.perf_counter() - t0
+    result.timings["slots"] = max(1, int(ray.cluster_resources().get("CPU", 1) // spec.resources.cpus_per_task))
     res = spec.resources
     want_gpu = res.gpus_per_task > 0 and ray.cluster_resources().get("GPU", 0) > 0
     if res.gpus_per_task > 0 and not want_gpu:
@@ -157,6 +170,7 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
         submit(r_base, (m.model_dump_json(), ds_json, spec.pretrain.model_dump_json(), spec.seed,
                         model_key(spec, m), want_gpu), "base", name)
         say(f"{name}: baseline queued ({'checkpoint' if m.checkpoint else 'pre-train or cache'})")
+    result.timings["first_submit"] = time.perf_counter()
     pump()
     while inflight or queue:
         ready, _ = ray.wait(list(inflight), num_returns=1, fetch_local=False)
@@ -167,6 +181,7 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
                 say(f"{key}: decomposed {dec_done[key]}/{dec_total[key]} layer tasks")
             pump()
             continue
+        result.timings["last_result"] = time.perf_counter()
         try:
             out = ray.get(ready[0])
         except Exception as e:  # noqa: BLE001 - one model or config failing does not stop the sweep
@@ -176,6 +191,7 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
             say(f"FAILED {result.failed[-1]}")
             pump()
             continue
+        result.timings["task_seconds"] += out.get("task_seconds", 0.0)
         if kind == "base":
             bases[key] = out
             acc = out["acc"]["top1"]
@@ -206,7 +222,12 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
             model.load_state_dict(base["state_dict"])
             model, _ = lowrank.apply_factors(model, out.pop("factors"))
             model.load_state_dict(out["state_dict"])
+            dec = sum(s["seconds"] for s in out["layer_status"])
+            result.timings["decompose_seconds"] += dec
+            result.timings["task_seconds"] += dec
+            t_log = time.perf_counter()
             version = tracker.log_config(parent, cfg, base, out, model, base["input_shape"])
+            result.timings["mlflow"] += time.perf_counter() - t_log
             result.registered += 1
             bad = [s for s in out["layer_status"] if s["status"] != "ok"]
             say(f"{cfg['model']}/{cfg['method']}: post {out['acc_post']['top1']:.3f} ft {out['acc_ft']['top1']:.3f}, "

@@ -36,6 +36,7 @@ def baseline_task(model_json: str, dataset_json: str, pretrain_json: str, seed: 
                   want_gpu: bool) -> dict:
     """Trained weights of one model (checkpoint, cache, or a few epochs of training), its
     accuracy, size and latency."""
+    t_task = time.perf_counter()
     mspec, dspec, pspec = (ModelSpec.model_validate_json(model_json), DatasetSpec.model_validate_json(dataset_json),
                            PretrainSpec.model_validate_json(pretrain_json))
     device = pick_device(want_gpu)
@@ -66,7 +67,7 @@ def baseline_task(model_json: str, dataset_json: str, pretrain_json: str, seed: 
     params, macs = lowrank.count(model.cpu(), input_shape)
     return {"state_dict": _cpu_state(model), "acc": acc, "params": params, "macs": macs,
             "latency": _latency(model, input_shape, device), "source": source, "train_seconds": train_seconds,
-            "input_shape": input_shape, "device": device}
+            "input_shape": input_shape, "device": device, "task_seconds": time.perf_counter() - t_task}
 
 
 def decompose_task(name: str, module: torch.nn.Module, method: str, rank, options: dict, want_gpu: bool) -> dict:
@@ -107,6 +108,7 @@ def _to_cpu(factors):
 def evaluate_task(model_json: str, base_state: dict, dataset_json: str, finetune_json: str, seed: int,
                   want_gpu: bool, *layer_results: dict) -> dict:
     """Assemble the compressed model, evaluate it (post), recalibrate BN, fine-tune, evaluate (ft)."""
+    t_task = time.perf_counter()
     mspec, dspec, fspec = (ModelSpec.model_validate_json(model_json), DatasetSpec.model_validate_json(dataset_json),
                            FinetuneSpec.model_validate_json(finetune_json))
     device = pick_device(want_gpu)
@@ -131,5 +133,5 @@ def evaluate_task(model_json: str, base_state: dict, dataset_json: str, finetune
     return {"state_dict": _cpu_state(new), "acc_post": acc_post, "acc_bn": acc_bn, "acc_ft": acc_ft,
             "params": params, "macs": macs, "latency": _latency(new, input_shape, device),
             "reports": [r.to_dict() for r in reports], "ft_losses": losses, "ft_seconds": ft_seconds,
-            "device": device, "factors": factors,
+            "device": device, "factors": factors, "task_seconds": time.perf_counter() - t_task,
             "layer_status": [{k: v for k, v in r.items() if k not in ("factors", "traceback")} for r in layer_results]}

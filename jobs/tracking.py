@@ -6,6 +6,8 @@ file. The input example has batch 2 so the exported batch dimension stays dynami
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -102,9 +104,10 @@ class Tracker:
                 mlflow.log_artifact(str(path), artifact_path="layers")
             mlflow.log_table(data=_columns(rows), artifact_file="layers.json")
             example = np.zeros((2, *input_shape), dtype=np.float32)
-            info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pt2",
-                                            input_example=example, pip_requirements=PIP_REQUIREMENTS,
-                                            registered_model_name=cfg["registered_name"])
+            with contextlib.redirect_stderr(io.StringIO()):  # "Created version ..." chatter; errors still raise
+                info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pt2",
+                                                input_example=example, pip_requirements=PIP_REQUIREMENTS,
+                                                registered_model_name=cfg["registered_name"])
         version = str(info.registered_model_version)
         degenerate = sum(bool(r.get("diagnostics", {}).get("degenerate")) for r in result["reports"])
         tags = {"sweep": cfg["sweep"], "config_hash": cfg["config_hash"], "model": cfg["model"],
