@@ -6,21 +6,33 @@ ran but something failed). No traceback unless ``--debug``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs", description="Low-rank compression sweeps on Ray + MLflow")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a sweep (no SPEC: the embedded default on digits)")
     r.add_argument("spec", nargs="?", help="sweep spec YAML")
-    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI, overriding the spec's")
     v = sub.add_parser("validate", help="check a spec without computing anything")
     v.add_argument("spec", help="sweep spec YAML")
-    v.add_argument("--debug", action="store_true", help="show tracebacks")
+    v.add_argument("--schema-only", action="store_true", help="do not check that local files and folders exist")
+    s = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a Ray job")
+    s.add_argument("spec", help="sweep spec YAML (inside the working dir)")
+    s.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
+    s.add_argument("--working-dir", default=".", help="uploaded with the job (default: .)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI for the job, overriding the spec's")
+    s.add_argument("--wait", action="store_true", help="block until the job ends and print its log tail")
+    st = sub.add_parser("status", help="list Ray jobs (or one) on a cluster")
+    st.add_argument("submission_id", nargs="?")
+    st.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                    help="Ray dashboard URL")
+    for sp in (r, v, s, st):
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -46,14 +58,32 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from .data import DataError
     from .models import CheckpointError
-    from .spec import SpecError, load_spec
+    from .spec import SpecError, check_local_paths, load_spec
+    from .submit import SubmitError
+    from .tracking import SweepRunningError
 
     try:
+        if args.command == "status":
+            from .submit import status
+
+            status(args.address, args.submission_id)
+            return EXIT_OK
+        if args.command == "submit":
+            from .submit import submit
+
+            _, st = submit(args.spec, args.address, working_dir=args.working_dir, tracking_uri=args.tracking_uri,
+                           wait=args.wait)
+            return EXIT_OK if st in ("SUCCEEDED", "PENDING") else EXIT_FAILED
         spec = load_spec(args.spec)
         if args.command == "validate":
+            if not args.schema_only:
+                check_local_paths(spec, args.spec)
             print(f"ok: {args.spec} is a valid sweep spec ({len(spec.models)} model(s) x "
                   f"{len(spec.compression.methods)} method(s))")
             return EXIT_OK
+        check_local_paths(spec, args.spec or "default spec")
+        if args.tracking_uri:
+            spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})
         from .driver import format_summary, run_sweep
 
         result = run_sweep(spec)
@@ -80,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SweepRunningError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except SubmitError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted: finished configurations are registered; run the same command again to resume",
               file=sys.stderr)

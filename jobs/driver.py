@@ -35,6 +35,7 @@ class SweepResult:
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
+    nodes: set = field(default_factory=set)
     timings: dict = field(default_factory=lambda: {"ray_init": 0.0, "mlflow": 0.0, "task_seconds": 0.0,
                                                    "decompose_seconds": 0.0, "slots": 1, "wall": 0.0,
                                                    "startup": 0.0, "tail": 0.0})
@@ -118,6 +119,9 @@ def run_sweep(spec: SweepSpec, *, out=print) -> SweepResult:
             if v:
                 say(f"alias 'candidate' -> {name} version {v}")
         tracker.log_sweep_summary(parent, result.rows)
+        if result.nodes:
+            tracker.client.set_tag(parent, "ray_nodes", ",".join(sorted(result.nodes)))
+            tracker.client.log_metric(parent, "ray_nodes", len(result.nodes))
         status = "FINISHED" if not result.failed else "FAILED"
     finally:
         tracker.finish(parent, status)
@@ -172,8 +176,16 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
         say(f"{name}: baseline queued ({'checkpoint' if m.checkpoint else 'pre-train or cache'})")
     result.timings["first_submit"] = time.perf_counter()
     pump()
+    from .tracking import HEARTBEAT_SECONDS
+
+    last_beat = time.perf_counter()
     while inflight or queue:
-        ready, _ = ray.wait(list(inflight), num_returns=1, fetch_local=False)
+        ready, _ = ray.wait(list(inflight), num_returns=1, fetch_local=False, timeout=HEARTBEAT_SECONDS)
+        if time.perf_counter() - last_beat >= HEARTBEAT_SECONDS:
+            tracker.heartbeat(parent)  # the sweep lock: others see this sweep is alive
+            last_beat = time.perf_counter()
+        if not ready:
+            continue
         kind, key = inflight.pop(ready[0])
         if kind == "dec":
             dec_done[key] = dec_done.get(key, 0) + 1
@@ -192,6 +204,8 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
             pump()
             continue
         result.timings["task_seconds"] += out.get("task_seconds", 0.0)
+        result.nodes.add(out.get("node", "?"))
+        result.nodes.update(st.get("node", "?") for st in out.get("layer_status", []))
         if kind == "base":
             bases[key] = out
             acc = out["acc"]["top1"]

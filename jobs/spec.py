@@ -48,13 +48,6 @@ class ModelSpec(_Strict):
                              + (f" (e.g. {', '.join(close)})" if close else " (e.g. resnet18, vgg16, alexnet)"))
         return v
 
-    @field_validator("checkpoint")
-    @classmethod
-    def _checkpoint_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not Path(v).is_file():
-            raise ValueError(f"checkpoint file {str(v)!r} does not exist")
-        return v
-
 
 class DatasetSpec(_Strict):
     kind: Literal["digits", "cifar10", "imagefolder"] = Field(
@@ -70,11 +63,8 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _root_needed(self):
-        if self.kind != "digits":
-            if self.root is None:
-                raise ValueError(f"dataset kind {self.kind!r} needs 'root' (a local folder)")
-            if not Path(self.root).is_dir():
-                raise ValueError(f"dataset root {str(self.root)!r} is not a folder")
+        if self.kind != "digits" and self.root is None:
+            raise ValueError(f"dataset kind {self.kind!r} needs 'root' (a local folder)")
         return self
 
 
@@ -230,6 +220,17 @@ def load_spec(path: str | Path | None = None) -> SweepSpec:
         where = f" line {mark.line + 1}" if mark else ""
         raise SpecError(f"{p}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
     return parse_spec(data, str(p))
+
+
+def check_local_paths(spec: SweepSpec, source: str = "spec") -> None:
+    """Files the spec names must exist where it runs (kept out of the schema so that cluster
+    specs, whose paths live on the cluster, still validate elsewhere with ``--schema-only``)."""
+    for i, m in enumerate(spec.models):
+        if m.checkpoint is not None and not Path(m.checkpoint).is_file():
+            raise SpecError(f"{source}: models.{i}.checkpoint: checkpoint file {str(m.checkpoint)!r} does not exist")
+    d = spec.dataset
+    if d.kind != "digits" and not Path(d.root).is_dir():
+        raise SpecError(f"{source}: dataset.root: {str(d.root)!r} is not a folder (kind {d.kind!r} reads a local folder)")
 
 
 def stable_hash(obj, n: int = 16) -> str:

@@ -19,6 +19,15 @@ from .spec import DatasetSpec, FinetuneSpec, ModelSpec, PretrainSpec
 from .train import evaluate, loader, measure_latency, recalibrate_bn, train_epochs
 
 
+def node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:  # noqa: BLE001
+        return "local"
+
+
 def pick_device(want_gpu: bool) -> str:
     return "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
 
@@ -67,7 +76,8 @@ def baseline_task(model_json: str, dataset_json: str, pretrain_json: str, seed: 
     params, macs = lowrank.count(model.cpu(), input_shape)
     return {"state_dict": _cpu_state(model), "acc": acc, "params": params, "macs": macs,
             "latency": _latency(model, input_shape, device), "source": source, "train_seconds": train_seconds,
-            "input_shape": input_shape, "device": device, "task_seconds": time.perf_counter() - t_task}
+            "input_shape": input_shape, "device": device, "task_seconds": time.perf_counter() - t_task,
+            "node": node_id()}
 
 
 def decompose_task(name: str, module: torch.nn.Module, method: str, rank, options: dict, want_gpu: bool) -> dict:
@@ -89,6 +99,7 @@ def decompose_task(name: str, module: torch.nn.Module, method: str, rank, option
         out.update(status="failed", reason=f"{type(e).__name__}: {e}".splitlines()[0],
                    traceback=traceback.format_exc(limit=5))
     out["seconds"] = time.perf_counter() - t0
+    out["node"] = node_id()
     return out
 
 
@@ -133,5 +144,5 @@ def evaluate_task(model_json: str, base_state: dict, dataset_json: str, finetune
     return {"state_dict": _cpu_state(new), "acc_post": acc_post, "acc_bn": acc_bn, "acc_ft": acc_ft,
             "params": params, "macs": macs, "latency": _latency(new, input_shape, device),
             "reports": [r.to_dict() for r in reports], "ft_losses": losses, "ft_seconds": ft_seconds,
-            "device": device, "factors": factors, "task_seconds": time.perf_counter() - t_task,
+            "device": device, "factors": factors, "task_seconds": time.perf_counter() - t_task, "node": node_id(),
             "layer_status": [{k: v for k, v in r.items() if k not in ("factors", "traceback")} for r in layer_results]}

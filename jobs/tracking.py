@@ -36,6 +36,14 @@ def redact(obj):
     return obj
 
 
+LOCK_TTL_SECONDS = float(os.environ.get("LOWRANK_LOCK_TTL", "180"))
+HEARTBEAT_SECONDS = 20.0
+
+
+class SweepRunningError(RuntimeError):
+    """The same sweep is running elsewhere (its parent run has a fresh heartbeat)."""
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str):
         import logging
@@ -65,21 +73,52 @@ class Tracker:
         return {v.tags.get("config_hash"): v.version for v in self.registered_versions(name) if v.tags.get("config_hash")}
 
     # ---------------------------------------------------------------- runs
-    def fail_stale_parents(self, sweep: str) -> int:
-        """Parent runs of this sweep left RUNNING by a killed driver are marked FAILED."""
-        runs = self.client.search_runs([self.experiment_id],
-                                       f"tags.sweep = '{sweep}' and tags.kind = 'sweep' and attributes.status = 'RUNNING'")
-        for r in runs:
+    def _running_parents(self, sweep: str) -> list:
+        return list(self.client.search_runs(
+            [self.experiment_id], f"tags.sweep = '{sweep}' and tags.kind = 'sweep' and attributes.status = 'RUNNING'"))
+
+    @staticmethod
+    def _heartbeat_age(run) -> float:
+        hb = run.data.tags.get("heartbeat")
+        last = float(hb) if hb else run.info.start_time / 1000.0
+        return time.time() - last
+
+    def fail_stale_parents(self, sweep: str, ttl: float = LOCK_TTL_SECONDS) -> int:
+        """The sweep lock. A RUNNING parent run of this sweep with a heartbeat younger than
+        ``ttl`` means the sweep is running elsewhere: refuse. Older ones were left by a killed
+        driver: mark them FAILED and go on (the re-run resumes by ``config_hash``)."""
+        stale = 0
+        for r in self._running_parents(sweep):
+            age = self._heartbeat_age(r)
+            if age < ttl:
+                raise SweepRunningError(
+                    f"sweep {sweep!r} is already running (parent run {r.info.run_id}, "
+                    f"{r.data.tags.get('driver', 'unknown driver')}, heartbeat {age:.0f}s ago); not starting a second copy")
+            self.client.set_tag(r.info.run_id, "failure", f"driver stopped; no heartbeat for {age:.0f}s")
             self.client.set_terminated(r.info.run_id, status="FAILED")
-        return len(runs)
+            stale += 1
+        return stale
 
     def start_parent(self, sweep: str, spec_dict: dict) -> str:
+        import socket
+
         run = self.client.create_run(self.experiment_id, run_name=f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                     tags={"sweep": sweep, "kind": "sweep"})
+                                     tags={"sweep": sweep, "kind": "sweep", "heartbeat": f"{time.time():.3f}",
+                                           "driver": f"{socket.gethostname()}:{os.getpid()}"})
         rid = run.info.run_id
+        # two drivers that started at the same moment: the earlier run keeps the lock
+        fresh = [r for r in self._running_parents(sweep) if self._heartbeat_age(r) < LOCK_TTL_SECONDS]
+        first = min(fresh, key=lambda r: (r.info.start_time, r.info.run_id))
+        if first.info.run_id != rid:
+            self.client.set_terminated(rid, status="KILLED")
+            raise SweepRunningError(f"sweep {sweep!r} was started at the same time by "
+                                    f"{first.data.tags.get('driver', 'another driver')}; not starting a second copy")
         safe = redact(spec_dict)
         self.client.log_text(rid, json.dumps(safe, indent=2, default=str), "spec.json")
         return rid
+
+    def heartbeat(self, run_id: str) -> None:
+        self.client.set_tag(run_id, "heartbeat", f"{time.time():.3f}")
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

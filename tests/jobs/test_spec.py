@@ -33,7 +33,7 @@ def test_default_and_tiny_specs_validate():
     (lambda d: d.update(fintune={"epochs": 1}), "fintune: unknown key"),
     (lambda d: d["finetune"].update(epochs="three"), "finetune.epochs: Input should be a valid integer"),
     (lambda d: d["models"][0].update(name="resnet19"), "models.0.name: unknown model 'resnet19'"),
-    (lambda d: d["models"][0].update(checkpoint="/nope/w.pt"), "models.0.checkpoint: checkpoint file '/nope/w.pt' does not exist"),
+    (lambda d: d["compression"].update(rank={"strategy": "energy", "energy": 0}), "needs 0 < 'energy' <= 1"),
     (lambda d: d["compression"].update(rank={"strategy": "fixed"}), "compression.rank: rank strategy 'fixed' needs 'rank'"),
     (lambda d: d["compression"].update(rank={"strategy": "ratio"}), "rank strategy 'ratio' needs 'ratio' >= 1"),
     (lambda d: d["compression"].update(rank={"strategy": "ratio", "ratio": 0.5}), "needs 'ratio' >= 1, got 0.5"),
