@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[jobs,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[jobs,test,server]'
 	touch $(STAMP)
 
 venv: $(STAMP)

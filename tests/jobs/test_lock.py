@@ -1,0 +1,58 @@
+"""The sweep lock: a sweep whose parent run has a fresh heartbeat is not started twice; a stale
+one (driver killed) is marked FAILED and the sweep resumes."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from jobs.tracking import SweepRunningError, Tracker
+
+TINY = Path(__file__).resolve().parents[1] / "specs" / "tiny.yaml"
+
+
+def _spec(tmp_path, **mlflow):
+    data = yaml.safe_load(TINY.read_text())
+    data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    data["mlflow"].update(mlflow)
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p, data
+
+
+def test_running_sweep_is_refused_with_exit_3_before_any_work(tmp_path, capsys):
+    spec, data = _spec(tmp_path)
+    tracker = Tracker(data["mlflow"]["tracking_uri"], data["mlflow"]["experiment"])
+    other = tracker.start_parent("tiny", {"name": "tiny"})  # another driver, alive
+    assert main(["run", str(spec)]) == 3
+    err = capsys.readouterr().err
+    assert "sweep 'tiny' is already running" in err and other in err
+    assert not (tmp_path / ".cache").exists()
+    with pytest.raises(SweepRunningError):
+        tracker.fail_stale_parents("tiny")
+
+
+def test_stale_parent_is_marked_failed(tmp_path):
+    spec, data = _spec(tmp_path)
+    tracker = Tracker(data["mlflow"]["tracking_uri"], data["mlflow"]["experiment"])
+    dead = tracker.start_parent("tiny", {"name": "tiny"})
+    assert tracker.fail_stale_parents("tiny", ttl=0.0) == 1
+    run = tracker.client.get_run(dead)
+    assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags["failure"]
+
+
+def test_secrets_are_redacted_from_logged_specs(monkeypatch):
+    from jobs.tracking import redact
+
+    monkeypatch.setenv("MY_API_TOKEN", "s3cr3t-value-123")
+    out = redact({"mlflow": {"tracking_uri": "http://u:s3cr3t-value-123@host"}, "aws_secret_key": "x"})
+    assert "s3cr3t-value-123" not in str(out) and out["aws_secret_key"] == "***"
+
+
+def test_missing_checkpoint_exits_2(tmp_path, capsys):
+    spec, data = _spec(tmp_path)
+    data["models"][0]["checkpoint"] = str(tmp_path / "nope.pt")
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["run", str(spec)]) == 2
+    assert "models.0.checkpoint: checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
