@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models import CheckpointError
     from .spec import SpecError, check_local_paths, load_spec
     from .submit import SubmitError
-    from .tracking import SweepRunningError
+    from .tracking import SweepRunningError, TrackingUnavailableError
 
     try:
         if args.command == "status":
@@ -81,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok: {args.spec} is a valid sweep spec ({len(spec.models)} model(s) x "
                   f"{len(spec.compression.methods)} method(s))")
             return EXIT_OK
-        check_local_paths(spec, args.spec or "default spec")
         if args.tracking_uri:
             spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})
+        from .preflight import preflight
+
+        preflight(spec, args.spec or "default spec")
         from .driver import format_summary, run_sweep
 
         result = run_sweep(spec)
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except SweepRunningError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BUSY
+    except TrackingUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except SubmitError as e:
         if args.debug:
             raise

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import lowrank
 
+from . import spool
 from .spec import SweepSpec, file_digest, stable_hash
 from .tracking import Tracker
 
@@ -111,6 +112,12 @@ def run_sweep(spec: SweepSpec, *, out=print) -> SweepResult:
     result.parent_run_id = parent
     status = "FAILED"
     try:
+        spooled = spool.pending(spool_root(spec), spec.name)
+        for cfg in [c for c in todo if c["config_hash"] in spooled]:
+            say(f"{cfg['model']}/{cfg['method']}: logging the result kept on disk by an earlier run")
+            _, base, out = spool.load(spooled[cfg["config_hash"]])
+            if _log_result(tracker, parent, cfg, base, out, spec, result, say):
+                todo.remove(cfg)
         if todo:
             _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model)
         result.rows = _summary_rows(tracker, configs)
@@ -232,22 +239,47 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
             say(f"{key}: {dec_total[key]} layer decompositions for {len(by_model[key])} method(s) in flight")
         else:  # eval
             cfg, base = key, bases[key["model"]]
-            model = build_model(cfg["model"], models[cfg["model"]].num_classes)
-            model.load_state_dict(base["state_dict"])
-            model, _ = lowrank.apply_factors(model, out.pop("factors"))
-            model.load_state_dict(out["state_dict"])
             dec = sum(s["seconds"] for s in out["layer_status"])
             result.timings["decompose_seconds"] += dec
             result.timings["task_seconds"] += dec
-            t_log = time.perf_counter()
-            version = tracker.log_config(parent, cfg, base, out, model, base["input_shape"])
-            result.timings["mlflow"] += time.perf_counter() - t_log
-            result.registered += 1
-            bad = [s for s in out["layer_status"] if s["status"] != "ok"]
-            say(f"{cfg['model']}/{cfg['method']}: post {out['acc_post']['top1']:.3f} ft {out['acc_ft']['top1']:.3f}, "
-                f"{base['params'] / out['params']:.2f}x params -> {cfg['registered_name']} v{version}"
-                + (f" ({len(bad)} layer(s) left dense: {bad[0]['reason'][:80]})" if bad else ""))
+            public = {k: base[k] for k in ("acc", "params", "macs", "latency", "input_shape", "source")}
+            _log_result(tracker, parent, cfg, public, out, spec, result, say)
         pump()
+
+
+def spool_root(spec: SweepSpec):
+    return spec.pretrain.cache_dir.parent
+
+
+def _log_result(tracker, parent, cfg, base, out, spec, result, say) -> bool:
+    """Spool the result, log it with retries, then drop the spool entry. False if MLflow stayed
+    away: the result stays on disk and the next run logs it without recomputing."""
+    from .models import build_model
+    from .tracking import with_retries
+
+    path = spool.spool_dir(spool_root(spec), spec.name, cfg["config_hash"])
+    if not path.exists():
+        spool.save(path, cfg, base, out)
+    model = build_model(cfg["model"], next(m.num_classes for m in spec.models if m.name == cfg["model"]))
+    model, _ = lowrank.apply_factors(model, out["factors"])
+    model.load_state_dict(out["state_dict"])
+    t_log = time.perf_counter()
+    try:
+        version = with_retries(lambda: tracker.log_config(parent, cfg, base, out, model, base["input_shape"]),
+                               what=f"logging {cfg['model']}/{cfg['method']}", say=say)
+    except Exception as e:  # noqa: BLE001
+        result.failed.append(f"{cfg['model']}/{cfg['method']}: not logged ({type(e).__name__}); kept in {path}")
+        say(f"FAILED {result.failed[-1]}")
+        return False
+    finally:
+        result.timings["mlflow"] += time.perf_counter() - t_log
+    spool.remove(path)
+    result.registered += 1
+    bad = [s for s in out["layer_status"] if s["status"] != "ok"]
+    say(f"{cfg['model']}/{cfg['method']}: post {out['acc_post']['top1']:.3f} ft {out['acc_ft']['top1']:.3f}, "
+        f"{base['params'] / out['params']:.2f}x params -> {cfg['registered_name']} v{version}"
+        + (f" ({len(bad)} layer(s) left dense: {bad[0]['reason'][:80]})" if bad else ""))
+    return True
 
 
 def _summary_rows(tracker: Tracker, configs: list[dict]) -> list[dict]:

@@ -44,6 +44,62 @@ class SweepRunningError(RuntimeError):
     """The same sweep is running elsewhere (its parent run has a fresh heartbeat)."""
 
 
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_reachable(tracking_uri: str, attempts: int = 3, timeout: float = 3.0) -> None:
+    """For an http(s) tracking URI, the server must answer ``/health`` before any compute."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    last = ""
+    for i in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(getattr(e, "reason", e))
+        time.sleep(0.5 * 2**i)
+    raise TrackingUnavailableError(f"MLflow server {tracking_uri} is unreachable ({last}); nothing was started")
+
+
+def with_retries(fn, *, what: str, attempts: int = 6, first_delay: float = 1.0, say=None):
+    """Call ``fn`` and retry with exponential backoff (a tracking server briefly away)."""
+    delay = first_delay
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - network and server errors come in many types
+            if i == attempts - 1:
+                raise
+            if say:
+                say(f"{what} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); retrying in {delay:.0f}s")
+            time.sleep(delay)
+            delay *= 2
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str):
         import logging
@@ -81,7 +137,12 @@ class Tracker:
     def _heartbeat_age(run) -> float:
         hb = run.data.tags.get("heartbeat")
         last = float(hb) if hb else run.info.start_time / 1000.0
-        return time.time() - last
+        age = time.time() - last
+        # a driver on this host whose process is gone is stale at once, whatever its heartbeat
+        host, _, pid = run.data.tags.get("driver", "").rpartition(":")
+        if host == _hostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            return float("inf")
+        return age
 
     def fail_stale_parents(self, sweep: str, ttl: float = LOCK_TTL_SECONDS) -> int:
         """The sweep lock. A RUNNING parent run of this sweep with a heartbeat younger than
@@ -94,17 +155,20 @@ class Tracker:
                 raise SweepRunningError(
                     f"sweep {sweep!r} is already running (parent run {r.info.run_id}, "
                     f"{r.data.tags.get('driver', 'unknown driver')}, heartbeat {age:.0f}s ago); not starting a second copy")
-            self.client.set_tag(r.info.run_id, "failure", f"driver stopped; no heartbeat for {age:.0f}s")
+            why = "driver process is gone" if age == float("inf") else f"no heartbeat for {age:.0f}s"
+            self.client.set_tag(r.info.run_id, "failure", f"driver stopped: {why}")
+            for child in self.client.search_runs([self.experiment_id],
+                                                 f"tags.mlflow.parentRunId = '{r.info.run_id}' and attributes.status = 'RUNNING'"):
+                self.client.set_tag(child.info.run_id, "failure", "interrupted with its sweep's driver")
+                self.client.set_terminated(child.info.run_id, status="FAILED")
             self.client.set_terminated(r.info.run_id, status="FAILED")
             stale += 1
         return stale
 
     def start_parent(self, sweep: str, spec_dict: dict) -> str:
-        import socket
-
         run = self.client.create_run(self.experiment_id, run_name=f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
                                      tags={"sweep": sweep, "kind": "sweep", "heartbeat": f"{time.time():.3f}",
-                                           "driver": f"{socket.gethostname()}:{os.getpid()}"})
+                                           "driver": f"{_hostname()}:{os.getpid()}"})
         rid = run.info.run_id
         # two drivers that started at the same moment: the earlier run keeps the lock
         fresh = [r for r in self._running_parents(sweep) if self._heartbeat_age(r) < LOCK_TTL_SECONDS]

@@ -1,0 +1,93 @@
+"""Results kept on disk until MLflow has them.
+
+A configuration's result (fine-tuned weights, factors, metrics) is written here before it is
+logged and deleted once logged, so a tracking server that is away, or a driver that dies between
+fine-tuning and logging, costs a retry, not the computation. Tensors go to ``tensors.pt`` (loaded
+back with ``weights_only=True``), everything else to ``result.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import lowrank
+
+_FACTOR_TYPES = {c.__name__: c for c in (lowrank.SVDFactors, lowrank.SpatialSVDFactors, lowrank.Tucker2Factors,
+                                        lowrank.CPFactors)}
+
+
+def spool_dir(root: Path, sweep: str, config_hash: str) -> Path:
+    return Path(root) / "spool" / sweep / config_hash
+
+
+def save(path: Path, cfg: dict, base: dict, out: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {f"state/{k}": v for k, v in out["state_dict"].items()}
+    factors_meta = {}
+    for layer, f in out["factors"].items():
+        meta = {"type": type(f).__name__, "fields": {}}
+        for fld in dataclasses.fields(f):
+            v = getattr(f, fld.name)
+            if torch.is_tensor(v):
+                tensors[f"factors/{layer}/{fld.name}"] = v
+                meta["fields"][fld.name] = "tensor"
+            elif isinstance(v, tuple) and v and torch.is_tensor(v[0]):
+                for i, t in enumerate(v):
+                    tensors[f"factors/{layer}/{fld.name}/{i}"] = t
+                meta["fields"][fld.name] = ["tensors", len(v)]
+            else:
+                meta["fields"][fld.name] = ["value", v]
+        factors_meta[layer] = meta
+    rest = {k: v for k, v in out.items() if k not in ("state_dict", "factors")}
+    payload = {"cfg": cfg, "base": base, "out": rest, "factors": factors_meta, "state_keys": list(out["state_dict"])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    torch.save(tensors, tmp / "tensors.pt")
+    (tmp / "result.json").write_text(json.dumps(payload, default=_json_default))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)  # atomic: a half-written spool entry is never read
+
+
+def _json_default(o):
+    if isinstance(o, tuple):
+        return list(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    return float(o) if hasattr(o, "__float__") else str(o)
+
+
+def load(path: Path) -> tuple[dict, dict, dict]:
+    payload = json.loads((path / "result.json").read_text())
+    tensors = torch.load(path / "tensors.pt", map_location="cpu", weights_only=True)
+    out = dict(payload["out"])
+    out["state_dict"] = {k: tensors[f"state/{k}"] for k in payload["state_keys"]}
+    factors = {}
+    for layer, meta in payload["factors"].items():
+        kw = {}
+        for name, how in meta["fields"].items():
+            if how == "tensor":
+                kw[name] = tensors[f"factors/{layer}/{name}"]
+            elif how[0] == "tensors":
+                kw[name] = tuple(tensors[f"factors/{layer}/{name}/{i}"] for i in range(how[1]))
+            else:
+                kw[name] = tuple(how[1]) if name == "shape" else how[1]
+        factors[layer] = _FACTOR_TYPES[meta["type"]](**kw)
+    out["factors"] = factors
+    base = payload["base"]
+    base["input_shape"] = tuple(base["input_shape"])
+    return payload["cfg"], base, out
+
+
+def pending(root: Path, sweep: str) -> dict[str, Path]:
+    d = Path(root) / "spool" / sweep
+    return {p.name: p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")} if d.is_dir() else {}
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
