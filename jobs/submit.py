@@ -27,6 +27,21 @@ def _client(address: str):
         raise SubmitError(f"cannot reach the Ray dashboard at {address!r}: {str(e).splitlines()[0]}") from None
 
 
+def submit_with_retry(client, *, attempts: int = 8, **kwargs) -> str:
+    """Right after `ray start` the dashboard answers before the job agent has registered
+    ("No available agent to submit job"): that is retried with backoff, other errors are not."""
+    delay = 1.0
+    for i in range(attempts):
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or i == attempts - 1:
+                raise SubmitError(f"job submission failed: {str(e).splitlines()[0]}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    raise AssertionError("unreachable")
+
+
 def submission_id(spec) -> str:
     return f"lowrank-{spec.name}-{stable_hash(spec.model_dump(mode='json'), 8)}"
 
@@ -55,8 +70,8 @@ def submit(spec_path: str, address: str, *, working_dir: str = ".", tracking_uri
         sid = f"{base}-r{n}"
     entry = f"python -m jobs run {rel.as_posix()}" + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
     env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
-    client.submit_job(entrypoint=entry, submission_id=sid,
-                      runtime_env={"working_dir": str(wd), "excludes": EXCLUDES, "env_vars": env})
+    runtime_env = {"working_dir": str(wd), "excludes": EXCLUDES, "env_vars": env}
+    submit_with_retry(client, entrypoint=entry, submission_id=sid, runtime_env=runtime_env)
     out(f"submitted {sid}: {entry}")
     out(f"follow: ray job logs --follow {sid} --address {address}")
     status = "PENDING"

@@ -207,19 +207,19 @@ class Tracker:
                 mlflow.log_artifact(str(path), artifact_path="layers")
             mlflow.log_table(data=_columns(rows), artifact_file="layers.json")
             example = np.zeros((2, *input_shape), dtype=np.float32)
-            with contextlib.redirect_stderr(io.StringIO()):  # "Created version ..." chatter; errors still raise
-                info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pt2",
-                                                input_example=example, pip_requirements=PIP_REQUIREMENTS,
-                                                registered_model_name=cfg["registered_name"])
-        version = str(info.registered_model_version)
+            info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pt2",
+                                            input_example=example, pip_requirements=PIP_REQUIREMENTS)
         degenerate = sum(bool(r.get("diagnostics", {}).get("degenerate")) for r in result["reports"])
         tags = {"sweep": cfg["sweep"], "config_hash": cfg["config_hash"], "model": cfg["model"],
                 "method": cfg["method"], "compression_ratio": f"{metrics['compression_ratio']:.4f}",
                 "mac_ratio": f"{metrics['mac_ratio']:.4f}", "acc_pre": f"{metrics['acc_pre']:.4f}",
                 "acc_post": f"{metrics['acc_post']:.4f}", "acc_ft": f"{metrics['acc_ft']:.4f}",
                 "degenerate_layers": str(degenerate), "run_id": rid}
-        for k, v in tags.items():
-            self.client.set_model_version_tag(cfg["registered_name"], version, k, v)
+        # the version is created with its tags in one call: a driver killed here never leaves a
+        # version without its config_hash (which a re-run would then duplicate)
+        with contextlib.redirect_stderr(io.StringIO()):  # "Created version ..." chatter; errors still raise
+            mv = mlflow.register_model(info.model_uri, cfg["registered_name"], tags=tags)
+        version = str(mv.version)
         self.client.set_terminated(rid, status="FINISHED")
         return version
 

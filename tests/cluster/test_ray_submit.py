@@ -56,6 +56,23 @@ def _wait_http(url, timeout=60):
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def _wait_job_agent(address, timeout=120):
+    """The dashboard answers before the head's job agent is ready: wait until a trivial job runs."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from jobs.submit import submit_with_retry
+
+    client = JobSubmissionClient(address)
+    sid = submit_with_retry(client, entrypoint="python -c pass", attempts=12)
+    end = time.time() + timeout
+    while time.time() < end:
+        if client.get_job_status(sid) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert client.get_job_status(sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
+            return
+        time.sleep(1)
+    raise TimeoutError("the warm-up job did not finish")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     if shutil.which("ray", path=str(BIN)) is None:
@@ -83,6 +100,7 @@ def cluster():
         procs.append(server)
         _wait_http(f"http://127.0.0.1:{mlf}/health")
         _wait_http(f"http://127.0.0.1:{dash}/api/version")
+        _wait_job_agent(f"http://127.0.0.1:{dash}")
         yield {"dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}", "env": env, "tmp": tmp}
     finally:
         for p in procs:
@@ -142,3 +160,8 @@ def test_jobs_submit_wrapper_and_status(cluster):
     st = subprocess.run([sys.executable, "-m", "jobs", "status", "--address", cluster["dashboard"]],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert st.returncode == 0 and sid in st.stdout and "SUCCEEDED" in st.stdout
+    # the same spec submitted again while nothing runs gets the next deterministic id
+    again = subprocess.run([sys.executable, "-m", "jobs", "submit", "tests/specs/tiny.yaml", "--address",
+                            cluster["dashboard"], "--tracking-uri", cluster["mlflow"]],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"submitted {sid}-r2" in again.stdout, again.stdout + again.stderr

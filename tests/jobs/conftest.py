@@ -10,7 +10,7 @@ def ray_start_2_cpus():
     """One local Ray for the whole test session (ray.init takes seconds)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=True,
              logging_level="warning")
     yield ray
     ray.shutdown()
