@@ -224,3 +224,87 @@ def test_driver_killed_mid_sweep_resumes_without_loss(tmp_path):
     assert sorted(p.info.status for p in parents) == ["FAILED", "FINISHED"]
     assert not any(r.info.status == "RUNNING" for r in client.search_runs(
         [client.get_experiment_by_name("tiny").experiment_id], ""))
+
+
+def test_node_removed_mid_sweep(tmp_path):
+    spec, data = _spec(tmp_path, lambda d: d["finetune"].update(epochs=3))
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("node_loss_sweep.py")), str(spec)],
+                         cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    res = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert res["removed_at"], "the worker node was never removed"
+    assert res["registered"] == 2 and not res["failed"]
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(data["mlflow"]["tracking_uri"]).search_model_versions("name='lowrank-smallcnn'")
+    assert sorted(v.tags["method"] for v in versions) == ["cp3-epc", "tucker2"]
+
+
+def test_mlflow_server_away_mid_sweep(tmp_path, ray_start_2_cpus, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    store = tmp_path / "server"
+    store.mkdir()
+    bin_dir = Path(sys.executable).parent
+
+    def start_server():
+        return subprocess.Popen([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                                 "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination",
+                                 str(store / "artifacts"), "--workers", "1"], cwd=store, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_up():
+        import urllib.request
+
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not start")
+
+    server = start_server()
+    wait_up()
+    spec, _ = _spec(tmp_path, lambda d: d["compression"].update(methods=["tucker2", "cp3-epc", "spatial-svd"]))
+    outage = []
+
+    def outage_after_first_version():
+        from mlflow import MlflowClient
+
+        nonlocal server
+        end = time.time() + 300
+        while time.time() < end:
+            try:
+                if MlflowClient(uri).search_model_versions("name='lowrank-smallcnn'"):
+                    break
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(0.5)
+        os.killpg(server.pid, signal.SIGKILL)  # the server goes away ...
+        server.wait()
+        outage.append(time.time())
+        time.sleep(6)
+        server = start_server()  # ... and comes back on the same port and store
+        outage.append(time.time())
+
+    th = threading.Thread(target=outage_after_first_version, daemon=True)
+    th.start()
+    try:
+        code = main(["run", str(spec), "--tracking-uri", uri])
+        th.join(timeout=60)
+        assert len(outage) == 2, "the outage never happened"
+        assert code == 0, capsys.readouterr().out[-3000:]
+        from mlflow import MlflowClient
+
+        versions = MlflowClient(uri).search_model_versions("name='lowrank-smallcnn'")
+        hashes = [v.tags["config_hash"] for v in versions]
+        assert len(hashes) == len(set(hashes)) == 3
+        assert not list((tmp_path / "cache" / "spool").rglob("result.json"))  # nothing left unlogged
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
