@@ -69,8 +69,8 @@ def main() -> None:
     channels = [64, 128] if args.quick else [64, 128, 256, 512]
     iters = {64: 100, 128: 50, 256: 20, 512: 5}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64\n")
-    head = (f"| tensor | ratio | rank | iters | ours s | tensorly-torch s | x | tensorly-numpy s | x "
-            f"| err ours | err tl-torch | err tl-numpy | ours GFLOP/s | matmul GFLOP/s |")
+    head = ("| tensor | ratio | rank | iters | ours s | tensorly-torch s | x | tensorly-numpy s | x "
+            "| err ours | err tl-torch | err tl-numpy | ours GFLOP/s | matmul GFLOP/s |")
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for order in (3, 4):

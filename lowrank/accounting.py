@@ -33,16 +33,9 @@ def _example_input(model: nn.Module, input_shape) -> torch.Tensor:
     return torch.zeros(shape, **kw)
 
 
-def per_layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
-    """MACs per sample of every conv/linear module, by qualified name (forward hooks)."""
+def _forward_once(model: nn.Module, input_shape, handles: list) -> None:
+    """One eval-mode, no-grad forward pass on zeros; restores the mode and removes ``handles``."""
     x = _example_input(model, input_shape)
-    found: dict[str, int] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (*_CONVS, nn.Linear)):
-            def hook(m, inp, out, name=name):
-                found[name] = found.get(name, 0) + _macs_of(m, out)
-            handles.append(mod.register_forward_hook(hook))
     was_training = model.training
     try:
         model.eval()
@@ -52,6 +45,20 @@ def per_layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
         model.train(was_training)
         for h in handles:
             h.remove()
+
+
+def per_layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
+    """MACs per sample of every conv/linear module, by qualified name (forward hooks)."""
+    found: dict[str, int] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            found[name] = found.get(name, 0) + _macs_of(module, output)
+        return hook
+
+    handles = [mod.register_forward_hook(record(name)) for name, mod in model.named_modules()
+               if isinstance(mod, (*_CONVS, nn.Linear))]
+    _forward_once(model, input_shape, handles)
     return found
 
 
@@ -71,14 +78,5 @@ def layer_input_shapes(model: nn.Module, names, input_shape) -> dict[str, tuple[
         return hook
 
     handles = [mod.register_forward_pre_hook(record(name)) for name, mod in model.named_modules() if name in wanted]
-    x = _example_input(model, input_shape)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _forward_once(model, input_shape, handles)
     return shapes

@@ -13,28 +13,22 @@ from .factors import CPFactors, SpatialSVDFactors, SVDFactors, Tucker2Factors
 from .geometry import ConvGeometry
 
 
-class FactorizedConv2d(nn.Sequential):
+class _Factorized(nn.Sequential):
+    def __init__(self, *stages: nn.Module, method: str, rank):
+        super().__init__(*stages)
+        self.method = method
+        self.rank = rank
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, rank={self.rank}"
+
+
+class FactorizedConv2d(_Factorized):
     """A conv replaced by a chain of smaller convs (see ``method``)."""
 
-    def __init__(self, *stages: nn.Module, method: str, rank):
-        super().__init__(*stages)
-        self.method = method
-        self.rank = rank
 
-    def extra_repr(self) -> str:
-        return f"method={self.method!r}, rank={self.rank}"
-
-
-class FactorizedLinear(nn.Sequential):
+class FactorizedLinear(_Factorized):
     """A Linear replaced by two Linears (truncated SVD)."""
-
-    def __init__(self, *stages: nn.Module, method: str, rank):
-        super().__init__(*stages)
-        self.method = method
-        self.rank = rank
-
-    def extra_repr(self) -> str:
-        return f"method={self.method!r}, rank={self.rank}"
 
 
 def _conv(cin, cout, kernel, *, stride=1, padding=0, dilation=1, groups=1, bias=False, like: nn.Module):

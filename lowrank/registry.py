@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import LowRankError, UnsupportedLayerError
+from .errors import LowRankError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """Faults survived, bad input refused, nothing lost, nothing executed (issue: reliability)."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -150,7 +149,6 @@ def test_failed_layer_is_recorded_and_the_rest_goes_on_and_secrets_stay_out(tmp_
 
 
 def test_worker_killed_mid_task_is_retried(tmp_path, ray_start_2_cpus, capsys):
-    ray = ray_start_2_cpus
     from ray.util.state import list_tasks, list_workers
 
     spec, data = _spec(tmp_path, lambda d: d["finetune"].update(epochs=3))
