@@ -1,0 +1,105 @@
+"""Allocation logic on synthetic tables (no Ray), and screening + budget on the small CNN."""
+import itertools
+import random
+
+import pytest
+
+from jobs.search.allocate import InfeasibleTarget, Option, allocate_budget, allocate_uniform
+
+
+def _table(seed=0, n_layers=5, n_opts=4):
+    rng = random.Random(seed)
+    layers = {}
+    for i in range(n_layers):
+        dense = rng.randint(50, 100)
+        opts = [Option(None, None, dense, 0.0)]
+        for j in range(n_opts):
+            cost = rng.randint(5, dense - 1)
+            opts.append(Option(rng.choice(["tucker2", "cp3", "spatial-svd"]), j + 1, cost,
+                               round(rng.random() / cost * 50, 4)))
+        layers[f"l{i}"] = opts
+    return layers
+
+
+def _brute(layers, budget):
+    best = None
+    for combo in itertools.product(*layers.values()):
+        cost = sum(o.cost for o in combo)
+        if cost <= budget:
+            loss = sum(o.loss for o in combo)
+            if best is None or loss < best - 1e-12:
+                best = loss
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_budget_is_met_and_optimal(seed):
+    layers = _table(seed)
+    dense = sum(o.cost for os_ in layers.values() for o in os_ if o.method is None)
+    ratio = 1.6
+    budget = dense / ratio
+    a = allocate_budget(layers, ratio=ratio, resolution=20000)
+    assert a.cost <= budget + 1e-9 and a.ratio >= ratio
+    assert a.loss == pytest.approx(_brute(layers, budget), abs=2e-3)
+
+
+def test_monotone_in_the_target():
+    layers = _table(1, n_layers=6, n_opts=5)
+    losses, ratios = [], []
+    for r in [1.0, 1.2, 1.5, 1.8, 2.1, 2.4]:
+        a = allocate_budget(layers, ratio=r)
+        assert a.ratio >= r
+        losses.append(a.loss)
+        ratios.append(a.ratio)
+    assert losses == sorted(losses)
+    assert allocate_budget(layers, ratio=1.0).loss == 0.0  # no compression asked: all dense
+
+
+def test_ties_are_deterministic():
+    layers = {"a": [Option(None, None, 10, 0.0), Option("tucker2", 2, 5, 0.1), Option("cp3", 4, 5, 0.1)]}
+    for _ in range(3):
+        assert allocate_budget(layers, ratio=2).choice["a"].method == "cp3"  # equal loss and cost: name order
+
+
+def test_infeasible_and_invalid_targets():
+    layers = _table(2)
+    with pytest.raises(InfeasibleTarget, match=r"ratio 50 is not reachable: the most these options reach is"):
+        allocate_budget(layers, ratio=50)
+    with pytest.raises(InfeasibleTarget, match="must be >= 1"):
+        allocate_budget(layers, ratio=0.5)
+    with pytest.raises(ValueError, match="exactly one dense option"):
+        allocate_budget({"x": [Option("cp3", 1, 1, 0.0)]}, ratio=1)
+
+
+def test_uniform_baseline():
+    layers = {"a": [Option(None, None, 10, 0.0), Option("t", 1, 4, 0.3), Option("t", 2, 6, 0.2)]}
+    assert allocate_uniform(layers, per_layer_ratio=1.6)["a"].rank == 2
+    assert allocate_uniform(layers, per_layer_ratio=3)["a"].method is None
+
+
+def test_screening_and_budget_on_the_small_cnn():
+    import lowrank
+    from jobs.models import SmallCNN
+    from jobs.search.screen import screen_layer
+
+    model = SmallCNN(10).eval()
+    shape = (3, 32, 32)
+    from lowrank.accounting import layer_input_shapes
+
+    names = [n for n in lowrank.plan_layers(model, "tucker2", 1)]
+    shapes = layer_input_shapes(model, names, shape)
+    layers, screened_params = {}, 0
+    for n in names:
+        rows = screen_layer(n, model.get_submodule(n), shapes[n], ["tucker2", "spatial-svd"],
+                            ratios=(1.2, 1.4, 1.6, 1.8, 2, 2.25, 2.5, 3, 4))
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert ok[0]["method"] is None and all(r["latency"] > 0 and r["params"] > 0 for r in ok)
+        assert all(0 < r["rel_error"] < 1 for r in ok[1:])
+        screened_params += ok[0]["params"]
+        layers[n] = [Option(r["method"], r["rank"], r["params"], r["rel_error"] ** 2) for r in ok]
+    total = sum(p.numel() for p in model.parameters())
+    a = allocate_budget(layers, ratio=2.0, fixed_cost=total - screened_params)
+    assert 2.0 <= a.ratio <= 2.0 * 1.05  # the requested parameter ratio, within 5 %
+    plan = {n: (o.method, o.rank) for n, o in a.choice.items() if o.method}
+    new, reports = lowrank.compress_model(model, plan)
+    assert total / sum(p.numel() for p in new.parameters()) == pytest.approx(a.ratio, rel=1e-9)
