@@ -52,8 +52,22 @@ def model_key(spec: SweepSpec, m) -> str:
 def plan_configs(spec: SweepSpec) -> list[dict]:
     """One configuration per (model, method), with its content hash (``config_hash``)."""
     configs = []
+    search = spec.compression.search
     for m in spec.models:
         layers = (m.layers or spec.compression.layers).model_dump(mode="json")
+        if search is not None:  # the methods compete per layer: one configuration per strategy
+            for strategy in search.strategies:
+                content = {"model_key": model_key(spec, m), "search": search.model_dump(mode="json"),
+                           "strategy": strategy, "methods": spec.compression.methods, "layers": layers,
+                           "options": spec.compression.options, "finetune": spec.finetune.model_dump(mode="json")}
+                configs.append({"sweep": spec.name, "model": m.name, "method": f"search-{strategy}",
+                                "strategy": strategy, "rank_strategy": "search",
+                                "registered_name": spec.mlflow.registered_name(m.name),
+                                "config_hash": stable_hash(content), "layers": layers,
+                                "search.target": search.target, "search.ratio": search.ratio,
+                                "search.loss": search.loss, "search.methods": ",".join(spec.compression.methods),
+                                "finetune_epochs": spec.finetune.epochs, "seed": spec.seed})
+            continue
         for method in spec.compression.methods:
             content = {"model_key": model_key(spec, m), "method": method,
                        "rank": spec.compression.rank.model_dump(mode="json"), "layers": layers,
@@ -116,10 +130,16 @@ def run_sweep(spec: SweepSpec, *, out=print) -> SweepResult:
         for cfg in [c for c in todo if c["config_hash"] in spooled]:
             say(f"{cfg['model']}/{cfg['method']}: logging the result kept on disk by an earlier run")
             _, base, out = spool.load(spooled[cfg["config_hash"]])
-            if _log_result(tracker, parent, cfg, base, out, spec, result, say):
+            if log_result(tracker, parent, cfg, base, out, spec, result, say):
                 todo.remove(cfg)
+        searched = [c for c in todo if c["method"].startswith("search-")]
+        todo = [c for c in todo if c not in searched]
         if todo:
             _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model)
+        if searched:
+            from .search.run import run_search
+
+            run_search(spec, searched, tracker, parent, result, say)
         result.rows = _summary_rows(tracker, configs)
         for name in registered:
             v = tracker.set_candidate(name)
@@ -243,7 +263,7 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
             result.timings["decompose_seconds"] += dec
             result.timings["task_seconds"] += dec
             public = {k: base[k] for k in ("acc", "params", "macs", "latency", "input_shape", "source")}
-            _log_result(tracker, parent, cfg, public, out, spec, result, say)
+            log_result(tracker, parent, cfg, public, out, spec, result, say)
         pump()
 
 
@@ -251,7 +271,7 @@ def spool_root(spec: SweepSpec):
     return spec.pretrain.cache_dir.parent
 
 
-def _log_result(tracker, parent, cfg, base, out, spec, result, say) -> bool:
+def log_result(tracker, parent, cfg, base, out, spec, result, say) -> bool:
     """Spool the result, log it with retries, then drop the spool entry. False if MLflow stayed
     away: the result stays on disk and the next run logs it without recomputing."""
     from .models import build_model

@@ -80,7 +80,7 @@ class RankSpec(_Strict):
         "ratio", description="fixed ranks, VBMF (Kim et al.), energy fraction, or a per-layer ratio target")
     rank: int | tuple[int, int] | None = Field(None, description="fixed: rank for every layer")
     per_layer: dict[str, int | tuple[int, int]] = Field(default_factory=dict, description="fixed: rank per layer name")
-    ratio: float | None = Field(None, description="ratio: how many times smaller each layer becomes (>= 1)")
+    ratio: float | None = Field(2.0, description="ratio: how many times smaller each layer becomes (>= 1)")
     target: Literal["params", "macs"] = Field("params", description="ratio: count parameters or MACs")
     energy: float | None = Field(None, description="energy: fraction of squared singular values kept, (0, 1]")
     weakening: float = Field(1.0, ge=0, le=1, description="vbmf: R = Rmax - k (Rmax - Rvbmf); 1 = plain VBMF")
@@ -108,12 +108,42 @@ class RankSpec(_Strict):
         return "vbmf", {"weakening": self.weakening, "min_rank": self.min_rank}
 
 
+class SearchSpec(_Strict):
+    strategies: list[Literal["budget", "uniform"]] = Field(
+        description="budget: global (method, rank) allocation with the least predicted loss; uniform: every "
+                    "layer at the same ratio, best method per layer. One configuration per strategy.")
+    target: Literal["params", "macs", "latency"] = Field("params", description="what the ratio counts")
+    ratio: float = Field(description="how many times smaller/faster the searched layers + the rest must be")
+    candidate_ratios: list[float] = Field([1.25, 1.5, 2, 3, 4, 6], description="per-layer ratios screened")
+    loss: Literal["sensitivity", "error"] = Field(
+        "sensitivity", description="sensitivity: measured accuracy drop with only that layer compressed (after BN "
+                                   "recalibration); error: squared relative weight error")
+    val_batches: int = Field(4, ge=1, description="validation batches per sensitivity probe")
+    bn_batches: int = Field(5, ge=1, description="training batches for BN recalibration per probe")
+
+    @model_validator(mode="after")
+    def _targets(self):
+        if not self.strategies:
+            raise ValueError("search needs at least one strategy")
+        if self.ratio < 1:
+            raise ValueError(f"search ratio must be >= 1 (how many times smaller), got {self.ratio}")
+        bad = [r for r in self.candidate_ratios if r < 1]
+        if bad or not self.candidate_ratios:
+            raise ValueError(f"candidate_ratios must be non-empty and >= 1, got {self.candidate_ratios}")
+        if "uniform" in self.strategies and self.ratio not in self.candidate_ratios:
+            raise ValueError(f"strategy 'uniform' needs the ratio {self.ratio:g} among candidate_ratios")
+        return self
+
+
 class CompressionSpec(_Strict):
     methods: list[str] = Field(description="lowrank methods, e.g. spatial-svd, tucker2, cp3, cp3-epc")
     rank: RankSpec = Field(default_factory=RankSpec, description="how ranks are chosen")
     layers: LayerSelection = Field(default_factory=LayerSelection, description="which layers are compressed")
     options: dict[str, dict[str, float | int | str | bool | None]] = Field(
         default_factory=dict, description="per-method decomposition options, e.g. {cp3: {n_iter_max: 200}}")
+    search: SearchSpec | None = Field(
+        None, description="rank-configuration search: the methods compete per layer (replaces one configuration "
+                          "per method by one per search strategy)")
 
     @field_validator("methods")
     @classmethod

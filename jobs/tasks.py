@@ -146,3 +146,36 @@ def evaluate_task(model_json: str, base_state: dict, dataset_json: str, finetune
             "reports": [r.to_dict() for r in reports], "ft_losses": losses, "ft_seconds": ft_seconds,
             "device": device, "factors": factors, "task_seconds": time.perf_counter() - t_task, "node": node_id(),
             "layer_status": [{k: v for k, v in r.items() if k not in ("factors", "traceback")} for r in layer_results]}
+
+
+def screen_task(name: str, module: torch.nn.Module, input_shape, methods: list[str], ratios: list[float],
+                options: dict, want_gpu: bool) -> dict:
+    """Screening of one layer (every method x candidate ratio), factors kept for assembly."""
+    from .search.screen import screen_layer
+
+    t0 = time.perf_counter()
+    rows = screen_layer(name, module, input_shape, methods, ratios, options=options, device=pick_device(want_gpu),
+                        keep_factors=True)
+    return {"name": name, "rows": rows, "task_seconds": time.perf_counter() - t0, "node": node_id()}
+
+
+def sensitivity_task(model_json: str, base_state: dict, dataset_json: str, seed: int, layer: str | None, factors,
+                     val_batches: int, bn_batches: int, want_gpu: bool) -> dict:
+    """Accuracy on a validation subset with only ``layer`` compressed by ``factors`` (BN
+    recalibrated); ``layer=None`` measures the dense model on the same subset."""
+    from torch.utils.data import Subset
+
+    t0 = time.perf_counter()
+    mspec, dspec = ModelSpec.model_validate_json(model_json), DatasetSpec.model_validate_json(dataset_json)
+    device = pick_device(want_gpu)
+    torch.manual_seed(seed)
+    train, val, _ = load_dataset(dspec, seed)
+    model = build_model(mspec.name, mspec.num_classes)
+    model.load_state_dict(base_state)
+    if layer is not None:
+        model, _ = lowrank.apply_factors(model, {layer: factors}, inplace=True)
+    sub = Subset(val, range(min(len(val), val_batches * dspec.batch_size)))
+    if layer is not None:
+        recalibrate_bn(model, loader(train, dspec.batch_size, shuffle=True, seed=seed), bn_batches, device)
+    acc = evaluate(model, loader(sub, dspec.batch_size, shuffle=False), device)["top1"]
+    return {"layer": layer, "acc": acc, "task_seconds": time.perf_counter() - t0, "node": node_id()}

@@ -8,7 +8,8 @@ accuracy loss (the sum of the per-layer losses from the sensitivity stage).
 Solved by dynamic programming over the cost, discretised into ``resolution`` buckets (costs
 rounded down; the exact cost of the result is checked and the capacity tightened until it meets
 the budget, so a returned allocation always does, and is optimal to within one bucket).
-Ties are broken deterministically: lower loss, then lower cost, then method name, then rank.
+Ties are broken deterministically: lower loss, then higher cost (less compression), then method
+name, then rank.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ class Option:
     loss: float
 
     def key(self):
-        return (self.loss, self.cost, self.method or "", str(self.rank))
+        # equal loss: prefer the larger (less compressed) option; compression beyond the target
+        # buys nothing the objective can see
+        return (self.loss, -self.cost, self.method or "", str(self.rank))
 
 
 @dataclass(frozen=True)

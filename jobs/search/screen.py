@@ -12,6 +12,12 @@ import lowrank
 from lowrank.errors import LowRankError
 
 
+def _cpu(factors):
+    from jobs.tasks import _to_cpu
+
+    return _to_cpu(factors)
+
+
 @torch.no_grad()
 def _latency(module, x, repeats: int = 7) -> float:
     module.eval()
@@ -25,8 +31,9 @@ def _latency(module, x, repeats: int = 7) -> float:
 
 
 def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratios=(1.5, 2, 3, 4, 6, 8),
-                 *, options: dict | None = None, batch: int = 1, device="cpu") -> list[dict]:
-    """One row per (method, ratio) that applies, plus the dense row (``method=None``)."""
+                 *, options: dict | None = None, batch: int = 1, device="cpu", keep_factors: bool = False) -> list[dict]:
+    """One row per (method, ratio) that applies, plus the dense row (``method=None``).
+    ``keep_factors`` adds each option's factors (``row['factors']``, CPU) for later assembly."""
     module = module.to(device).eval()
     x = torch.randn(batch, *input_shape[1:], device=device)
     params_dense, macs_dense = lowrank.count(module, input_shape)
@@ -50,5 +57,6 @@ def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratio
             diag = getattr(factors, "diagnostics", {}) or {}
             rows.append({**row, "rank": factors.rank, "rel_error": lowrank.relative_error(module.weight, factors),
                          "params": params, "macs": macs, "latency": lat, "speedup": lat_dense / lat,
-                         "degenerate": bool(diag.get("degenerate", False)), "status": "ok"})
+                         "degenerate": bool(diag.get("degenerate", False)), "status": "ok",
+                         **({"factors": _cpu(factors)} if keep_factors else {})})
     return rows
