@@ -14,6 +14,15 @@ def preflight(spec: SweepSpec, source: str = "spec") -> None:
     from lowrank.registry import KernelShape
 
     check_local_paths(spec, source)
+    search = spec.compression.search
+    if search is not None and search.latency_device == "cuda":
+        import os
+
+        import torch
+
+        if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
+            raise SpecError(f"{source}: compression.search.latency_device: 'cuda' requested but this machine has "
+                            f"no CUDA device; accepted here: 'cpu'")
     check_reachable(spec.mlflow.tracking_uri)
     load_dataset(spec.dataset, spec.seed)  # DataError: missing, empty or unreadable data
     rank = spec.compression.rank

@@ -118,6 +118,7 @@ class SearchSpec(_Strict):
     loss: Literal["sensitivity", "error"] = Field(
         "sensitivity", description="sensitivity: measured accuracy drop with only that layer compressed (after BN "
                                    "recalibration); error: squared relative weight error")
+    latency_device: Literal["cpu", "cuda"] = Field("cpu", description="device the latency target is measured on")
     val_batches: int = Field(4, ge=1, description="validation batches per sensitivity probe")
     bn_batches: int = Field(5, ge=1, description="training batches for BN recalibration per probe")
 
@@ -210,6 +211,14 @@ class SweepSpec(_Strict):
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, description="fine-tuning after compression")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray resources")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="where results go")
+
+    @model_validator(mode="after")
+    def _latency_device_has_gpus(self):
+        s = self.compression.search
+        if s is not None and s.latency_device == "cuda" and self.resources.gpus_per_task <= 0:
+            raise ValueError("compression.search.latency_device 'cuda' needs resources.gpus_per_task > 0 "
+                             "(latency is measured on the workers' device)")
+        return self
 
     @model_validator(mode="after")
     def _unique_models(self):

@@ -27,6 +27,11 @@ def run_search(spec, configs, tracker, parent, result, say) -> None:
     ray = init_ray()
     res, search = spec.resources, spec.compression.search
     want_gpu = res.gpus_per_task > 0 and ray.cluster_resources().get("GPU", 0) > 0
+    if search.latency_device == "cuda" and not want_gpu:
+        from ..spec import SpecError
+
+        raise SpecError("compression.search.latency_device: 'cuda' requested but the Ray cluster has no GPU; "
+                        "accepted here: 'cpu'")
     opts = {"num_cpus": res.cpus_per_task, "num_gpus": res.gpus_per_task if want_gpu else 0, "max_retries": 3}
     r_base, r_screen, r_sens, r_eval = (ray.remote(f).options(**opts) for f in (
         tasks.baseline_task, tasks.screen_task, tasks.sensitivity_task, tasks.evaluate_task))

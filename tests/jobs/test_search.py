@@ -42,3 +42,22 @@ def test_contradictory_search_targets_are_rejected(search, expected):
     with pytest.raises(SpecError) as e:
         parse_spec(data, "spec.yaml")
     assert expected in str(e.value)
+
+
+def test_latency_target_on_a_device_that_does_not_exist(tmp_path, capsys):
+    import torch
+
+    data = yaml.safe_load(SPEC.read_text())
+    data["compression"]["search"].update(target="latency", latency_device="cuda")
+    with pytest.raises(SpecError, match="latency_device 'cuda' needs resources.gpus_per_task > 0"):
+        parse_spec(data, "spec.yaml")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data["resources"] = {"gpus_per_task": 1}
+    data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "latency_device: 'cuda' requested but this machine has no CUDA device" in err
+    assert err.count("\n") == 1 and not (tmp_path / "mlflow.db").exists()
