@@ -12,9 +12,20 @@ import sys
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 0, 1, 2, 3
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs", description="Low-rank compression sweeps on Ray + MLflow")
-    sub = p.add_subparsers(dest="command", required=True)
+class _ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises instead of exiting, so usage errors get the one-line form and exit code 2."""
+
+    def error(self, message):
+        raise _ArgError(message)
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="python -m jobs", description="Low-rank compression sweeps on Ray + MLflow")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run a sweep (no SPEC: the embedded default on digits)")
     r.add_argument("spec", nargs="?", help="sweep spec YAML")
     r.add_argument("--tracking-uri", help="MLflow tracking URI, overriding the spec's")
@@ -36,21 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _ArgError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    parser.__class__ = _Parser
-    for action in parser._subparsers._group_actions[0].choices.values():
-        action.__class__ = _Parser
     try:
         args = parser.parse_args(argv)
     except _ArgError as e:
@@ -89,17 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         from .driver import format_summary, run_sweep
 
         result = run_sweep(spec)
-        from .tracking import Tracker
-
-        tracker = Tracker(spec.mlflow.tracking_uri, spec.mlflow.experiment)
-        cands = {}
-        for name in {r["registered_name"] for r in result.rows}:
-            try:
-                cands[name] = tracker.client.get_model_version_by_alias(name, "candidate").version
-            except Exception:  # noqa: BLE001
-                pass
         print()
-        print(format_summary(result.rows, cands))
+        print(format_summary(result.rows, result.candidates))
         print(f"\n{result.registered} version(s) registered now, {result.skipped} already registered"
               + (f", {len(result.failed)} failed" if result.failed else ""))
         for f in result.failed:

@@ -37,6 +37,7 @@ class SweepResult:
     failed: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
     nodes: set = field(default_factory=set)
+    candidates: dict = field(default_factory=dict)  # registered name -> version with alias 'candidate'
     timings: dict = field(default_factory=lambda: {"ray_init": 0.0, "mlflow": 0.0, "task_seconds": 0.0,
                                                    "decompose_seconds": 0.0, "slots": 1, "wall": 0.0,
                                                    "startup": 0.0, "tail": 0.0})
@@ -144,6 +145,7 @@ def run_sweep(spec: SweepSpec, *, out=print) -> SweepResult:
         for name in registered:
             v = tracker.set_candidate(name)
             if v:
+                result.candidates[name] = v
                 say(f"alias 'candidate' -> {name} version {v}")
         tracker.log_sweep_summary(parent, result.rows)
         if result.nodes:

@@ -41,18 +41,22 @@ def _latency(model, input_shape, device) -> dict:
             "b32": measure_latency(model, input_shape, 32, device=device, repeats=3, warmup=1)}
 
 
+def _setup(model_json: str, dataset_json: str, seed: int, want_gpu: bool):
+    """What every model-level task starts with: specs, device, seeded RNG, data, input shape."""
+    mspec, dspec = ModelSpec.model_validate_json(model_json), DatasetSpec.model_validate_json(dataset_json)
+    torch.manual_seed(seed)
+    train, val, _ = load_dataset(dspec, seed)
+    return mspec, dspec, pick_device(want_gpu), train, val, tuple(train[0][0].shape)
+
+
 def baseline_task(model_json: str, dataset_json: str, pretrain_json: str, seed: int, cache_key: str,
                   want_gpu: bool) -> dict:
     """Trained weights of one model (checkpoint, cache, or a few epochs of training), its
     accuracy, size and latency."""
     t_task = time.perf_counter()
-    mspec, dspec, pspec = (ModelSpec.model_validate_json(model_json), DatasetSpec.model_validate_json(dataset_json),
-                           PretrainSpec.model_validate_json(pretrain_json))
-    device = pick_device(want_gpu)
-    torch.manual_seed(seed)
-    train, val, _ = load_dataset(dspec, seed)
+    mspec, dspec, device, train, val, input_shape = _setup(model_json, dataset_json, seed, want_gpu)
+    pspec = PretrainSpec.model_validate_json(pretrain_json)
     model = build_model(mspec.name, mspec.num_classes)
-    input_shape = tuple(train[0][0].shape)
     t0 = time.perf_counter()
     cache = Path(pspec.cache_dir) / f"{mspec.name}-{cache_key}.pt"
     if mspec.checkpoint is not None:
@@ -90,7 +94,7 @@ def decompose_task(name: str, module: torch.nn.Module, method: str, rank, option
         if method.startswith("cp") and want_gpu and torch.cuda.is_available():
             opts.setdefault("device", "cuda")
         _, factors = lowrank.api.factorize_with_factors(module, method, rank, **opts)
-        factors = _to_cpu(factors)
+        factors = lowrank.factors_to(factors, "cpu")
         out.update(factors=factors, rank=factors.rank, rel_error=lowrank.relative_error(module.weight, factors),
                    diagnostics=dict(getattr(factors, "diagnostics", {}) or {}))
     except RankTooLargeError as e:
@@ -103,29 +107,12 @@ def decompose_task(name: str, module: torch.nn.Module, method: str, rank, option
     return out
 
 
-def _to_cpu(factors):
-    import dataclasses
-
-    changes = {}
-    for f in dataclasses.fields(factors):
-        v = getattr(factors, f.name)
-        if torch.is_tensor(v):
-            changes[f.name] = v.cpu()
-        elif isinstance(v, tuple) and v and torch.is_tensor(v[0]):
-            changes[f.name] = tuple(t.cpu() for t in v)
-    return dataclasses.replace(factors, **changes) if changes else factors
-
-
 def evaluate_task(model_json: str, base_state: dict, dataset_json: str, finetune_json: str, seed: int,
                   want_gpu: bool, *layer_results: dict) -> dict:
     """Assemble the compressed model, evaluate it (post), recalibrate BN, fine-tune, evaluate (ft)."""
     t_task = time.perf_counter()
-    mspec, dspec, fspec = (ModelSpec.model_validate_json(model_json), DatasetSpec.model_validate_json(dataset_json),
-                           FinetuneSpec.model_validate_json(finetune_json))
-    device = pick_device(want_gpu)
-    torch.manual_seed(seed)
-    train, val, _ = load_dataset(dspec, seed)
-    input_shape = tuple(train[0][0].shape)
+    mspec, dspec, device, train, val, input_shape = _setup(model_json, dataset_json, seed, want_gpu)
+    fspec = FinetuneSpec.model_validate_json(finetune_json)
     model = build_model(mspec.name, mspec.num_classes)
     model.load_state_dict(base_state)
     factors = {r["name"]: r["factors"] for r in layer_results if r["status"] == "ok"}
@@ -166,10 +153,7 @@ def sensitivity_task(model_json: str, base_state: dict, dataset_json: str, seed:
     from torch.utils.data import Subset
 
     t0 = time.perf_counter()
-    mspec, dspec = ModelSpec.model_validate_json(model_json), DatasetSpec.model_validate_json(dataset_json)
-    device = pick_device(want_gpu)
-    torch.manual_seed(seed)
-    train, val, _ = load_dataset(dspec, seed)
+    mspec, dspec, device, train, val, _ = _setup(model_json, dataset_json, seed, want_gpu)
     model = build_model(mspec.name, mspec.num_classes)
     model.load_state_dict(base_state)
     if layer is not None:

@@ -5,6 +5,7 @@ per group, so every factor carries a leading group axis ``g``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -116,3 +117,15 @@ class CPFactors:
 
 
 Factors = SVDFactors | SpatialSVDFactors | Tucker2Factors | CPFactors
+
+
+def factors_to(factors, device) -> "Factors":
+    """The same factors with every tensor on ``device`` (e.g. CPU before crossing process bounds)."""
+    changes = {}
+    for f in dataclasses.fields(factors):
+        v = getattr(factors, f.name)
+        if torch.is_tensor(v):
+            changes[f.name] = v.to(device)
+        elif isinstance(v, tuple) and v and torch.is_tensor(v[0]):
+            changes[f.name] = tuple(t.to(device) for t in v)
+    return dataclasses.replace(factors, **changes) if changes else factors

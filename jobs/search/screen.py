@@ -12,12 +12,6 @@ import lowrank
 from lowrank.errors import LowRankError
 
 
-def _cpu(factors):
-    from jobs.tasks import _to_cpu
-
-    return _to_cpu(factors)
-
-
 @torch.no_grad()
 def _latency(module, x, repeats: int = 7) -> float:
     module.eval()
@@ -58,5 +52,5 @@ def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratio
             rows.append({**row, "rank": factors.rank, "rel_error": lowrank.relative_error(module.weight, factors),
                          "params": params, "macs": macs, "latency": lat, "speedup": lat_dense / lat,
                          "degenerate": bool(diag.get("degenerate", False)), "status": "ok",
-                         **({"factors": _cpu(factors)} if keep_factors else {})})
+                         **({"factors": lowrank.factors_to(factors, "cpu")} if keep_factors else {})})
     return rows
