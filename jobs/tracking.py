@@ -100,6 +100,26 @@ def with_retries(fn, *, what: str, attempts: int = 6, first_delay: float = 1.0, 
             delay *= 2
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(tracking_uri: str):
+    """Two drivers opening one new sqlite store at once would both run MLflow's schema
+    migrations and one fails (``table _alembic_tmp_... already exists``): serialise the first
+    access with a lock file beside the database. Other stores handle this themselves."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str):
         import logging
@@ -112,9 +132,10 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = tracking_uri
         mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        with _sqlite_init_lock(tracking_uri):  # the first access creates/migrates a sqlite store
+            self.client = MlflowClient(tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
 
     # ---------------------------------------------------------------- registry reads
     def registered_versions(self, name: str) -> list:

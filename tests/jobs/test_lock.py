@@ -56,3 +56,17 @@ def test_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["run", str(spec)]) == 2
     assert "models.0.checkpoint: checkpoint file" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_two_drivers_creating_one_sqlite_store_at_once(tmp_path):
+    """Both create/migrate the same new sqlite store; the init lock lets both through."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from jobs.tracking import Tracker; "
+            "t = Tracker(f'sqlite:///{sys.argv[1]}/mlflow.db', 'race'); print(t.experiment_id)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert len({o[0].strip() for o in outs}) == 1  # one experiment, not three

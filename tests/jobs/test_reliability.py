@@ -183,6 +183,21 @@ def test_worker_killed_mid_task_is_retried(tmp_path, ray_start_2_cpus, capsys):
     assert "2 version(s) registered now" in capsys.readouterr().out
 
 
+def _registered_versions(db: Path) -> list:
+    import sqlite3
+
+    if not db.exists():
+        return []
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("SELECT version FROM model_versions WHERE name = 'lowrank-smallcnn'").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet, or locked by a writer
+        return []
+
+
 def test_driver_killed_mid_sweep_resumes_without_loss(tmp_path):
     spec, data = _spec(tmp_path, lambda d: d["compression"].update(methods=["tucker2", "cp3-epc", "spatial-svd"]))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -195,13 +210,11 @@ def test_driver_killed_mid_sweep_resumes_without_loss(tmp_path):
     first = []
     while time.time() < end and proc.poll() is None:
         time.sleep(1)
-        if (tmp_path / "mlflow.db").exists():
-            try:
-                first = MlflowClient(uri).search_model_versions("name='lowrank-smallcnn'")
-            except Exception:  # noqa: BLE001 - the store may be mid-migration
-                first = []
-            if first:
-                break
+        # read the store without opening it through MLflow: an MlflowClient on a sqlite store that the
+        # driver is still creating would run the schema migrations a second time, concurrently
+        first = _registered_versions(tmp_path / "mlflow.db")
+        if first:
+            break
     if not (first and proc.poll() is None):
         proc.kill()
         pytest.fail("the sweep could not be interrupted mid-way: " + (proc.stdout.read() or "")[-3000:])
