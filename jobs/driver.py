@@ -38,6 +38,8 @@ class SweepResult:
     parent_run_id: str | None = None
     nodes: set = field(default_factory=set)
     candidates: dict = field(default_factory=dict)  # registered name -> version with alias 'candidate'
+    points: list = field(default_factory=list)  # extra Pareto points (Ray Tune trials)
+    pareto: list = field(default_factory=list)  # the Pareto table logged to the parent run
     timings: dict = field(default_factory=lambda: {"ray_init": 0.0, "mlflow": 0.0, "task_seconds": 0.0,
                                                    "decompose_seconds": 0.0, "slots": 1, "wall": 0.0,
                                                    "startup": 0.0, "tail": 0.0})
@@ -58,15 +60,15 @@ def plan_configs(spec: SweepSpec) -> list[dict]:
         layers = (m.layers or spec.compression.layers).model_dump(mode="json")
         if search is not None:  # the methods compete per layer: one configuration per strategy
             for strategy in search.strategies:
-                content = {"model_key": model_key(spec, m), "search": search.model_dump(mode="json"),
+                content = {"model_key": model_key(spec, m), "search": search.content(strategy),
                            "strategy": strategy, "methods": spec.compression.methods, "layers": layers,
                            "options": spec.compression.options, "finetune": spec.finetune.model_dump(mode="json")}
                 configs.append({"sweep": spec.name, "model": m.name, "method": f"search-{strategy}",
                                 "strategy": strategy, "rank_strategy": "search",
                                 "registered_name": spec.mlflow.registered_name(m.name),
                                 "config_hash": stable_hash(content), "layers": layers,
-                                "search.target": search.target, "search.ratio": search.ratio,
-                                "search.loss": search.loss, "search.methods": ",".join(spec.compression.methods),
+                                **{f"search.{k}": v for k, v in search.content(strategy).items()
+                                   if not isinstance(v, (list, dict))}, "search.methods": ",".join(spec.compression.methods),
                                 "finetune_epochs": spec.finetune.epochs, "seed": spec.seed})
             continue
         for method in spec.compression.methods:
@@ -148,6 +150,8 @@ def run_sweep(spec: SweepSpec, *, out=print) -> SweepResult:
                 result.candidates[name] = v
                 say(f"alias 'candidate' -> {name} version {v}")
         tracker.log_sweep_summary(parent, result.rows)
+        if result.rows:
+            result.pareto = tracker.log_pareto(parent, result.rows + result.points)
         if result.nodes:
             tracker.client.set_tag(parent, "ray_nodes", ",".join(sorted(result.nodes)))
             tracker.client.log_metric(parent, "ray_nodes", len(result.nodes))
@@ -315,6 +319,7 @@ def _summary_rows(tracker: Tracker, configs: list[dict]) -> list[dict]:
             t = v.tags
             rows.append({"model": c["model"], "method": c["method"], "registered_name": name, "version": v.version,
                          "compression_ratio": float(t["compression_ratio"]), "mac_ratio": float(t["mac_ratio"]),
+                         "speedup_b1": float(t.get("speedup_b1", "nan")),
                          "acc_pre": float(t["acc_pre"]), "acc_post": float(t["acc_post"]),
                          "acc_ft": float(t["acc_ft"]), "degenerate_layers": int(t["degenerate_layers"]),
                          "config_hash": c["config_hash"]})
@@ -322,12 +327,12 @@ def _summary_rows(tracker: Tracker, configs: list[dict]) -> list[dict]:
 
 
 def format_summary(rows: list[dict], candidates: dict[str, str] | None = None) -> str:
-    head = f"{'model':<20} {'method':<12} {'params x':>8} {'MACs x':>7} {'acc_pre':>7} {'acc_post':>8} " \
+    head = f"{'model':<20} {'method':<16} {'params x':>8} {'MACs x':>7} {'acc_pre':>7} {'acc_post':>8} " \
            f"{'acc_ft':>7} {'degen':>5}  registered"
     lines = [head, "-" * len(head)]
     for r in rows:
         star = " *candidate" if candidates and candidates.get(r["registered_name"]) == r["version"] else ""
-        lines.append(f"{r['model']:<20} {r['method']:<12} {r['compression_ratio']:>8.2f} {r['mac_ratio']:>7.2f} "
+        lines.append(f"{r['model']:<20} {r['method']:<16} {r['compression_ratio']:>8.2f} {r['mac_ratio']:>7.2f} "
                      f"{r['acc_pre']:>7.3f} {r['acc_post']:>8.3f} {r['acc_ft']:>7.3f} {r['degenerate_layers']:>5}  "
                      f"{r['registered_name']} v{r['version']}{star}")
     return "\n".join(lines)

@@ -108,12 +108,32 @@ class RankSpec(_Strict):
         return "vbmf", {"weakening": self.weakening, "min_rank": self.min_rank}
 
 
+STRATEGY_FIELDS = {  # the search fields each strategy's result depends on (its config hash)
+    "budget": ("target", "ratio", "candidate_ratios", "loss", "latency_device", "val_batches", "bn_batches"),
+    "uniform": ("target", "ratio", "candidate_ratios", "loss", "latency_device", "val_batches", "bn_batches"),
+    "vbmf": ("vbmf_weakening", "loss", "val_batches", "bn_batches"),
+    "tolerance": ("epsilon", "tolerance_steps", "candidate_ratios", "val_batches", "bn_batches"),
+    "tune": ("target", "ratio", "candidate_ratios", "loss", "latency_device", "val_batches", "bn_batches", "tune"),
+}
+
+
+class TuneSpec(_Strict):
+    trials: int = Field(6, ge=2, description="configurations tried near the budget solution (the first is it)")
+    noise: float = Field(0.5, ge=0, description="log-normal sigma applied to the per-layer losses to draw neighbours")
+    grace_epochs: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep the best 1/reduction_factor at each rung")
+
+
 class SearchSpec(_Strict):
-    strategies: list[Literal["budget", "uniform"]] = Field(
+    strategies: list[Literal["budget", "uniform", "vbmf", "tolerance", "tune"]] = Field(
         description="budget: global (method, rank) allocation with the least predicted loss; uniform: every "
-                    "layer at the same ratio, best method per layer. One configuration per strategy.")
+                    "layer at the same ratio, best method per layer; vbmf: one-shot VBMF ranks (Kim et al.), best "
+                    "method per layer; tolerance: per layer the smallest rank (bisection) whose accuracy drop is "
+                    "<= epsilon; tune: Ray Tune + ASHA over configurations near the budget solution. "
+                    "One configuration per strategy.")
     target: Literal["params", "macs", "latency"] = Field("params", description="what the ratio counts")
-    ratio: float = Field(description="how many times smaller/faster the searched layers + the rest must be")
+    ratio: float | None = Field(None, description="how many times smaller/faster the model must be "
+                                                  "(budget, uniform, tune)")
     candidate_ratios: list[float] = Field([1.25, 1.5, 2, 3, 4, 6], description="per-layer ratios screened")
     loss: Literal["sensitivity", "error"] = Field(
         "sensitivity", description="sensitivity: measured accuracy drop with only that layer compressed (after BN "
@@ -121,19 +141,43 @@ class SearchSpec(_Strict):
     latency_device: Literal["cpu", "cuda"] = Field("cpu", description="device the latency target is measured on")
     val_batches: int = Field(4, ge=1, description="validation batches per sensitivity probe")
     bn_batches: int = Field(5, ge=1, description="training batches for BN recalibration per probe")
+    epsilon: float | None = Field(None, description="tolerance: the largest accuracy drop (top-1, a fraction) one "
+                                                    "layer may cause")
+    tolerance_steps: int = Field(5, ge=1, le=20, description="tolerance: bisection probes per layer and method")
+    vbmf_weakening: float = Field(1.0, ge=0, le=1, description="vbmf: MUSCO weakening factor (1 = plain VBMF)")
+    tune: TuneSpec = Field(default_factory=TuneSpec, description="tune: Ray Tune / ASHA settings")
 
     @model_validator(mode="after")
     def _targets(self):
         if not self.strategies:
             raise ValueError("search needs at least one strategy")
-        if self.ratio < 1:
-            raise ValueError(f"search ratio must be >= 1 (how many times smaller), got {self.ratio}")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies are listed twice: {self.strategies}")
         bad = [r for r in self.candidate_ratios if r < 1]
         if bad or not self.candidate_ratios:
             raise ValueError(f"candidate_ratios must be non-empty and >= 1, got {self.candidate_ratios}")
+        need_ratio = [s for s in self.strategies if s in ("budget", "uniform", "tune")]
+        if need_ratio and self.ratio is None:
+            raise ValueError(f"strategy {need_ratio[0]!r} needs a target ratio (search.ratio >= 1)")
+        if self.ratio is not None and self.ratio < 1:
+            raise ValueError(f"search ratio must be >= 1 (how many times smaller), got {self.ratio}")
         if "uniform" in self.strategies and self.ratio not in self.candidate_ratios:
             raise ValueError(f"strategy 'uniform' needs the ratio {self.ratio:g} among candidate_ratios")
+        if "tolerance" in self.strategies:
+            if self.epsilon is None:
+                raise ValueError("strategy 'tolerance' needs epsilon (the accuracy drop allowed per layer, e.g. 0.01)")
+        if self.epsilon is not None and not 0 <= self.epsilon < 1:
+            raise ValueError(f"epsilon must be an accuracy drop in [0, 1) (e.g. 0.01), got {self.epsilon}")
+        if self.target == "latency" and "vbmf" in self.strategies and len(self.strategies) == 1:
+            raise ValueError("target 'latency' is not used by strategy 'vbmf' (its ranks come from VBMF); "
+                             "use target 'params' or add 'budget'")
         return self
+
+    def content(self, strategy: str) -> dict:
+        """What a strategy's result depends on (part of its config hash): adding a strategy or
+        changing another strategy's settings does not re-run this one."""
+        d = self.model_dump(mode="json")
+        return {k: d[k] for k in STRATEGY_FIELDS[strategy]}
 
 
 class CompressionSpec(_Strict):
@@ -218,6 +262,14 @@ class SweepSpec(_Strict):
         if s is not None and s.latency_device == "cuda" and self.resources.gpus_per_task <= 0:
             raise ValueError("compression.search.latency_device 'cuda' needs resources.gpus_per_task > 0 "
                              "(latency is measured on the workers' device)")
+        return self
+
+    @model_validator(mode="after")
+    def _tune_needs_epochs(self):
+        s = self.compression.search
+        if s is not None and "tune" in s.strategies and self.finetune.epochs < 1:
+            raise ValueError("compression.search strategy 'tune' needs finetune.epochs >= 1 (ASHA stops trials "
+                             "between fine-tuning epochs)")
         return self
 
     @model_validator(mode="after")

@@ -26,23 +26,46 @@ def spool_dir(root: Path, sweep: str, config_hash: str) -> Path:
     return Path(root) / "spool" / sweep / config_hash
 
 
-def save(path: Path, cfg: dict, base: dict, out: dict) -> None:
-    tensors: dict[str, torch.Tensor] = {f"state/{k}": v for k, v in out["state_dict"].items()}
-    factors_meta = {}
-    for layer, f in out["factors"].items():
+def pack_factors(factors: dict, prefix: str = "factors/") -> tuple[dict, dict]:
+    """``{key: Factors}`` -> (tensors for ``torch.save``, JSON-able metadata). The pair loads
+    back with ``unpack_factors`` from a ``weights_only=True`` load: no pickled classes."""
+    tensors, meta_all = {}, {}
+    for key, f in factors.items():
         meta = {"type": type(f).__name__, "fields": {}}
         for fld in dataclasses.fields(f):
             v = getattr(f, fld.name)
             if torch.is_tensor(v):
-                tensors[f"factors/{layer}/{fld.name}"] = v
+                tensors[f"{prefix}{key}/{fld.name}"] = v
                 meta["fields"][fld.name] = "tensor"
             elif isinstance(v, tuple) and v and torch.is_tensor(v[0]):
                 for i, t in enumerate(v):
-                    tensors[f"factors/{layer}/{fld.name}/{i}"] = t
+                    tensors[f"{prefix}{key}/{fld.name}/{i}"] = t
                 meta["fields"][fld.name] = ["tensors", len(v)]
             else:
                 meta["fields"][fld.name] = ["value", v]
-        factors_meta[layer] = meta
+        meta_all[key] = meta
+    return tensors, meta_all
+
+
+def unpack_factors(tensors: dict, meta_all: dict, prefix: str = "factors/") -> dict:
+    factors = {}
+    for key, meta in meta_all.items():
+        kw = {}
+        for name, how in meta["fields"].items():
+            if how == "tensor":
+                kw[name] = tensors[f"{prefix}{key}/{name}"]
+            elif how[0] == "tensors":
+                kw[name] = tuple(tensors[f"{prefix}{key}/{name}/{i}"] for i in range(how[1]))
+            else:
+                kw[name] = tuple(how[1]) if name == "shape" else how[1]
+        factors[key] = _FACTOR_TYPES[meta["type"]](**kw)
+    return factors
+
+
+def save(path: Path, cfg: dict, base: dict, out: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {f"state/{k}": v for k, v in out["state_dict"].items()}
+    packed, factors_meta = pack_factors(out["factors"])
+    tensors.update(packed)
     rest = {k: v for k, v in out.items() if k not in ("state_dict", "factors")}
     payload = {"cfg": cfg, "base": base, "out": rest, "factors": factors_meta, "state_keys": list(out["state_dict"])}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,17 +90,7 @@ def load(path: Path) -> tuple[dict, dict, dict]:
     tensors = torch.load(path / "tensors.pt", map_location="cpu", weights_only=True)
     out = dict(payload["out"])
     out["state_dict"] = {k: tensors[f"state/{k}"] for k in payload["state_keys"]}
-    factors = {}
-    for layer, meta in payload["factors"].items():
-        kw = {}
-        for name, how in meta["fields"].items():
-            if how == "tensor":
-                kw[name] = tensors[f"factors/{layer}/{name}"]
-            elif how[0] == "tensors":
-                kw[name] = tuple(tensors[f"factors/{layer}/{name}/{i}"] for i in range(how[1]))
-            else:
-                kw[name] = tuple(how[1]) if name == "shape" else how[1]
-        factors[layer] = _FACTOR_TYPES[meta["type"]](**kw)
+    factors = unpack_factors(tensors, payload["factors"])
     out["factors"] = factors
     base = payload["base"]
     base["input_shape"] = tuple(base["input_shape"])

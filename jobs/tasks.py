@@ -136,13 +136,13 @@ def evaluate_task(model_json: str, base_state: dict, dataset_json: str, finetune
 
 
 def screen_task(name: str, module: torch.nn.Module, input_shape, methods: list[str], ratios: list[float],
-                options: dict, want_gpu: bool) -> dict:
+                options: dict, want_gpu: bool, vbmf_weakening: float | None = None) -> dict:
     """Screening of one layer (every method x candidate ratio), factors kept for assembly."""
     from .search.screen import screen_layer
 
     t0 = time.perf_counter()
     rows = screen_layer(name, module, input_shape, methods, ratios, options=options, device=pick_device(want_gpu),
-                        keep_factors=True)
+                        keep_factors=True, vbmf_weakening=vbmf_weakening)
     return {"name": name, "rows": rows, "task_seconds": time.perf_counter() - t0, "node": node_id()}
 
 
@@ -156,10 +156,44 @@ def sensitivity_task(model_json: str, base_state: dict, dataset_json: str, seed:
     mspec, dspec, device, train, val, _ = _setup(model_json, dataset_json, seed, want_gpu)
     model = build_model(mspec.name, mspec.num_classes)
     model.load_state_dict(base_state)
+    out = {"layer": layer}
+    if isinstance(factors, dict):  # {"method", "ratio", "options"}: factorize here (the tolerance bisection)
+        dense = model.get_submodule(layer)
+        _, f = lowrank.api.factorize_with_factors(dense, factors["method"], "ratio", ratio=factors["ratio"],
+                                                  **factors["options"])
+        factors = lowrank.factors_to(f, "cpu")
+        out.update(factors=factors, rank=factors.rank, rel_error=lowrank.relative_error(dense.weight, factors))
     if layer is not None:
-        model, _ = lowrank.apply_factors(model, {layer: factors}, inplace=True)
+        model, reports = lowrank.apply_factors(model, {layer: factors}, inplace=True)
+        out.update(params=reports[0].params_after, macs=reports[0].macs_after)
     sub = Subset(val, range(min(len(val), val_batches * dspec.batch_size)))
     if layer is not None:
         recalibrate_bn(model, loader(train, dspec.batch_size, shuffle=True, seed=seed), bn_batches, device)
-    acc = evaluate(model, loader(sub, dspec.batch_size, shuffle=False), device)["top1"]
-    return {"layer": layer, "acc": acc, "task_seconds": time.perf_counter() - t0, "node": node_id()}
+    out["acc"] = evaluate(model, loader(sub, dspec.batch_size, shuffle=False), device)["top1"]
+    return {**out, "task_seconds": time.perf_counter() - t0, "node": node_id()}
+
+
+def tune_trial(config: dict, *, model_json: str, base_state: dict, dataset_json: str, finetune_json: str, seed: int,
+               want_gpu: bool, allocations: list[dict]) -> None:
+    """One Ray Tune trial: the model compressed by ``allocations[config['trial']]`` (layer ->
+    factors), BN recalibrated, fine-tuned, reporting validation top-1 after every epoch so that
+    ASHA can stop it early. Reports only metrics; the driver logs the trials to MLflow."""
+    from ray import tune
+
+    mspec, dspec, device, train, val, input_shape = _setup(model_json, dataset_json, seed, want_gpu)
+    fspec = FinetuneSpec.model_validate_json(finetune_json)
+    model = build_model(mspec.name, mspec.num_classes)
+    model.load_state_dict(base_state)
+    new, _ = lowrank.apply_factors(model, allocations[config["trial"]], input_shape=input_shape)
+    val_dl = loader(val, dspec.batch_size, shuffle=False)
+    train_dl = loader(train, dspec.batch_size, shuffle=True, workers=dspec.workers, seed=seed)
+    if fspec.bn_recalibration:
+        recalibrate_bn(new, train_dl, fspec.bn_batches, device)
+    params, macs = lowrank.count(new, input_shape)
+
+    def report(epoch: int, loss: float) -> None:
+        tune.report({"epoch": epoch, "acc": evaluate(new, val_dl, device)["top1"], "loss": loss, "params": params,
+                     "macs": macs})
+
+    train_epochs(new, train_dl, epochs=fspec.epochs, lr=fspec.lr, optimizer=fspec.optimizer, device=device,
+                 on_epoch=report)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 PIP_REQUIREMENTS = ["torch==2.13.0"]
-MODEL_TAGS = ("sweep", "config_hash", "model", "method", "compression_ratio", "mac_ratio", "acc_pre", "acc_post",
-              "acc_ft", "degenerate_layers")
+MODEL_TAGS = ("sweep", "config_hash", "model", "method", "compression_ratio", "mac_ratio", "speedup_b1", "acc_pre",
+              "acc_post", "acc_ft", "degenerate_layers")
 SECRET_MARKERS = ("TOKEN", "PASSWORD", "SECRET", "KEY", "CREDENTIAL", "AUTH")
 
 
@@ -233,7 +233,8 @@ class Tracker:
         degenerate = sum(bool(r.get("diagnostics", {}).get("degenerate")) for r in result["reports"])
         tags = {"sweep": cfg["sweep"], "config_hash": cfg["config_hash"], "model": cfg["model"],
                 "method": cfg["method"], "compression_ratio": f"{metrics['compression_ratio']:.4f}",
-                "mac_ratio": f"{metrics['mac_ratio']:.4f}", "acc_pre": f"{metrics['acc_pre']:.4f}",
+                "mac_ratio": f"{metrics['mac_ratio']:.4f}", "speedup_b1": f"{metrics['speedup_b1']:.4f}",
+                "acc_pre": f"{metrics['acc_pre']:.4f}",
                 "acc_post": f"{metrics['acc_post']:.4f}", "acc_ft": f"{metrics['acc_ft']:.4f}",
                 "degenerate_layers": str(degenerate), "run_id": rid}
         # the version is created with its tags in one call: a driver killed here never leaves a
@@ -254,6 +255,42 @@ class Tracker:
                                             -int(v.version)))
         self.client.set_registered_model_alias(name, "candidate", best.version)
         return best.version
+
+    def log_trials(self, parent_id: str, cfg: dict, records: list[dict]) -> None:
+        """Ray Tune trials of one configuration: a child run each (kind ``tune-trial``) with the
+        allocation, whether ASHA stopped it, and top-1 per epoch as a metric history."""
+        for x in records:
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"{cfg['model']}-tune-trial-{x['trial']}",
+                tags={"mlflow.parentRunId": parent_id, "sweep": cfg["sweep"], "kind": "tune-trial",
+                      "model": cfg["model"], "config_hash": cfg["config_hash"], "trial": str(x["trial"]),
+                      "stopped_early": str(x["stopped_early"]).lower(), "chosen": str(x["chosen"]).lower()})
+            rid = run.info.run_id
+            self.client.log_param(rid, "allocation", x["allocation"][:6000])
+            for h in x["history"]:
+                self.client.log_metric(rid, "acc", h["acc"], step=h["epoch"])
+                self.client.log_metric(rid, "loss", h["loss"], step=h["epoch"])
+            if x["params"] == x["params"]:
+                self.client.log_metric(rid, "params", x["params"])
+            if x["error"]:
+                self.client.set_tag(rid, "error", x["error"])
+            self.client.set_terminated(rid, status="FAILED" if x["error"] else
+                                       ("KILLED" if x["stopped_early"] else "FINISHED"))
+
+    def log_pareto(self, parent_id: str, rows: list[dict]) -> list[dict]:
+        """The sweep's Pareto fronts (top-1 after fine-tuning vs parameter ratio, and vs measured
+        batch-1 speedup) per model, as ``pareto.parquet`` and ``pareto.png``."""
+        table = pareto_table(rows)
+        if not table:
+            return table
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "pareto.parquet"
+            write_parquet(table, p)
+            self.client.log_artifact(parent_id, str(p))
+            png = Path(tmp) / "pareto.png"
+            plot_pareto(table, png)
+            self.client.log_artifact(parent_id, str(png))
+        return table
 
     def log_sweep_summary(self, parent_id: str, rows: list[dict]) -> None:
         if not rows:
@@ -349,4 +386,61 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _front(points: list[tuple[float, float]]) -> list[bool]:
+    """Non-dominated flags for (x, y), both to maximise."""
+    flags = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        flags.append(not dominated)
+    return flags
+
+
+def pareto_table(rows: list[dict]) -> list[dict]:
+    """Every evaluated point (configurations, Tune trials, the dense model) with its Pareto flags.
+    ``pareto_ratio``: no other point of the model has both a higher ratio and a higher top-1;
+    ``pareto_latency`` likewise with the measured speedup (points without one are not ranked)."""
+    table = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sub = [r for r in rows if r["model"] == model]
+        pts = [{"model": model, "method": "dense", "kind": "dense", "compression_ratio": 1.0, "speedup_b1": 1.0,
+                "acc_ft": sub[0]["acc_pre"]}]
+        pts += [{"model": model, "method": r["method"], "kind": r.get("kind", "config"),
+                 "compression_ratio": r["compression_ratio"], "speedup_b1": r.get("speedup_b1"),
+                 "acc_ft": r["acc_ft"]} for r in sub]
+        for p, f in zip(pts, _front([(p["compression_ratio"], p["acc_ft"]) for p in pts])):
+            p["pareto_ratio"] = f
+        timed = [p for p in pts if p["speedup_b1"] is not None and p["speedup_b1"] == p["speedup_b1"]]
+        for p, f in zip(timed, _front([(p["speedup_b1"], p["acc_ft"]) for p in timed])):
+            p["pareto_latency"] = f
+        for p in pts:
+            p.setdefault("pareto_latency", None)
+        table += pts
+    return table
+
+
+def plot_pareto(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in table))
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 4 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        sub = [r for r in table if r["model"] == model]
+        for ax, x, flag, label in ((row[0], "compression_ratio", "pareto_ratio", "parameter compression ratio"),
+                                   (row[1], "speedup_b1", "pareto_latency", "measured speedup (batch 1)")):
+            pts = [r for r in sub if r[x] is not None]
+            ax.scatter([p[x] for p in pts], [p["acc_ft"] for p in pts], c="lightgray", s=18, label="evaluated")
+            front = sorted((p for p in pts if p[flag]), key=lambda p: p[x])
+            ax.plot([p[x] for p in front], [p["acc_ft"] for p in front], "o-", color="C3", label="Pareto front")
+            for p in front:
+                ax.annotate(p["method"], (p[x], p["acc_ft"]), fontsize=6)
+            ax.set(title=model, xlabel=label, ylabel="top-1 after fine-tuning")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,6 +33,7 @@ def train_epochs(model: nn.Module, dl: DataLoader, *, epochs: int, lr: float, op
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     losses = []
     for epoch in range(epochs):
+        model.train()  # on_epoch may have evaluated the model
         total, n = 0.0, 0
         for x, y in dl:
             x, y = x.to(device), y.to(device)

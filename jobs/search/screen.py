@@ -24,24 +24,32 @@ def _latency(module, x, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
+VBMF_METHODS = ("svd", "spatial-svd", "tucker2")  # the methods whose ranks VBMF can choose
+
+
 def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratios=(1.5, 2, 3, 4, 6, 8),
-                 *, options: dict | None = None, batch: int = 1, device="cpu", keep_factors: bool = False) -> list[dict]:
-    """One row per (method, ratio) that applies, plus the dense row (``method=None``).
-    ``keep_factors`` adds each option's factors (``row['factors']``, CPU) for later assembly."""
+                 *, options: dict | None = None, batch: int = 1, device="cpu", keep_factors: bool = False,
+                 vbmf_weakening: float | None = None) -> list[dict]:
+    """One row per (method, ratio) that applies, plus the dense row (``method=None``), plus one
+    row per VBMF-capable method at its VBMF rank when ``vbmf_weakening`` is given (``source``
+    says which). ``keep_factors`` adds each option's factors (``row['factors']``, CPU)."""
     module = module.to(device).eval()
     x = torch.randn(batch, *input_shape[1:], device=device)
     params_dense, macs_dense = lowrank.count(module, input_shape)
     lat_dense = _latency(module, x)
-    rows = [{"layer": name, "method": None, "rank": None, "target_ratio": 1.0, "rel_error": 0.0,
+    rows = [{"layer": name, "method": None, "rank": None, "target_ratio": 1.0, "source": "dense", "rel_error": 0.0,
              "params": params_dense, "macs": macs_dense, "latency": lat_dense, "speedup": 1.0, "status": "ok"}]
     for method in methods:
         if lowrank.get_method(method).unsupported_reason(module):
             continue
-        for ratio in ratios:
-            row = {"layer": name, "method": method, "target_ratio": float(ratio)}
+        plans = [("ratio", float(r), {"ratio": float(r)}) for r in ratios]
+        if vbmf_weakening is not None and method in VBMF_METHODS:
+            plans.append(("vbmf", float("nan"), {"weakening": float(vbmf_weakening)}))
+        for source, ratio, how in plans:
+            row = {"layer": name, "method": method, "target_ratio": ratio, "source": source}
             try:
                 layer, factors = lowrank.api.factorize_with_factors(
-                    module, method, "ratio", ratio=float(ratio), **(options or {}).get(method, {}))
+                    module, method, source, **how, **(options or {}).get(method, {}))
             except LowRankError as e:
                 rows.append({**row, "rank": None, "status": "skipped", "reason": str(e)})
                 continue

@@ -103,3 +103,39 @@ def test_screening_and_budget_on_the_small_cnn():
     plan = {n: (o.method, o.rank) for n, o in a.choice.items() if o.method}
     new, reports = lowrank.compress_model(model, plan)
     assert total / sum(p.numel() for p in new.parameters()) == pytest.approx(a.ratio, rel=1e-9)
+
+
+def test_latency_target_leaves_layers_whose_options_are_slower_dense():
+    """Latency costs: a layer whose factorized options all run slower than dense (CP with a
+    rank above the channel count) is never factorized; the speedup comes from the others."""
+    layers = {
+        "slow": [Option(None, None, 10.0, 0.0), Option("cp3", 300, 14.0, 0.0), Option("cp3", 150, 11.0, 0.0)],
+        "fast": [Option(None, None, 10.0, 0.0), Option("spatial-svd", 8, 4.0, 0.2), Option("spatial-svd", 16, 6.0, 0.1)],
+    }
+    a = allocate_budget(layers, ratio=1.25, fixed_cost=0.0)
+    assert a.choice["slow"].method is None  # losses are 0 there, yet slower options buy nothing
+    assert a.choice["fast"].rank == 16 and a.ratio >= 1.25
+    with pytest.raises(InfeasibleTarget, match="the most these options reach is 1.43x"):
+        allocate_budget(layers, ratio=2.0)
+
+
+@pytest.mark.parametrize("passes,expected", [
+    (lambda r: True, 4.0),  # the most compressed end passes: one probe
+    (lambda r: r <= 2.5, 2.5),  # a threshold inside: bisection converges below it
+    (lambda r: False, None),  # nothing passes: dense
+])
+def test_tolerance_bisection(passes, expected):
+    from jobs.search.run import bisect_step
+
+    lo, hi, nxt, probes, best = 1.0, 4.0, 4.0, 0, None
+    while nxt is not None and probes < 20:
+        ok = passes(nxt)
+        best = nxt if ok else best
+        lo, hi, nxt = bisect_step(lo, hi, nxt, ok)
+        probes += 1
+    if expected is None:
+        assert best is None and hi / lo <= 1.02
+    elif expected == 4.0:
+        assert best == 4.0 and probes == 1
+    else:
+        assert expected / 1.02 <= best <= expected and probes <= 8

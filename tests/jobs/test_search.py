@@ -29,11 +29,76 @@ def test_budget_and_uniform_search_end_to_end(tmp_path, ray_start_2_cpus, capsys
     assert float(budget["acc_post"]) >= float(uniform["acc_post"])  # at the same parameter ratio
 
 
+def test_vbmf_tolerance_and_tune_end_to_end_with_cached_screening(tmp_path, ray_start_2_cpus, capsys):
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    data = yaml.safe_load(SPEC.read_text())
+    uri = data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    data["pretrain"]["cache_dir"] = str(tmp_path / "cache" / "pretrained")
+    data["compression"]["search"].update(strategies=["vbmf", "tolerance", "tune"], epsilon=0.0, tolerance_steps=3,
+                                         tune={"trials": 3, "grace_epochs": 1})
+    data["finetune"]["epochs"] = 2
+    spec = tmp_path / "search.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["run", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "+ VBMF ranks" in out and "tolerance: wave 1/3 done" in out and "3 trials near the budget solution" in out
+    client = MlflowClient(uri)
+    versions = {v.tags["method"]: v for v in client.search_model_versions("name='lowrank-smallcnn'")}
+    assert set(versions) == {"search-vbmf", "search-tolerance", "search-tune"}
+    for v in versions.values():
+        assert float(v.tags["compression_ratio"]) > 1.0 and "speedup_b1" in v.tags
+    tune_ratio = float(versions["search-tune"].tags["compression_ratio"])
+    assert 2.0 <= tune_ratio <= 2.1 * 1.5  # every trial is a budget allocation at ratio 2 (within the table's steps)
+
+    exp = client.get_experiment_by_name("search").experiment_id
+    trials = client.search_runs([exp], "tags.kind = 'tune-trial'")
+    assert len(trials) == 3 and sum(t.data.tags["chosen"] == "true" for t in trials) == 1
+    assert {t.info.status for t in trials} <= {"FINISHED", "KILLED"}
+    chosen = next(t for t in trials if t.data.tags["chosen"] == "true")
+    assert chosen.info.status == "FINISHED" and len(client.get_metric_history(chosen.info.run_id, "acc")) == 2
+    for t in trials:  # ASHA stopped ones ran fewer epochs than the chosen one
+        n = len(client.get_metric_history(t.info.run_id, "acc"))
+        assert n == (1 if t.data.tags["stopped_early"] == "true" else 2)
+
+    parent = client.search_runs([exp], "tags.kind = 'sweep'")[0].info.run_id
+    table = pq.read_table(client.download_artifacts(parent, "screening/smallcnn.parquet", str(tmp_path))).to_pylist()
+    assert {r["source"] for r in table} == {"dense", "ratio", "vbmf"}
+    assert all(r["latency"] > 0 and r["acc_drop"] is not None for r in table)
+    pareto = pq.read_table(client.download_artifacts(parent, "pareto.parquet", str(tmp_path))).to_pylist()
+    assert {"dense", "search-vbmf", "search-tolerance", "search-tune"} <= {r["method"] for r in pareto}
+    assert sum(r["kind"] == "trial" for r in pareto) == 3
+    front = [r for r in pareto if r["pareto_ratio"]]
+    assert front and not any(a is not b and a["compression_ratio"] >= b["compression_ratio"] and a["acc_ft"] >= b["acc_ft"]
+                             and (a["compression_ratio"], a["acc_ft"]) != (b["compression_ratio"], b["acc_ft"])
+                             for a in pareto for b in front)  # nothing dominates a front point
+    assert "pareto.png" in [a.path for a in client.list_artifacts(parent)]
+
+    # a later sweep on the same weights, layers and probes reuses the screening table
+    data["name"] = "tiny-search-again"
+    data["mlflow"]["registered_model_prefix"] = "again-"
+    data["compression"]["search"]["strategies"] = ["vbmf"]
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["run", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "screening table reused" in out and "sensitivity probes" not in out
+    again = client.search_model_versions("name='again-smallcnn'")
+    assert len(again) == 1 and again[0].tags["config_hash"] == versions["search-vbmf"].tags["config_hash"]
+
+
 @pytest.mark.parametrize("search,expected", [
+    ({"strategies": ["tolerance"], "epsilon": -0.1}, "epsilon must be an accuracy drop in [0, 1)"),
+    ({"strategies": ["tolerance"]}, "strategy 'tolerance' needs epsilon"),
+    ({"strategies": ["budget"]}, "strategy 'budget' needs a target ratio"),
+    ({"strategies": ["budget", "budget"], "ratio": 2}, "strategies are listed twice"),
+    ({"strategies": ["vbmf"], "target": "latency"}, "target 'latency' is not used by strategy 'vbmf'"),
+    ({"strategies": ["vbmf"], "vbmf_weakening": 1.5}, "compression.search.vbmf_weakening"),
+    ({"strategies": ["tune"], "ratio": 2, "tune": {"trials": 1}}, "compression.search.tune.trials"),
     ({"strategies": ["budget"], "ratio": 0.5}, "search ratio must be >= 1"),
     ({"strategies": ["uniform"], "ratio": 5}, "needs the ratio 5 among candidate_ratios"),
     ({"strategies": ["budget"], "ratio": 2, "candidate_ratios": [0.5, 2]}, "candidate_ratios must be"),
-    ({"strategies": ["greedy"], "ratio": 2}, "compression.search.strategies.0: Input should be 'budget' or 'uniform'"),
+    ({"strategies": ["greedy"], "ratio": 2}, "compression.search.strategies.0: Input should be 'budget', 'uniform', 'vbmf', 'tolerance' or 'tune'"),
     ({"strategies": ["budget"], "ratio": 2, "target": "flops"}, "compression.search.target"),
 ])
 def test_contradictory_search_targets_are_rejected(search, expected):
@@ -42,6 +107,14 @@ def test_contradictory_search_targets_are_rejected(search, expected):
     with pytest.raises(SpecError) as e:
         parse_spec(data, "spec.yaml")
     assert expected in str(e.value)
+
+
+def test_tune_needs_finetuning_epochs():
+    data = yaml.safe_load(SPEC.read_text())
+    data["compression"]["search"]["strategies"] = ["tune"]
+    data["finetune"]["epochs"] = 0
+    with pytest.raises(SpecError, match="strategy 'tune' needs finetune.epochs >= 1"):
+        parse_spec(data, "spec.yaml")
 
 
 def test_latency_target_on_a_device_that_does_not_exist(tmp_path, capsys):
