@@ -38,12 +38,18 @@ class SVDFactors:
 
 @dataclass(frozen=True)
 class SpatialSVDFactors:
-    """Tai et al. 2016: ``vertical: (g, K, C_g, kh)``, ``horizontal: (g, N_g, K, kw)``."""
+    """Tai et al. 2016: ``vertical: (g, K, C_g, kh)``, ``horizontal: (g, N_g, K, kw)``.
+
+    ``vertical_bias: (g, K)`` is only set for a layer trained in the vertical-BN-horizontal form
+    with its BatchNorm folded in (``lowrank.reparam.fold_bn``); the layer is then affine and
+    ``to_weight`` is its linear part.
+    """
 
     vertical: torch.Tensor
     horizontal: torch.Tensor
     shape: tuple[int, ...]
     method: str = "spatial-svd"
+    vertical_bias: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -51,7 +57,8 @@ class SpatialSVDFactors:
 
     @property
     def n_params(self) -> int:
-        return self.vertical.numel() + self.horizontal.numel()
+        extra = 0 if self.vertical_bias is None else self.vertical_bias.numel()
+        return self.vertical.numel() + self.horizontal.numel() + extra
 
     def to_weight(self) -> torch.Tensor:
         # W[n, c, i, j] = sum_k V[k, c, i] H[n, k, j]  (per group)

@@ -14,10 +14,11 @@ from .geometry import ConvGeometry
 
 
 class _Factorized(nn.Sequential):
-    def __init__(self, *stages: nn.Module, method: str, rank):
+    def __init__(self, *stages: nn.Module, method: str, rank, geometry: ConvGeometry | None = None):
         super().__init__(*stages)
         self.method = method
         self.rank = rank
+        self.geometry = geometry  # the dense conv this layer replaces (None for Linear)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, rank={self.rank}"
@@ -65,7 +66,7 @@ def build_svd(module: nn.Module, f: SVDFactors) -> nn.Module:
     first = _conv(geo.in_channels, g * r, 1, stride=geo.stride, padding=geo.inner_padding, groups=g, like=module)
     last = _conv(g * r, geo.out_channels, 1, groups=g, bias=geo.has_bias, like=module)
     return FactorizedConv2d(
-        *_stages(geo, [_set(first, f.right), _set(last, f.left, module.bias)]), method="svd", rank=r
+        *_stages(geo, [_set(first, f.right), _set(last, f.left, module.bias)]), method="svd", rank=r, geometry=geo
     )
 
 
@@ -73,13 +74,15 @@ def build_spatial_svd(module: nn.Conv2d, f: SpatialSVDFactors) -> nn.Module:
     geo = ConvGeometry.from_conv(module)
     g, k = f.vertical.shape[:2]
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = geo.kernel, geo.stride, geo.dilation, geo.inner_padding
+    vb = f.vertical_bias
     vertical = _conv(geo.in_channels, g * k, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
-                     groups=g, like=module)
+                     groups=g, bias=vb is not None, like=module)
     horizontal = _conv(g * k, geo.out_channels, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
                        groups=g, bias=geo.has_bias, like=module)
     return FactorizedConv2d(
-        *_stages(geo, [_set(vertical, f.vertical), _set(horizontal, f.horizontal, module.bias)]),
-        method="spatial-svd", rank=k,
+        *_stages(geo, [_set(vertical, f.vertical, None if vb is None else vb.reshape(-1)),
+                       _set(horizontal, f.horizontal, module.bias)]),
+        method="spatial-svd", rank=k, geometry=geo,
     )
 
 
@@ -97,7 +100,7 @@ def build_tucker2(module: nn.Conv2d, f: Tucker2Factors) -> nn.Module:
             _set(core, f.core),
             _set(last, f.out_factor, module.bias),
         ]),
-        method="tucker2", rank=(r3, r4),
+        method="tucker2", rank=(r3, r4), geometry=geo,
     )
 
 
@@ -119,4 +122,4 @@ def build_cp(module: nn.Conv2d, f: CPFactors) -> nn.Module:
         horiz = _conv(g * r, g * r, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=g * r,
                       like=module)
         middle = [_set(vert, f.factors[2].transpose(1, 2)), _set(horiz, f.factors[3].transpose(1, 2))]
-    return FactorizedConv2d(*_stages(geo, [first, *middle, last]), method=f.method, rank=r)
+    return FactorizedConv2d(*_stages(geo, [first, *middle, last]), method=f.method, rank=r, geometry=geo)

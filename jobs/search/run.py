@@ -152,7 +152,10 @@ def run_search(spec, configs, tracker, parent, result, say) -> None:
                 else:
                     choice = _decide(cfg["strategy"], m, options, fixed, search)
             except InfeasibleTarget as e:
-                result.failed.append(f"{m.name}/{cfg['method']}: {e}")
+                total = sum(o.cost for os_ in options.values() for o in os_ if o.method is None) + fixed
+                hint = (f" ({fixed / total:.0%} of the model's {search.target} lie outside the searched layers: "
+                        f"widen the layer selection)") if fixed > 0.2 * total else ""
+                result.failed.append(f"{m.name}/{cfg['method']}: {e}{hint}")
                 say(f"FAILED {result.failed[-1]}")
                 continue
             choices.append((m, cfg, choice))
