@@ -74,7 +74,9 @@ def measured_speedup(model_name: str, version_tags: dict, seed: int, spec: dict)
     m = next(x for x in s.models if x.name == model_name)
     dense = build_model(model_name, m.num_classes)
     load_checkpoint(dense, Path(s.pretrain.cache_dir) / f"{model_name}-{model_key(s, m)}.pt")
-    x = torch.randn(1, 1, s.dataset.input_size, s.dataset.input_size)
+    from jobs.data import load_dataset
+
+    x = load_dataset(s.dataset, s.seed)[1][0][0][None]  # one real validation image, the model's input shape
     dense = torch.export.export(dense.eval(), (x,)).module()
     comp = mlflow.pytorch.load_model(f"runs:/{version_tags['run_id']}/model")
     times = {"dense": [], "comp": []}

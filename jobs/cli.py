@@ -76,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec)
         if args.command == "validate":
             if not args.schema_only:
+                from .preflight import check_models
+
                 check_local_paths(spec, args.spec)
-            print(f"ok: {args.spec} is a valid sweep spec ({len(spec.models)} model(s) x "
-                  f"{len(spec.compression.methods)} method(s))")
+                check_models(spec, args.spec or "default spec")
+            n_methods = len(spec.compression.methods) if spec.compression else 0
+            print(f"ok: {args.spec or 'the default spec'} is a valid sweep spec ({len(spec.models)} model(s) x "
+                  f"{n_methods} method(s){' + from_scratch' if spec.from_scratch else ''})")
             return EXIT_OK
         if args.tracking_uri:
             spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})

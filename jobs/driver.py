@@ -8,6 +8,7 @@ configuration as it completes and registers the model version.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections import deque
@@ -55,8 +56,19 @@ def model_key(spec: SweepSpec, m) -> str:
 def plan_configs(spec: SweepSpec) -> list[dict]:
     """One configuration per (model, method), with its content hash (``config_hash``)."""
     configs = []
-    search = spec.compression.search
     for m in spec.models:
+        if spec.from_scratch is not None:  # the low-rank model trained from scratch next to the dense one
+            fs = spec.from_scratch
+            content = {"model": m.name, "num_classes": m.num_classes, "dataset": spec.dataset.model_dump(mode="json"),
+                       "from_scratch": fs.model_dump(mode="json"), "seed": spec.seed}
+            configs.append({"sweep": spec.name, "model": m.name, "method": "scratch-lowrank",
+                            "rank_strategy": "from_scratch", "registered_name": spec.mlflow.registered_name(m.name),
+                            "config_hash": stable_hash(content), "layers": fs.layers.model_dump(mode="json"),
+                            **{f"from_scratch.{k}": v for k, v in fs.model_dump(mode="json").items()
+                               if v is not None and k != "layers"}, "seed": spec.seed})
+        if spec.compression is None:
+            continue
+        search = spec.compression.search
         layers = (m.layers or spec.compression.layers).model_dump(mode="json")
         if search is not None:  # the methods compete per layer: one configuration per strategy
             for strategy in search.strategies:
@@ -71,12 +83,20 @@ def plan_configs(spec: SweepSpec) -> list[dict]:
                                    if not isinstance(v, (list, dict))}, "search.methods": ",".join(spec.compression.methods),
                                 "finetune_epochs": spec.finetune.epochs, "seed": spec.seed})
             continue
+        stages = spec.compression.stages
         for method in spec.compression.methods:
             content = {"model_key": model_key(spec, m), "method": method,
                        "rank": spec.compression.rank.model_dump(mode="json"), "layers": layers,
                        "options": spec.compression.options.get(method, {}),
                        "finetune": spec.finetune.model_dump(mode="json")}
-            configs.append({"sweep": spec.name, "model": m.name, "method": method,
+            staged = {}
+            if stages is not None:
+                content["stages"] = stages.model_dump(mode="json")
+                plan = stages.schedule(spec.compression.rank)
+                staged = {"base_method": method, "stages": len(plan), "stage_epochs": stages.epochs,
+                          "stage_schedule": json.dumps(plan)}
+            configs.append({"sweep": spec.name, "model": m.name,
+                            "method": f"{method}-{len(plan)}stage" if staged else method, **staged,
                             "rank_strategy": spec.compression.rank.strategy,
                             "registered_name": spec.mlflow.registered_name(m.name),
                             "config_hash": stable_hash(content), "layers": layers, **{
@@ -136,7 +156,12 @@ def run_sweep(spec: SweepSpec, *, out=print) -> SweepResult:
             if log_result(tracker, parent, cfg, base, out, spec, result, say):
                 todo.remove(cfg)
         searched = [c for c in todo if c["method"].startswith("search-")]
-        todo = [c for c in todo if c not in searched]
+        special = [c for c in todo if "stages" in c or c["method"] == "scratch-lowrank"]
+        todo = [c for c in todo if c not in searched and c not in special]
+        if special:
+            from .stages import run_special
+
+            run_special(spec, special, tracker, parent, result, say)
         if todo:
             _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model)
         if searched:

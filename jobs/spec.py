@@ -180,6 +180,29 @@ class SearchSpec(_Strict):
         return {k: d[k] for k in STRATEGY_FIELDS[strategy]}
 
 
+class StagesSpec(_Strict):
+    """Multi-stage compression (MUSCO, Gusak et al. 2019): compress, fine-tune, compress again.
+    Either ``ratios`` (every selected layer, re-decomposed at each stage to a larger per-layer
+    ratio; already factorized layers are turned back into their exact dense kernel first) or
+    ``layers`` (each stage compresses the layers its patterns match, at the rank spec)."""
+
+    count: int | None = Field(None, ge=2, le=20, description="number of stages (default: len(ratios) or len(layers); "
+                                                            "alone: a geometric ratio schedule)")
+    ratios: list[float] | None = Field(None, description="per-layer parameter ratio after each stage, increasing; "
+                                                         "the last is compression.rank.ratio")
+    layers: list[list[str]] | None = Field(None, description="glob patterns of the layers each stage compresses")
+    epochs: int = Field(1, ge=0, description="fine-tuning epochs after each stage but the last (the last uses "
+                                             "finetune.epochs)")
+
+    def schedule(self, rank) -> list[tuple[list[str] | None, float | None]]:
+        """``[(patterns or None = all selected layers, ratio or None = the rank spec)]`` per stage."""
+        if self.layers is not None:
+            return [(list(p), None) for p in self.layers]
+        if self.ratios is not None:
+            return [(None, float(r)) for r in self.ratios]
+        return [(None, float(rank.ratio) ** ((i + 1) / self.count)) for i in range(self.count)]
+
+
 class CompressionSpec(_Strict):
     methods: list[str] = Field(description="lowrank methods, e.g. spatial-svd, tucker2, cp3, cp3-epc")
     rank: RankSpec = Field(default_factory=RankSpec, description="how ranks are chosen")
@@ -189,6 +212,41 @@ class CompressionSpec(_Strict):
     search: SearchSpec | None = Field(
         None, description="rank-configuration search: the methods compete per layer (replaces one configuration "
                           "per method by one per search strategy)")
+    stages: StagesSpec | None = Field(None, description="multi-stage compression: compress, fine-tune, compress "
+                                                        "again (one configuration per method, stages as child runs)")
+
+    @model_validator(mode="after")
+    def _stages_fit(self):
+        st = self.stages
+        if st is None:
+            return self
+        if self.search is not None:
+            raise ValueError("stages and search cannot be combined (the search picks one-shot configurations)")
+        given = [k for k in ("ratios", "layers") if getattr(st, k) is not None]
+        if len(given) == 2:
+            raise ValueError("stages: give ratios or layers, not both")
+        n = len(st.ratios if st.ratios is not None else st.layers) if given else st.count
+        if n is None:
+            raise ValueError("stages needs count, ratios or layers")
+        if n < 2:
+            raise ValueError(f"stages needs at least 2 stages, got {n}")
+        if st.count is not None and given and st.count != n:
+            raise ValueError(f"stages.count is {st.count} but {given[0]} lists {n} stages")
+        if st.layers is not None:
+            if any(not p for p in st.layers):
+                raise ValueError("every stage in stages.layers needs at least one pattern")
+            return self
+        if self.rank.strategy != "ratio":
+            raise ValueError(f"stages by ratio need compression.rank.strategy 'ratio' (the final ratio), got "
+                             f"{self.rank.strategy!r}; or give stages.layers")
+        if st.ratios is not None:
+            r = st.ratios
+            if any(x < 1 for x in r) or any(b <= a for a, b in zip(r, r[1:])):
+                raise ValueError(f"stages.ratios must be >= 1 and increasing, got {r}")
+            if abs(r[-1] - self.rank.ratio) > 1e-9:
+                raise ValueError(f"the last of stages.ratios ({r[-1]:g}) must be the final ratio compression.rank.ratio "
+                                 f"({self.rank.ratio:g})")
+        return self
 
     @field_validator("methods")
     @classmethod
@@ -245,20 +303,48 @@ class MlflowSpec(_Strict):
         return self.registered_names.get(model, f"{self.registered_model_prefix}{model}")
 
 
+class FromScratchSpec(_Strict):
+    """Train the model in the vertical-BN-horizontal low-rank form of Tai et al. (2016) from
+    random initialisation, next to the dense model trained with the same schedule."""
+
+    ratio: float | None = Field(None, description="per-conv parameter ratio of the low-rank form (>= 1)")
+    rank: int | None = Field(None, ge=1, description="or one rank K for every converted conv")
+    layers: LayerSelection = Field(default_factory=LayerSelection, description="which convs take the low-rank form")
+    epochs: int = Field(4, ge=1, description="training epochs, the same for both models")
+    lr: float = Field(0.05, gt=0, description="learning rate")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer")
+
+    @model_validator(mode="after")
+    def _rank_or_ratio(self):
+        if (self.ratio is None) == (self.rank is None):
+            raise ValueError("from_scratch needs exactly one of ratio (>= 1) or rank")
+        if self.ratio is not None and self.ratio < 1:
+            raise ValueError(f"from_scratch.ratio must be >= 1 (how many times smaller), got {self.ratio}")
+        return self
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="sweep name (tag on every run)")
     seed: int = Field(0, description="seed for data split, training and decompositions")
     models: list[ModelSpec] = Field(min_length=1, description="models to compress")
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="data for training and evaluation")
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec, description="pre-training without a checkpoint")
-    compression: CompressionSpec = Field(description="methods, ranks and layers")
+    compression: CompressionSpec | None = Field(None, description="methods, ranks and layers")
+    from_scratch: FromScratchSpec | None = Field(None, description="train low-rank (Tai et al.) and dense models "
+                                                                   "from scratch with one schedule")
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, description="fine-tuning after compression")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray resources")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="where results go")
 
     @model_validator(mode="after")
+    def _something_to_do(self):
+        if self.compression is None and self.from_scratch is None:
+            raise ValueError("a sweep needs compression (methods to apply) and/or from_scratch")
+        return self
+
+    @model_validator(mode="after")
     def _latency_device_has_gpus(self):
-        s = self.compression.search
+        s = self.compression.search if self.compression else None
         if s is not None and s.latency_device == "cuda" and self.resources.gpus_per_task <= 0:
             raise ValueError("compression.search.latency_device 'cuda' needs resources.gpus_per_task > 0 "
                              "(latency is measured on the workers' device)")
@@ -266,7 +352,7 @@ class SweepSpec(_Strict):
 
     @model_validator(mode="after")
     def _tune_needs_epochs(self):
-        s = self.compression.search
+        s = self.compression.search if self.compression else None
         if s is not None and "tune" in s.strategies and self.finetune.epochs < 1:
             raise ValueError("compression.search strategy 'tune' needs finetune.epochs >= 1 (ASHA stops trials "
                              "between fine-tuning epochs)")

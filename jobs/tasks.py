@@ -197,3 +197,130 @@ def tune_trial(config: dict, *, model_json: str, base_state: dict, dataset_json:
 
     train_epochs(new, train_dl, epochs=fspec.epochs, lr=fspec.lr, optimizer=fspec.optimizer, device=device,
                  on_epoch=report)
+
+
+def scratch_task(model_json: str, dataset_json: str, scratch_json: str, seed: int, want_gpu: bool,
+                 low_rank: bool) -> dict:
+    """Train one model from scratch: dense, or with its convs in the vertical-BN-horizontal
+    low-rank form (Tai et al.), which is folded (BN into the vertical conv) before evaluation.
+    Both get the same seed, data order and schedule."""
+    from lowrank.reparam import fold_bn, to_lowrank_bn
+
+    from .spec import FromScratchSpec
+
+    t_task = time.perf_counter()
+    mspec, dspec, device, train, val, input_shape = _setup(model_json, dataset_json, seed, want_gpu)
+    fs = FromScratchSpec.model_validate_json(scratch_json)
+    model = build_model(mspec.name, mspec.num_classes)
+    reports = []
+    if low_rank:
+        sel = fs.layers
+        model, reports = to_lowrank_bn(model, rank=fs.rank, ratio=fs.ratio, init="random", include=sel.include or None,
+                                       exclude=sel.exclude or None, skip_first=sel.skip_first, inplace=True)
+    val_dl = loader(val, dspec.batch_size, shuffle=False)
+    curve = []
+    t0 = time.perf_counter()
+    losses = train_epochs(model, loader(train, dspec.batch_size, shuffle=True, workers=dspec.workers, seed=seed),
+                          epochs=fs.epochs, lr=fs.lr, optimizer=fs.optimizer, device=device,
+                          on_epoch=lambda e, loss: curve.append(evaluate(model, val_dl, device)["top1"]))
+    train_seconds = time.perf_counter() - t0
+    acc = evaluate(model, val_dl, device)
+    factors = {}
+    if low_rank:
+        model, factors = fold_bn(model.cpu().eval(), inplace=True)
+        factors = {k: lowrank.factors_to(f, "cpu") for k, f in factors.items()}
+        folded = evaluate(model, val_dl, "cpu")
+        if abs(folded["top1"] - acc["top1"]) > 1.0 / max(1, len(val)) + 1e-12:  # at most one borderline sample
+            raise RuntimeError(f"BN folding changed top-1 from {acc['top1']:.4f} to {folded['top1']:.4f}")
+        acc = folded
+    params, macs = lowrank.count(model.cpu(), input_shape)
+    for r in reports:
+        r.params_after = sum(p.numel() for p in model.get_submodule(r.name).parameters())
+    return {"state_dict": _cpu_state(model), "acc": acc, "params": params, "macs": macs,
+            "latency": _latency(model, input_shape, device), "losses": losses, "curve": curve, "factors": factors,
+            "reports": [r.to_dict() for r in reports], "train_seconds": train_seconds, "input_shape": input_shape,
+            "device": device, "task_seconds": time.perf_counter() - t_task, "node": node_id()}
+
+
+def multistage_task(model_json: str, base_state: dict, dataset_json: str, finetune_json: str, seed: int,
+                    want_gpu: bool, method: str, rank_json: str, options: dict, layers: dict, schedule: list,
+                    stage_epochs: int) -> dict:
+    """Compress in stages (MUSCO): at each stage decompose the stage's layers (a layer factorized
+    by an earlier stage is first turned back into its exact dense kernel, trained factors
+    included), recalibrate BN, fine-tune; the last stage fine-tunes ``finetune.epochs``."""
+    import fnmatch
+
+    from lowrank.accounting import layer_input_shapes
+    from lowrank.reparam import to_dense
+    from lowrank.surgery import _set_submodule
+
+    from .spec import RankSpec
+
+    t_task = time.perf_counter()
+    mspec, dspec, device, train, val, input_shape = _setup(model_json, dataset_json, seed, want_gpu)
+    fspec = FinetuneSpec.model_validate_json(finetune_json)
+    rank_spec = RankSpec.model_validate_json(rank_json)
+    model = build_model(mspec.name, mspec.num_classes)
+    model.load_state_dict(base_state)
+    dense_params, dense_macs = lowrank.count(model, input_shape)
+    plan = lowrank.plan_layers(model, method, 1, include=layers["include"] or None, exclude=layers["exclude"] or None,
+                               skip_first=layers["skip_first"], pointwise_method=layers["pointwise_method"])
+    original = {n: model.get_submodule(n).weight.detach().clone() for n in plan}
+    shapes = layer_input_shapes(model, plan, input_shape)
+    val_dl = loader(val, dspec.batch_size, shuffle=False)
+    train_dl = loader(train, dspec.batch_size, shuffle=True, workers=dspec.workers, seed=seed)
+    factors, statuses, history, reports = {}, {}, [], {}
+    for s, (patterns, ratio) in enumerate(schedule):
+        t_stage = time.perf_counter()
+        names = [n for n in plan if patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        model.cpu()
+        for n in names:
+            meth = plan[n][0]
+            cur = model.get_submodule(n)
+            dense = to_dense(cur) if isinstance(cur, lowrank.FactorizedConv2d) else cur
+            if ratio is not None:
+                rank, strat = "ratio", {"ratio": ratio, "target": rank_spec.target}
+            else:
+                rank, strat = rank_spec.for_layer(n)
+            opts = {**strat, **(options if meth == method else {})}
+            if rank == "ratio" and len(shapes[n]) == 4:
+                opts["input_size"] = tuple(shapes[n][2:])  # what a MAC target counts with
+            t0 = time.perf_counter()
+            try:
+                new, f = lowrank.api.factorize_with_factors(dense, meth, rank, **opts)
+            except RankTooLargeError as e:  # the layer keeps what it has
+                statuses[n] = {"name": n, "method": meth, "status": "skipped", "reason": str(e), "seconds": 0.0}
+                continue
+            _set_submodule(model, n, new)
+            factors[n] = lowrank.factors_to(f, "cpu")
+            statuses[n] = {"name": n, "method": meth, "status": "ok", "reason": "", "rank": f.rank,
+                           "seconds": time.perf_counter() - t0,
+                           "rel_error": lowrank.relative_error(dense.weight, f)}
+            reports[n] = {"name": n, "method": meth, "rank": list(f.rank) if isinstance(f.rank, tuple) else f.rank,
+                          "rel_error": lowrank.relative_error(original[n], f), "params_before": original[n].numel(),
+                          "params_after": sum(p.numel() for p in new.parameters()), "macs_before": None,
+                          "macs_after": None, "seconds": statuses[n]["seconds"],
+                          "diagnostics": dict(getattr(f, "diagnostics", {}) or {})}
+        acc_post = evaluate(model, val_dl, device)
+        acc_bn = None
+        if fspec.bn_recalibration and recalibrate_bn(model, train_dl, fspec.bn_batches, device):
+            acc_bn = evaluate(model, val_dl, device)
+        last = s == len(schedule) - 1
+        epochs = fspec.epochs if last else stage_epochs
+        losses = train_epochs(model, train_dl, epochs=epochs, lr=fspec.lr, optimizer=fspec.optimizer, device=device)
+        acc_ft = evaluate(model, val_dl, device)
+        params, macs = lowrank.count(model.cpu(), input_shape)
+        history.append({"stage": s + 1, "layers": len(names), "ratio": ratio, "patterns": patterns,
+                        "params": params, "macs": macs, "compression_ratio": dense_params / params,
+                        "mac_ratio": dense_macs / macs, "acc_post": acc_post["top1"],
+                        "acc_bn": None if acc_bn is None else acc_bn["top1"], "acc_ft": acc_ft["top1"],
+                        "epochs": epochs, "losses": losses, "seconds": time.perf_counter() - t_stage})
+        if last:
+            final_post, final_bn, final_ft, final_losses = acc_post, acc_bn, acc_ft, losses
+    params, macs = lowrank.count(model.cpu(), input_shape)
+    return {"state_dict": _cpu_state(model), "acc_post": final_post, "acc_bn": final_bn, "acc_ft": final_ft,
+            "params": params, "macs": macs, "latency": _latency(model, input_shape, device),
+            "reports": list(reports.values()), "ft_losses": final_losses,
+            "ft_seconds": sum(h["seconds"] for h in history), "device": device, "factors": factors,
+            "stages": history, "task_seconds": time.perf_counter() - t_task, "node": node_id(),
+            "layer_status": list(statuses.values())}

@@ -227,6 +227,11 @@ class Tracker:
                 write_parquet(rows, path)
                 mlflow.log_artifact(str(path), artifact_path="layers")
             mlflow.log_table(data=_columns(rows), artifact_file="layers.json")
+            for key, values in result.get("curves", {}).items():  # e.g. from-scratch training curves
+                for step, v in enumerate(values, start=1):
+                    self.client.log_metric(rid, key, float(v), step=step)
+            if result.get("stages"):
+                mlflow.log_dict(result["stages"], "stages.json")
             example = np.zeros((2, *input_shape), dtype=np.float32)
             info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pt2",
                                             input_example=example, pip_requirements=PIP_REQUIREMENTS)
@@ -237,6 +242,11 @@ class Tracker:
                 "acc_pre": f"{metrics['acc_pre']:.4f}",
                 "acc_post": f"{metrics['acc_post']:.4f}", "acc_ft": f"{metrics['acc_ft']:.4f}",
                 "degenerate_layers": str(degenerate), "run_id": rid}
+        if result.get("stages"):  # the per-stage history, on the version itself
+            tags["stage_history"] = json.dumps([{k: (round(h[k], 4) if isinstance(h[k], float) else h[k])
+                                                 for k in ("stage", "layers", "compression_ratio", "acc_post", "acc_ft",
+                                                           "epochs")} for h in result["stages"]])
+            self._log_stages(parent_id, rid, cfg, result["stages"])
         # the version is created with its tags in one call: a driver killed here never leaves a
         # version without its config_hash (which a re-run would then duplicate)
         with contextlib.redirect_stderr(io.StringIO()):  # "Created version ..." chatter; errors still raise
@@ -244,6 +254,25 @@ class Tracker:
         version = str(mv.version)
         self.client.set_terminated(rid, status="FINISHED")
         return version
+
+    def _log_stages(self, parent_id: str, config_run: str, cfg: dict, stages: list[dict]) -> None:
+        """One child run per stage under the configuration's run."""
+        for h in stages:
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"{cfg['model']}-{cfg['method']}-stage{h['stage']}",
+                tags={"mlflow.parentRunId": config_run, "sweep": cfg["sweep"], "kind": "stage",
+                      "model": cfg["model"], "config_hash": cfg["config_hash"], "stage": str(h["stage"])})
+            rid = run.info.run_id
+            self.client.log_param(rid, "layers", h["layers"])
+            self.client.log_param(rid, "ratio", h["ratio"])
+            self.client.log_param(rid, "patterns", json.dumps(h["patterns"]))
+            self.client.log_param(rid, "epochs", h["epochs"])
+            for k in ("compression_ratio", "mac_ratio", "params", "macs", "acc_post", "acc_ft", "acc_bn", "seconds"):
+                if h.get(k) is not None:
+                    self.client.log_metric(rid, k, float(h[k]))
+            for step, loss in enumerate(h["losses"], start=1):
+                self.client.log_metric(rid, "ft_loss", float(loss), step=step)
+            self.client.set_terminated(rid, status="FINISHED")
 
     def set_candidate(self, name: str) -> str | None:
         """Alias ``candidate`` on the version with the best fine-tuned accuracy (then the higher

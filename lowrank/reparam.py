@@ -23,7 +23,7 @@ from .api import decompose
 from .errors import LowRankError
 from .factors import CPFactors, SpatialSVDFactors, SVDFactors, Tucker2Factors
 from .geometry import ConvGeometry
-from .layers import FactorizedConv2d, build_spatial_svd
+from .layers import FactorizedConv2d, FactorizedLinear, build_spatial_svd
 from .ranks import select_rank
 from .surgery import LayerReport, _set_submodule, plan_layers
 
@@ -180,10 +180,18 @@ def factors_of(layer: FactorizedConv2d):
 
 
 @torch.no_grad()
-def to_dense(layer: FactorizedConv2d) -> nn.Conv2d:
+def to_dense(layer: FactorizedConv2d | FactorizedLinear) -> nn.Conv2d | nn.Linear:
     """The dense conv a factorized layer computes (exact: the stages are linear, the bias is the
     last stage's). Layers with a folded BatchNorm are affine at zero-padded borders, not a conv:
     refused."""
+    if isinstance(layer, FactorizedLinear):
+        first, last = layer[0], layer[1]
+        lin = nn.Linear(first.in_features, last.out_features, bias=last.bias is not None,
+                        device=last.weight.device, dtype=last.weight.dtype)
+        lin.weight.copy_(last.weight @ first.weight)
+        if lin.bias is not None:
+            lin.bias.copy_(last.bias)
+        return lin
     f = factors_of(layer)
     if getattr(f, "vertical_bias", None) is not None:
         raise LowRankError("a layer with a folded BatchNorm (vertical bias) is not exactly one dense conv")

@@ -1,0 +1,88 @@
+"""Multi-stage compression and low-rank training from scratch, end to end on a local Ray."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from jobs.spec import SpecError, parse_spec
+
+SPEC = Path(__file__).resolve().parents[1] / "specs" / "tiny-stages.yaml"
+
+
+def test_multistage_and_from_scratch_end_to_end(tmp_path, ray_start_2_cpus, capsys):
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    data = yaml.safe_load(SPEC.read_text())
+    uri = data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    data["pretrain"]["cache_dir"] = str(tmp_path / "cache")
+    spec = tmp_path / "stages.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["run", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "tucker2-2stage: stage 2:" in out
+    client = MlflowClient(uri)
+    versions = {v.tags["method"]: v for v in client.search_model_versions("name='lowrank-smallcnn'")}
+    assert set(versions) == {"tucker2-2stage", "scratch-lowrank"}  # one final version per configuration
+
+    staged = versions["tucker2-2stage"]
+    history = json.loads(staged.tags["stage_history"])
+    assert [h["stage"] for h in history] == [1, 2]
+    assert 1.5 < history[0]["compression_ratio"] < history[1]["compression_ratio"]
+    assert history[-1]["compression_ratio"] == pytest.approx(float(staged.tags["compression_ratio"]), abs=1e-3)
+    assert 2.8 <= float(staged.tags["compression_ratio"]) <= 3.2
+    exp = client.get_experiment_by_name("stages").experiment_id
+    stage_runs = client.search_runs([exp], "tags.kind = 'stage'")
+    assert sorted(r.data.tags["stage"] for r in stage_runs) == ["1", "2"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in stage_runs} == {staged.tags["run_id"]}
+    model = mlflow.pytorch.load_model(f"models:/lowrank-smallcnn/{staged.version}")
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+
+    scratch = versions["scratch-lowrank"]
+    run = client.get_run(scratch.tags["run_id"])
+    for key in ("acc_pre", "acc_ft", "params", "params_dense", "macs", "macs_dense", "latency_b1_ms",
+                "latency_b1_dense_ms"):
+        assert key in run.data.metrics  # both models: accuracy, parameters, MACs, latency
+    assert float(scratch.tags["compression_ratio"]) > 1.5
+    assert len(client.get_metric_history(run.info.run_id, "acc_lowrank")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "acc_dense")) == 2
+    loaded = mlflow.pytorch.load_model(f"models:/lowrank-smallcnn/{scratch.version}")  # BN folded away
+    assert not any("batch_norm" in str(n.target) and "features.3" in n.name for n in loaded.graph.nodes)
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d["compression"]["stages"].update(ratios=[2, 1.5]), "stages.ratios must be >= 1 and increasing"),
+    (lambda d: d["compression"]["stages"].update(ratios=[1.5, 2]), "must be the final ratio compression.rank.ratio"),
+    (lambda d: d["compression"]["stages"].update(ratios=[3]), "at least 2 stages"),
+    (lambda d: d["compression"]["stages"].update(count=3), "stages.count is 3 but ratios lists 2 stages"),
+    (lambda d: d["compression"].update(rank={"strategy": "vbmf"}), "stages by ratio need compression.rank.strategy"),
+    (lambda d: d["compression"]["stages"].update(layers=[["features.3"]]), "give ratios or layers, not both"),
+    (lambda d: d["from_scratch"].update(rank=4), "exactly one of ratio (>= 1) or rank"),
+    (lambda d: d["from_scratch"].update(ratio=0.5), "from_scratch.ratio must be >= 1"),
+    (lambda d: d.pop("compression") and d.pop("from_scratch"), "needs compression"),
+])
+def test_stage_settings_that_cannot_work_are_rejected(change, expected):
+    data = yaml.safe_load(SPEC.read_text())
+    change(data)
+    with pytest.raises(SpecError) as e:
+        parse_spec(data, "spec.yaml")
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d["compression"]["stages"].update(ratios=None, layers=[["features.3"], ["layer4.*"]]),
+     "compression.stages.layers.1: ['layer4.*'] matches none of the"),
+    (lambda d: d["from_scratch"].update(ratio=None, rank=500), "from_scratch.rank: smallcnn features.3"),
+    (lambda d: d["from_scratch"].update(layers={"include": ["classifier.*"]}), "from_scratch.layers: no conv"),
+])
+def test_stage_settings_that_do_not_fit_the_model_fail_validation(tmp_path, capsys, change, expected):
+    data = yaml.safe_load(SPEC.read_text())
+    change(data)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
