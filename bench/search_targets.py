@@ -41,7 +41,7 @@ def base_spec(seed: int, search: dict, name: str, model: str) -> dict:
     d["models"] = [{"name": model, "num_classes": 10}]
     d["mlflow"] = {"tracking_uri": "sqlite:///mlflow.db", "experiment": "bench-search",
                    "registered_model_prefix": f"{name}-"}
-    d["compression"] = {"methods": MODELS[model]["methods"], "options": {"cp3": {"n_iter_max": 60}},
+    d["compression"] = {"methods": MODELS[model]["methods"], "options": {"cp3": {"n_iter_max": 60}} if "cp3" in MODELS[model]["methods"] else {},
                         "layers": MODELS[model]["layers"],
                         "search": {"candidate_ratios": [1.25, 1.5, 2, 2.5, 3, 4, 6], "val_batches": 4,
                                    "bn_batches": 5, **search}}

@@ -162,7 +162,7 @@ def factors_of(layer: FactorizedConv2d):
         return SVDFactors(left=w[1].reshape(g, t_g, r), right=w[0].reshape(g, r, -1), shape=shape)
     if method == "spatial-svd":
         k = w[0].shape[0] // g
-        vb = [m for m in layer if isinstance(m, nn.Conv2d)][0].bias
+        vb = next(m for m in layer if isinstance(m, nn.Conv2d)).bias
         return SpatialSVDFactors(vertical=w[0].reshape(g, k, s_g, kh), horizontal=w[1].reshape(g, t_g, k, kw),
                                  shape=shape, vertical_bias=None if vb is None else vb.detach().reshape(g, k))
     if method == "tucker2":

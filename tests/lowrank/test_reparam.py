@@ -6,7 +6,13 @@ from torch import nn
 
 import lowrank
 from lowrank.errors import LowRankError
-from lowrank.reparam import LowRankBNConv2d, factors_of, fold_bn, to_dense, to_lowrank_bn
+from lowrank.reparam import (
+    LowRankBNConv2d,
+    factors_of,
+    fold_bn,
+    to_dense,
+    to_lowrank_bn,
+)
 
 GEOMETRIES = [
     dict(in_channels=8, out_channels=12, kernel_size=3, padding=1),
