@@ -1,4 +1,4 @@
-"""``python -m jobs run [SPEC]`` / ``python -m jobs validate SPEC``.
+"""``python -m jobs run [SPEC]`` / ``validate SPEC`` / ``submit SPEC --address URL`` / ``status``.
 
 Thin: parse, call an importable function, map errors to exit codes (2: bad input, 1: the sweep
 ran but something failed). No traceback unless ``--debug``.
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except _ArgError as e:
-        print(f"error: {e}; usage: python -m jobs run [SPEC] | python -m jobs validate SPEC", file=sys.stderr)
+        print(f"error: {e}; usage: python -m jobs run [SPEC] | validate SPEC | submit SPEC --address URL | "
+              f"status [ID]", file=sys.stderr)
         return EXIT_BAD_INPUT
     from .data import DataError
     from .models import CheckpointError

@@ -319,6 +319,14 @@ def _tolerance(ctx: _Ctx, ms: list[_Model]) -> dict[str, dict]:
         for n, rs in m.rows.items():
             for method in dict.fromkeys(r["method"] for r in rs[1:]):
                 state[(m.name, n, method)] = {"m": m, "lo": 1.0, "hi": hi0, "best": None, "next": hi0}
+    need = [m for m in dict.fromkeys(ms) if m.acc0 is None]  # a cached table screened with loss 'error'
+    for m, o in zip(need, ctx.gather([ctx.r["sensitivity_task"].remote(
+            m.json, m.base_ref, ctx.ds_json, spec.seed, None, None, search.val_batches, search.bn_batches,
+            ctx.want_gpu) for m in need])):
+        if isinstance(o, Exception):
+            ctx.fail(m, "dense probe", o)
+        else:
+            m.acc0 = o["acc"]
     say(f"tolerance: bisecting {len(state)} (layer, method) pairs, up to {search.tolerance_steps} probes each, "
         f"epsilon {eps:g}")
     for step in range(search.tolerance_steps):

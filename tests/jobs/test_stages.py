@@ -86,3 +86,32 @@ def test_stage_settings_that_do_not_fit_the_model_fail_validation(tmp_path, caps
     assert main(["validate", str(spec)]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
+
+
+def test_stages_by_layer_groups_compress_each_group_in_turn():
+    """The multi-stage task itself (a plain function; Ray only schedules it): stage 1 factorizes
+    features.3, stage 2 features.6; nothing else is touched."""
+    import torch
+
+    import lowrank
+    from jobs.models import SmallCNN
+    from jobs.spec import DatasetSpec, FinetuneSpec, ModelSpec, RankSpec
+    from jobs.tasks import multistage_task
+
+    torch.manual_seed(0)
+    base = SmallCNN(10).state_dict()
+    out = multistage_task(ModelSpec(name="smallcnn").model_dump_json(), base,
+                          DatasetSpec(input_size=16, limit_train=128, limit_val=64).model_dump_json(),
+                          FinetuneSpec(epochs=1, bn_batches=2).model_dump_json(), 0, False, "spatial-svd",
+                          RankSpec(strategy="fixed", rank=4).model_dump_json(), {},
+                          {"include": [], "exclude": [], "skip_first": True, "pointwise_method": None},
+                          [(["features.3"], None), (["features.6"], None)], 1)
+    assert [h["layers"] for h in out["stages"]] == [1, 1]
+    assert set(out["factors"]) == {"features.3", "features.6"}
+    assert all(f.rank == 4 for f in out["factors"].values())
+    assert out["stages"][0]["compression_ratio"] < out["stages"][1]["compression_ratio"]
+    model = SmallCNN(10)
+    model, _ = lowrank.apply_factors(model, out["factors"])
+    model.load_state_dict(out["state_dict"])  # the registered model is rebuilt exactly like this
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if n in ("features.3", "features.6", "features.9")}
+    assert kinds == {"features.3": "FactorizedConv2d", "features.6": "FactorizedConv2d", "features.9": "Conv2d"}
