@@ -306,31 +306,27 @@ class Tracker:
             self.client.set_terminated(rid, status="FAILED" if x["error"] else
                                        ("KILLED" if x["stopped_early"] else "FINISHED"))
 
+    def _log_rows(self, parent_id: str, rows: list[dict], stem: str, plot, png_name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / f"{stem}.parquet"
+            write_parquet(rows, p)
+            self.client.log_artifact(parent_id, str(p))
+            png = Path(tmp) / png_name
+            plot(rows, png)
+            self.client.log_artifact(parent_id, str(png))
+
     def log_pareto(self, parent_id: str, rows: list[dict]) -> list[dict]:
         """The sweep's Pareto fronts (top-1 after fine-tuning vs parameter ratio, and vs measured
         batch-1 speedup) per model, as ``pareto.parquet`` and ``pareto.png``."""
         table = pareto_table(rows)
-        if not table:
-            return table
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / "pareto.parquet"
-            write_parquet(table, p)
-            self.client.log_artifact(parent_id, str(p))
-            png = Path(tmp) / "pareto.png"
-            plot_pareto(table, png)
-            self.client.log_artifact(parent_id, str(png))
+        if table:
+            self._log_rows(parent_id, table, "pareto", plot_pareto, "pareto.png")
         return table
 
     def log_sweep_summary(self, parent_id: str, rows: list[dict]) -> None:
         if not rows:
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / "summary.parquet"
-            write_parquet(rows, p)
-            self.client.log_artifact(parent_id, str(p))
-            png = Path(tmp) / "accuracy_vs_compression.png"
-            plot_sweep(rows, png)
-            self.client.log_artifact(parent_id, str(png))
+        self._log_rows(parent_id, rows, "summary", plot_sweep, "accuracy_vs_compression.png")
         self.client.log_table(parent_id, data=_columns(rows), artifact_file="summary.json")
 
 
