@@ -10,6 +10,7 @@ epochs (the evaluation task re-runs it with the sweep's seed, like every configu
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ def tune_search(ctx, m, cfg: dict, options: dict, fixed: float) -> dict:
     storage = (Path(spool_root(spec)) / "tune" / spec.name).resolve()
     tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(list(range(len(choices))))},
                        tune_config=tune.TuneConfig(metric="acc", mode="max", scheduler=scheduler),
-                       run_config=tune.RunConfig(name=f"{m.name}-{cfg['config_hash']}", storage_path=str(storage),
+                       run_config=tune.RunConfig(name=f"{m.name}-{cfg['config_hash']}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                                 storage_path=str(storage),
                                                  verbose=0, callbacks=[CSVLoggerCallback()]))
     done = threading.Event()
 
