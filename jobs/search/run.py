@@ -158,6 +158,11 @@ def run_search(spec, configs, tracker, parent, result, say) -> None:
                 result.failed.append(f"{m.name}/{cfg['method']}: {e}{hint}")
                 say(f"FAILED {result.failed[-1]}")
                 continue
+            except Exception as e:  # noqa: BLE001 - e.g. Ray Tune failing: the other strategies still run
+                result.failed.append(f"{m.name}/{cfg['method']}: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}")
+                say(f"FAILED {result.failed[-1]}")
+                continue
             choices.append((m, cfg, choice))
 
     # 5. evaluate + fine-tune every chosen configuration at once; log as they finish
