@@ -107,6 +107,20 @@ def plan_configs(spec: SweepSpec) -> list[dict]:
     return configs
 
 
+def task_options(spec: SweepSpec, ray) -> tuple[dict, bool]:
+    """Ray options for every task of a sweep, and whether tasks get a GPU (asked for and present)."""
+    res = spec.resources
+    want_gpu = res.gpus_per_task > 0 and ray.cluster_resources().get("GPU", 0) > 0
+    return {"num_cpus": res.cpus_per_task, "num_gpus": res.gpus_per_task if want_gpu else 0, "max_retries": 3}, want_gpu
+
+
+def task_error(e: Exception) -> str:
+    """One line for a task that failed after Ray's retries: the task's own exception."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    return f"{type(cause).__name__}: {text}"
+
+
 def init_ray():
     import ray
 
@@ -198,10 +212,9 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
     result.timings["ray_init"] = time.perf_counter() - t0
     result.timings["slots"] = max(1, int(ray.cluster_resources().get("CPU", 1) // spec.resources.cpus_per_task))
     res = spec.resources
-    want_gpu = res.gpus_per_task > 0 and ray.cluster_resources().get("GPU", 0) > 0
+    opts, want_gpu = task_options(spec, ray)
     if res.gpus_per_task > 0 and not want_gpu:
         say("the spec asks for GPUs but the Ray cluster has none: running on CPU")
-    opts = {"num_cpus": res.cpus_per_task, "num_gpus": res.gpus_per_task if want_gpu else 0, "max_retries": 3}
     r_base = ray.remote(tasks.baseline_task).options(**opts)
     r_dec = ray.remote(tasks.decompose_task).options(**opts)
     r_eval = ray.remote(tasks.evaluate_task).options(**opts)
@@ -255,9 +268,8 @@ def _run_todo(spec, todo, tracker, parent, result, say, tasks, build_model):
         try:
             out = ray.get(ready[0])
         except Exception as e:  # noqa: BLE001 - one model or config failing does not stop the sweep
-            reason = f"{type(getattr(e, 'cause', None) or e).__name__}: {getattr(e, 'cause', None) or e}"
-            reason = reason.splitlines()[0]
-            result.failed.append(f"{key if isinstance(key, str) else key['model'] + '/' + key['method']}: {reason}")
+            result.failed.append(f"{key if isinstance(key, str) else key['model'] + '/' + key['method']}: "
+                                 f"{task_error(e)}")
             say(f"FAILED {result.failed[-1]}")
             pump()
             continue

@@ -9,13 +9,11 @@ import time
 
 def run_special(spec, configs, tracker, parent, result, say) -> None:
     from . import tasks
-    from .driver import init_ray, log_result, model_key
+    from .driver import init_ray, log_result, model_key, task_error, task_options
     from .tracking import HEARTBEAT_SECONDS
 
     ray = init_ray()
-    res = spec.resources
-    want_gpu = res.gpus_per_task > 0 and ray.cluster_resources().get("GPU", 0) > 0
-    opts = {"num_cpus": res.cpus_per_task, "num_gpus": res.gpus_per_task if want_gpu else 0, "max_retries": 3}
+    opts, want_gpu = task_options(spec, ray)
     r_base, r_scratch, r_stage = (ray.remote(f).options(**opts) for f in (
         tasks.baseline_task, tasks.scratch_task, tasks.multistage_task))
     models = {m.name: m for m in spec.models}
@@ -50,10 +48,9 @@ def run_special(spec, configs, tracker, parent, result, say) -> None:
             try:
                 out = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - one configuration failing does not stop the sweep
-                cause = getattr(e, "cause", None) or e
                 what = key if isinstance(key, str) else f"{key[0]['model']}/{key[0]['method']}" if kind == "scratch" \
                     else f"{key['model']}/{key['method']}"
-                result.failed.append(f"{what}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+                result.failed.append(f"{what}: {task_error(e)}")
                 say(f"FAILED {result.failed[-1]}")
                 continue
             result.timings["task_seconds"] += out.get("task_seconds", 0.0)

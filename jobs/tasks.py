@@ -315,12 +315,10 @@ def multistage_task(model_json: str, base_state: dict, dataset_json: str, finetu
                         "mac_ratio": dense_macs / macs, "acc_post": acc_post["top1"],
                         "acc_bn": None if acc_bn is None else acc_bn["top1"], "acc_ft": acc_ft["top1"],
                         "epochs": epochs, "losses": losses, "seconds": time.perf_counter() - t_stage})
-        if last:
-            final_post, final_bn, final_ft, final_losses = acc_post, acc_bn, acc_ft, losses
-    params, macs = lowrank.count(model.cpu(), input_shape)
-    return {"state_dict": _cpu_state(model), "acc_post": final_post, "acc_bn": final_bn, "acc_ft": final_ft,
+    # the last stage's acc_post/acc_bn/acc_ft, losses, params and MACs are the configuration's
+    return {"state_dict": _cpu_state(model), "acc_post": acc_post, "acc_bn": acc_bn, "acc_ft": acc_ft,
             "params": params, "macs": macs, "latency": _latency(model, input_shape, device),
-            "reports": list(reports.values()), "ft_losses": final_losses,
+            "reports": list(reports.values()), "ft_losses": losses,
             "ft_seconds": sum(h["seconds"] for h in history), "device": device, "factors": factors,
             "stages": history, "task_seconds": time.perf_counter() - t_task, "node": node_id(),
             "layer_status": list(statuses.values())}

@@ -299,7 +299,7 @@ class Tracker:
             for h in x["history"]:
                 self.client.log_metric(rid, "acc", h["acc"], step=h["epoch"])
                 self.client.log_metric(rid, "loss", h["loss"], step=h["epoch"])
-            if x["params"] == x["params"]:
+            if not np.isnan(x["params"]):
                 self.client.log_metric(rid, "params", x["params"])
             if x["error"]:
                 self.client.set_tag(rid, "error", x["error"])

@@ -56,19 +56,17 @@ class _Ctx:
 
     def __init__(self, spec, tracker, parent, result, say):
         from .. import tasks
-        from ..driver import init_ray
+        from ..driver import init_ray, task_options
 
         self.spec, self.tracker, self.parent, self.result, self.say = spec, tracker, parent, result, say
         self.ray = ray = init_ray()
-        res, search = spec.resources, spec.compression.search
-        self.want_gpu = res.gpus_per_task > 0 and ray.cluster_resources().get("GPU", 0) > 0
+        search = spec.compression.search
+        self.opts, self.want_gpu = task_options(spec, ray)
         if search.latency_device == "cuda" and not self.want_gpu:
             from ..spec import SpecError
 
             raise SpecError("compression.search.latency_device: 'cuda' requested but the Ray cluster has no GPU; "
                             "accepted here: 'cpu'")
-        self.opts = {"num_cpus": res.cpus_per_task, "num_gpus": res.gpus_per_task if self.want_gpu else 0,
-                     "max_retries": 3}
         self.r = {n: ray.remote(getattr(tasks, n)).options(**self.opts) for n in (
             "baseline_task", "screen_task", "sensitivity_task", "evaluate_task")}
         self.ds_json, self.ft_json = spec.dataset.model_dump_json(), spec.finetune.model_dump_json()
@@ -100,13 +98,15 @@ class _Ctx:
         return out
 
     def fail(self, m: _Model, what: str, err: Exception) -> None:
-        cause = getattr(err, "cause", None) or err
-        m.failed = f"{m.name}: {what}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        from ..driver import task_error
+
+        m.failed = f"{m.name}: {what}: {task_error(err)}"
         self.result.failed.append(m.failed)
         self.say(f"FAILED {m.failed}")
 
 
 def run_search(spec, configs, tracker, parent, result, say) -> None:
+    from ..driver import task_error
     from ..models import build_model
 
     ctx = _Ctx(spec, tracker, parent, result, say)
@@ -159,8 +159,7 @@ def run_search(spec, configs, tracker, parent, result, say) -> None:
                 say(f"FAILED {result.failed[-1]}")
                 continue
             except Exception as e:  # noqa: BLE001 - e.g. Ray Tune failing: the other strategies still run
-                result.failed.append(f"{m.name}/{cfg['method']}: {type(e).__name__}: "
-                                     f"{str(e).splitlines()[0] if str(e) else ''}")
+                result.failed.append(f"{m.name}/{cfg['method']}: {task_error(e)}")
                 say(f"FAILED {result.failed[-1]}")
                 continue
             choices.append((m, cfg, choice))
@@ -368,7 +367,7 @@ def _tolerance(ctx: _Ctx, ms: list[_Model]) -> dict[str, dict]:
 
 
 def _evaluate_all(ctx: _Ctx, choices: list) -> None:
-    from ..driver import log_result
+    from ..driver import log_result, task_error
 
     refs, keys = [], []
     for m, cfg, choice in choices:
@@ -389,9 +388,7 @@ def _evaluate_all(ctx: _Ctx, choices: list) -> None:
             m, cfg = pending.pop(ref)
             [out] = ctx.gather([ref])
             if isinstance(out, Exception):
-                cause = getattr(out, "cause", None) or out
-                ctx.result.failed.append(f"{m.name}/{cfg['method']}: {type(cause).__name__}: "
-                                         f"{str(cause).splitlines()[0] if str(cause) else ''}")
+                ctx.result.failed.append(f"{m.name}/{cfg['method']}: {task_error(out)}")
                 ctx.say(f"FAILED {ctx.result.failed[-1]}")
                 continue
             public = {k: m.base[k] for k in ("acc", "params", "macs", "latency", "input_shape", "source")}

@@ -28,6 +28,11 @@ def test_default_and_tiny_specs_validate():
     assert load_spec(TINY).name == "tiny"
 
 
+@pytest.mark.parametrize("path", sorted(TINY.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_spec_the_readme_and_tests_run_validates_against_its_models(path, capsys):
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mutate,expected", [
     (lambda d: d["dataset"].update(batchsize=3), "dataset.batchsize: unknown key"),
     (lambda d: d.update(fintune={"epochs": 1}), "fintune: unknown key"),
