@@ -1,6 +1,7 @@
 """Input validation shared by the decompositions (raise, never assert, on user input)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import LowRankError
@@ -19,27 +20,15 @@ def check_finite(weight: torch.Tensor, what: str = "weight") -> None:
 
 
 def check_int_rank(rank, maximum: int, what: str = "rank") -> int:
+    if isinstance(rank, np.integer):  # numpy integers are fine
+        rank = int(rank)
     if isinstance(rank, bool) or not isinstance(rank, int):
-        try:
-            import numpy as np  # numpy integers are fine
-
-            if isinstance(rank, np.integer):
-                rank = int(rank)
-            else:
-                raise TypeError
-        except TypeError:
-            raise LowRankError(f"{what} must be an integer, got {rank!r}") from None
+        raise LowRankError(f"{what} must be an integer, got {rank!r}")
     if rank < 1:
         raise LowRankError(f"{what} must be >= 1, got {rank}; accepted: 1..{maximum}")
     if rank > maximum:
         raise LowRankError(f"{what} {rank} is above the maximum {maximum} for this layer; accepted: 1..{maximum}")
     return rank
-
-
-def as_compute(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Detached copy of the weight in the compute dtype (float64 by default: decompositions
-    are done in double precision and the layer is cast back to the module's dtype)."""
-    return weight.detach().to(dtype=dtype or torch.float64)
 
 
 def resolve_device(device) -> torch.device | None:

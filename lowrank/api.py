@@ -1,18 +1,15 @@
 """The public entry points for single tensors and single layers."""
 from __future__ import annotations
 
-import inspect
+import dataclasses
 
 import torch
 from torch import nn
 
 from ._checks import check_finite, resolve_device
 from .errors import LowRankError, UnsupportedLayerError
-from .ranks import normalize_rank, select_rank
+from .ranks import RankRule, normalize_rank
 from .registry import KernelShape, get_method
-
-# keyword arguments that belong to rank selection rather than to the decomposition
-STRATEGY_OPTIONS = ("weakening", "min_rank", "energy", "ratio", "target", "input_size")
 
 
 def decompose(weight: torch.Tensor, method: str, rank, *, groups: int = 1, dtype: torch.dtype = torch.float64,
@@ -21,7 +18,8 @@ def decompose(weight: torch.Tensor, method: str, rank, *, groups: int = 1, dtype
 
     Pure function: computes in ``dtype`` (float64 by default) on ``device`` (default: the
     weight's) and returns a frozen factor container with ``.to_weight()`` and ``.n_params``.
-    ``options`` go to the method (e.g. ``n_iter_max``, ``tol``, ``callback`` for tucker2/CP).
+    ``options`` are the method's typed options (e.g. ``n_iter_max``, ``tol``; checked by
+    ``Method.parse_options``) and its callbacks (``callback`` for tucker2/CP).
     """
     m = get_method(method)
     check_finite(weight)
@@ -34,13 +32,10 @@ def decompose(weight: torch.Tensor, method: str, rank, *, groups: int = 1, dtype
             raise UnsupportedLayerError(reason)
     r = normalize_rank(m, k, rank, allow_larger=allow_larger)
     dev = resolve_device(device) or weight.device
-    params = inspect.signature(m.decompose).parameters
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        accepted = [p for p in params if p not in ("weight", "rank", "groups")]
-        raise LowRankError(f"unknown option(s) {unknown} for method {m.name!r}; accepted: {accepted or 'none'}")
+    hooks = {name: options.pop(name) for name in m.callbacks if name in options}
+    typed = m.parse_options(options)
     w = weight.detach().to(device=dev, dtype=dtype)
-    return m.decompose(w, r, groups=k.groups, **options)
+    return m.decompose(w, r, groups=k.groups, **dataclasses.asdict(typed), **hooks)
 
 
 def relative_error(weight: torch.Tensor, factors) -> float:
@@ -49,12 +44,6 @@ def relative_error(weight: torch.Tensor, factors) -> float:
     diff = w - factors.to_weight().to(device=w.device, dtype=torch.float64).reshape(w.shape)
     n = torch.linalg.vector_norm(w)
     return float(torch.linalg.vector_norm(diff) / n) if n > 0 else float(torch.linalg.vector_norm(diff))
-
-
-def split_options(options: dict) -> tuple[dict, dict]:
-    strat = {k: v for k, v in options.items() if k in STRATEGY_OPTIONS}
-    rest = {k: v for k, v in options.items() if k not in STRATEGY_OPTIONS}
-    return strat, rest
 
 
 def check_module(module: nn.Module, method: str):
@@ -69,22 +58,27 @@ def check_module(module: nn.Module, method: str):
 
 
 def factorize_with_factors(module: nn.Module, method: str, rank, **options):
-    """Like ``factorize_layer`` but also returns the factors and the resolved rank."""
+    """``(factorized layer, factors)`` for one ``nn.Conv2d``/``nn.Linear``.
+
+    ``rank``: an int or ``(R3, R4)``, a ``RankRule``, or a strategy name (``'vbmf'``,
+    ``'energy'``, ``'ratio'``) whose settings come as keywords (``ratio=2, target='macs'``).
+    The other keywords are the method's options, plus ``allow_larger``.
+    """
     m = check_module(module, method)
-    strat, rest = split_options(options)
-    allow_larger = rest.pop("allow_larger", False)
-    if isinstance(rank, str):
-        rank = select_rank(module, method, rank, allow_larger=allow_larger, **strat)
-    elif strat:
-        raise LowRankError(f"option(s) {sorted(strat)} only apply with a rank strategy "
-                           f"('vbmf', 'energy', 'ratio'), not with a fixed rank {rank!r}")
-    factors = decompose(module.weight, method, rank, groups=getattr(module, "groups", 1),
-                        allow_larger=allow_larger, **rest)
+    settings = {k: options.pop(k) for k in RankRule.keywords() if k in options}
+    rule = RankRule.of(rank, **settings)
+    allow_larger = bool(options.pop("allow_larger", False))
+    groups = getattr(module, "groups", 1)
+    r = rule.rank if rule.strategy == "fixed" else rule.resolve(module, method, groups=groups,
+                                                                  allow_larger=allow_larger)
+    if r is None:
+        raise LowRankError("strategy 'fixed' needs rank=<int> (or a pair (R3, R4) for tucker2)")
+    factors = decompose(module.weight, method, r, groups=groups, allow_larger=allow_larger, **options)
     return m.build(module, factors), factors
 
 
 def factorize_layer(module: nn.Module, method: str, rank, **options) -> nn.Module:
     """``nn.Conv2d``/``nn.Linear`` in, factorized ``nn.Module`` out (same signature, same output
     shape, exact to float64 rounding at full rank). ``rank`` may also be a strategy name
-    (``'vbmf'``, ``'energy'``, ``'ratio'``) with its options as keywords."""
+    (``'vbmf'``, ``'energy'``, ``'ratio'``) with its settings as keywords, or a ``RankRule``."""
     return factorize_with_factors(module, method, rank, **options)[0]

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .decompositions.cp_als import reconstruct
+
 # Thresholds (algorithms.md section 2, "suspect degeneracy"): any one flags the model.
 CANCELLATION_DEGENERATE = 2.0  # sqrt(sum lambda^2) / ||X_hat||
 MAX_TERM_DEGENERATE = 1.0  # max lambda / ||X||
@@ -27,7 +29,6 @@ def _as_factor_groups(factors) -> list[list[torch.Tensor]]:
 
 
 def _single(fs: list[torch.Tensor], x: torch.Tensor | None) -> dict:
-    from .decompositions.cp_als import reconstruct
 
     fs = [f.detach().to(torch.float64) for f in fs]
     n_modes, r = len(fs), fs[0].shape[1]

@@ -14,10 +14,14 @@ and output-channel ranks; an int means both). ``select_rank`` turns a strategy i
 
 A rank that makes the layer larger than the dense one is refused (``RankTooLargeError``) unless
 ``allow_larger=True``.
+
+``RankRule`` is the strategy with its settings as one frozen value (what a plan carries per
+layer, ``input_size`` included for MAC targets); ``select_rank`` is its keyword form.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -25,7 +29,7 @@ from torch import nn
 from ._checks import check_finite, check_int_rank
 from .errors import LowRankError, RankTooLargeError
 from .geometry import ConvGeometry
-from .registry import KernelShape, Method, dense_macs, get_method
+from .registry import METHODS, KernelShape, Method, dense_macs, get_method
 from .vbmf import evbmf
 
 STRATEGIES = ("fixed", "vbmf", "energy", "ratio")
@@ -62,23 +66,11 @@ def normalize_rank(method: Method, k: KernelShape, rank, *, allow_larger: bool =
 
 def _matrices(method: Method, w: torch.Tensor, k: KernelShape) -> list[list[torch.Tensor]]:
     """The matrices whose spectra determine each rank component (one list per component)."""
-    from .decompositions._common import kernel_groups
-    from .decompositions.spatial_svd import tai_matrix
-
-    g = k.groups
-    if method.name == "svd":
-        return [list(kernel_groups(w, g).reshape(g, k.t_g, -1))]
-    if method.name == "spatial-svd":
-        return [list(tai_matrix(w.reshape(k.t, k.s, k.kh, k.kw), g))]
-    if method.name == "tucker2":
-        wg = kernel_groups(w, g)  # (g, T_g, S, kh, kw)
-        return [
-            [wg[i].transpose(0, 1).reshape(k.s, -1) for i in range(g)],  # S-unfolding -> R3
-            [wg[i].reshape(k.t_g, -1) for i in range(g)],  # T-unfolding -> R4
-        ]
-    raise LowRankError(
-        f"this strategy needs a matrix rank and method {method.name!r} has none; "
-        f"accepted methods for 'vbmf'/'energy': svd, spatial-svd, tucker2 (use 'fixed' or 'ratio' for CP)")
+    if method.unfoldings is None:
+        capable = [n for n, m in sorted(METHODS.items()) if m.unfoldings is not None]
+        raise LowRankError(f"this strategy needs a matrix rank and method {method.name!r} has none; accepted methods "
+                           f"for 'vbmf'/'energy': {', '.join(capable)} (use 'fixed' or 'ratio' for CP)")
+    return method.unfoldings(w.reshape(k.t, k.s, k.kh, k.kw) if w.dim() == 4 else w, k.groups)
 
 
 def _energy_rank(m: torch.Tensor, energy: float) -> int:
@@ -128,27 +120,90 @@ def _ratio_rank(method, k, ratio, target, geo, input_size):
     return rank_at(lo)
 
 
-def select_rank(weight, method: str, strategy: str = "fixed", *, rank=None, weakening: float = 1.0,
-                min_rank: int = 1, energy: float | None = None, ratio: float | None = None,
-                target: str = "params", input_size=None, groups: int = 1, allow_larger: bool = False):
+@dataclass(frozen=True)
+class RankRule:
+    """How one layer's rank is chosen: a strategy and its settings (see the module docstring).
+    ``input_size=(H, W)`` is the layer's own input size, needed by ``target='macs'``."""
+
+    strategy: str = "fixed"
+    rank: int | tuple[int, int] | None = None
+    ratio: float | None = None
+    target: str = "params"
+    energy: float | None = None
+    weakening: float = 1.0
+    min_rank: int = 1
+    input_size: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise LowRankError(f"unknown rank strategy {self.strategy!r}; accepted: {', '.join(STRATEGIES)}")
+        if isinstance(self.rank, list):
+            object.__setattr__(self, "rank", tuple(self.rank))
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+
+    @classmethod
+    def keywords(cls) -> tuple[str, ...]:
+        """The names a keyword call (``select_rank``, ``factorize_layer(..., 'ratio', ratio=2)``) may use."""
+        return tuple(f.name for f in fields(cls) if f.name not in ("strategy", "rank"))
+
+    @classmethod
+    def of(cls, rank, **settings) -> "RankRule":
+        """A rank (int or pair: ``fixed``), a strategy name with its settings, or a rule."""
+        if isinstance(rank, RankRule):
+            return replace(rank, **settings) if settings else rank
+        if isinstance(rank, str):
+            return cls(strategy=rank, **settings)
+        if settings:
+            raise LowRankError(f"option(s) {sorted(settings)} only apply with a rank strategy "
+                               f"('vbmf', 'energy', 'ratio'), not with a fixed rank {rank!r}")
+        return cls(strategy="fixed", rank=rank)
+
+    def to_dict(self) -> dict:
+        """The settings that apply to this strategy (JSON-able)."""
+        keep = {"fixed": ("rank",), "ratio": ("ratio", "target", "input_size"), "energy": ("energy", "min_rank"),
+                "vbmf": ("weakening", "min_rank")}[self.strategy]
+        out = {"strategy": self.strategy}
+        for k in keep:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def resolve(self, weight, method: str, *, groups: int = 1, allow_larger: bool = False):
+        """The rank for ``weight`` (a tensor, or the ``nn.Conv2d``/``nn.Linear`` itself):
+        an int, or ``(R3, R4)`` for ``tucker2``."""
+        return _resolve(self, weight, method, groups=groups, allow_larger=allow_larger)
+
+
+def select_rank(weight, method: str, strategy: str = "fixed", *, rank=None, groups: int = 1,
+                allow_larger: bool = False, **settings):
     """Choose a rank for ``weight`` (a tensor, or the ``nn.Conv2d``/``nn.Linear`` itself).
 
+    ``settings``: ``weakening``, ``min_rank``, ``energy``, ``ratio``, ``target``, ``input_size``.
     Returns an int, or ``(R3, R4)`` for ``tucker2``. See the module docstring for strategies.
     """
+    unknown = sorted(set(settings) - set(RankRule.keywords()))
+    if unknown:
+        raise LowRankError(f"unknown rank setting(s) {unknown}; accepted: {', '.join(RankRule.keywords())}")
+    return RankRule(strategy=strategy, rank=rank, **settings).resolve(weight, method, groups=groups, allow_larger=allow_larger)
+
+
+def _resolve(rule: RankRule, weight, method: str, *, groups: int, allow_larger: bool):
     m = get_method(method)
     module = weight if isinstance(weight, nn.Module) else None
     w = module.weight if module is not None else weight
     check_finite(w)
     k = KernelShape.of(module if module is not None else w, groups)
-    if strategy not in STRATEGIES:
-        raise LowRankError(f"unknown rank strategy {strategy!r}; accepted: {', '.join(STRATEGIES)}")
+    strategy = rule.strategy
 
     if strategy == "fixed":
-        if rank is None:
+        if rule.rank is None:
             raise LowRankError("strategy 'fixed' needs rank=<int> (or a pair (R3, R4) for tucker2)")
-        return normalize_rank(m, k, rank, allow_larger=allow_larger)
+        return normalize_rank(m, k, rule.rank, allow_larger=allow_larger)
 
     if strategy == "ratio":
+        ratio, target, input_size = rule.ratio, rule.target, rule.input_size
         if ratio is None or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
             raise LowRankError(f"strategy 'ratio' needs ratio >= 1 (how many times smaller), got {ratio!r}")
         if target not in TARGETS:
@@ -167,11 +222,13 @@ def select_rank(weight, method: str, strategy: str = "fixed", *, rank=None, weak
     w64 = w.detach().to(torch.float64)
     mats = _matrices(m, w64, k)
     if strategy == "energy":
+        energy = rule.energy
         if energy is None or not (0 < energy <= 1):
             raise LowRankError(f"strategy 'energy' needs 0 < energy <= 1, got {energy!r}")
         ranks = [max(_energy_rank(x, energy) for x in comp) for comp in mats]
     else:  # vbmf
-        if not (0.0 <= weakening <= 1.0):
+        weakening = rule.weakening
+        if not isinstance(weakening, (int, float)) or not (0.0 <= weakening <= 1.0):
             raise LowRankError(f"weakening must be in [0, 1] (1 = plain VBMF, 0 = full rank), got {weakening!r}")
         mx = m.max_rank(k)
         mxs = list(mx) if m.pair_rank else [mx]
@@ -180,6 +237,7 @@ def select_rank(weight, method: str, strategy: str = "fixed", *, rank=None, weak
             r_vbmf = max(evbmf(x)[0] for x in comp)
             r_vbmf = min(r_vbmf, rmax)
             ranks.append(int(round(rmax - weakening * (rmax - r_vbmf))))
+    min_rank = rule.min_rank
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise LowRankError(f"min_rank must be an integer >= 1, got {min_rank!r}")
     mx = m.max_rank(k)

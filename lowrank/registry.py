@@ -1,7 +1,7 @@
 """Method registry: a method name maps to its decomposition, layer builder and cost model.
 
 A duplicate name raises; tests are parametrized over ``METHODS`` so a new method is tested the
-moment it is registered. The CP methods register themselves from ``lowrank.cp``.
+moment it is registered. Every built-in method is registered the same way, in ``lowrank.methods``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import LowRankError
+from .options import NoOptions, parse_options
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,34 @@ class KernelShape:
 
 @dataclass(frozen=True)
 class Method:
+    """What the runner and the rank strategies may know about a method, in one place.
+
+    ``decompose(weight64, rank, *, groups, **options, **callbacks)`` is the pure function;
+    ``options`` the frozen dataclass of its typed options (``lowrank.options``); ``callbacks``
+    the names of its runtime hooks (not options: never in a spec); ``unfoldings(weight64,
+    groups)`` the matrices whose spectra set each rank component (one list per component, for
+    the ``vbmf`` and ``energy`` strategies; ``None`` when the method has no matrix rank);
+    ``gpu`` whether its decomposition is iterative work worth moving to a worker's GPU.
+    """
+
     name: str
     decompose: Callable  # (weight64, rank, *, groups, **options) -> factors
     build: Callable  # (module, factors) -> nn.Module
     max_rank: Callable[[KernelShape], int | tuple[int, int]]
     n_params: Callable[[KernelShape, object], int]  # weights only, no bias
     stages_macs: Callable  # (KernelShape, rank, hin, win, hout, wout) -> MACs
+    options: type = NoOptions
+    callbacks: tuple[str, ...] = ()
+    unfoldings: Callable | None = None
+    gpu: bool = False
     pair_rank: bool = False
     linear_ok: bool = False
     kernel_ok: Callable[[KernelShape], str | None] = lambda k: None
     description: str = ""
+
+    def parse_options(self, given: dict):
+        """Plain mapping -> the method's typed options (raises ``LowRankError`` on a bad one)."""
+        return parse_options(self.name, self.options, dict(given or {}))
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Linear):
@@ -90,62 +109,6 @@ def get_method(name: str) -> Method:
 
 def list_methods() -> list[str]:
     return sorted(METHODS)
-
-
-def _only_1x1(k: KernelShape) -> str | None:
-    if (k.kh, k.kw) != (1, 1):
-        return f"svd factorizes Linear layers and 1x1 convs, got a {k.kh}x{k.kw} kernel; use spatial-svd, tucker2 or a CP method"
-    return None
-
-
-def _spatial_only(name):
-    def check(k: KernelShape) -> str | None:
-        if k.kh * k.kw == 1:
-            return f"{name} needs a spatial kernel larger than 1x1; use 'svd' for 1x1 convs"
-        return None
-    return check
-
-
-def _register_builtins() -> None:
-    from .decompositions.spatial_svd import decompose_spatial_svd
-    from .decompositions.svd import decompose_svd
-    from .decompositions.tucker2 import decompose_tucker2
-    from .layers import build_spatial_svd, build_svd, build_tucker2
-
-    register_method(Method(
-        name="svd",
-        decompose=decompose_svd,
-        build=build_svd,
-        max_rank=lambda k: min(k.t_g, k.s),
-        n_params=lambda k, r: k.groups * r * (k.t_g + k.s),
-        stages_macs=lambda k, r, hi, wi, ho, wo: k.groups * r * (k.s + k.t_g) * ho * wo,
-        linear_ok=True,
-        kernel_ok=_only_1x1,
-        description="truncated SVD: Linear -> two Linears, 1x1 conv -> two 1x1 convs",
-    ))
-    register_method(Method(
-        name="spatial-svd",
-        decompose=decompose_spatial_svd,
-        build=build_spatial_svd,
-        max_rank=lambda k: min(k.s * k.kh, k.t_g * k.kw),
-        n_params=lambda k, r: k.groups * r * (k.s * k.kh + k.t_g * k.kw),
-        # vertical stage runs at the un-strided (padded) input width
-        stages_macs=lambda k, r, hi, wi, ho, wo: k.groups * r * (k.s * k.kh * ho * wi + k.t_g * k.kw * ho * wo),
-        kernel_ok=_spatial_only("spatial-svd"),
-        description="Tai et al. 2016: (kh x 1) conv -> (1 x kw) conv, exact global optimum",
-    ))
-    register_method(Method(
-        name="tucker2",
-        decompose=decompose_tucker2,
-        build=build_tucker2,
-        max_rank=lambda k: (k.s, k.t_g),
-        n_params=lambda k, r: k.groups * (k.s * r[0] + k.kh * k.kw * r[0] * r[1] + k.t_g * r[1]),
-        stages_macs=lambda k, r, hi, wi, ho, wo: k.groups * (
-            k.s * r[0] * hi * wi + k.kh * k.kw * r[0] * r[1] * ho * wo + k.t_g * r[1] * ho * wo),
-        pair_rank=True,
-        kernel_ok=_spatial_only("tucker2"),
-        description="Kim et al. 2016: 1x1 -> kh x kw core -> 1x1 (HOSVD + HOOI)",
-    ))
 
 
 def dense_macs(k: KernelShape, hout: int, wout: int) -> int:

@@ -25,7 +25,7 @@ from .factors import CPFactors, SpatialSVDFactors, SVDFactors, Tucker2Factors
 from .geometry import ConvGeometry
 from .layers import FactorizedConv2d, FactorizedLinear, build_spatial_svd
 from .ranks import select_rank
-from .surgery import LayerReport, _set_submodule, plan_layers
+from .surgery import LayerReport, replace_submodule, select_layers
 
 
 class LowRankBNConv2d(FactorizedConv2d):
@@ -83,7 +83,7 @@ def to_lowrank_bn(model: nn.Module, *, rank: int | None = None, ratio: float | N
     if (rank is None) == (ratio is None):
         raise LowRankError("give exactly one of rank=<int> or ratio=<float >= 1>")
     model = model if inplace else copy.deepcopy(model)
-    plan = plan_layers(model, "spatial-svd", 1, include=include, exclude=exclude, skip_first=skip_first)
+    plan = select_layers(model, "spatial-svd", include=include, exclude=exclude, skip_first=skip_first)
     if not plan:
         raise LowRankError("no conv with a spatial kernel (both sides > 1) matches the layer selection")
     reports = []
@@ -92,7 +92,7 @@ def to_lowrank_bn(model: nn.Module, *, rank: int | None = None, ratio: float | N
         k = (select_rank(conv, "spatial-svd", "fixed", rank=rank) if rank is not None
              else select_rank(conv, "spatial-svd", "ratio", ratio=ratio))
         new = build_lowrank_bn(conv, k, init=init)
-        _set_submodule(model, name, new)
+        replace_submodule(model, name, new)
         reports.append(LayerReport(name=name, method="spatial-svd-bn", rank=k, layer_type="Conv2d",
                                    params_before=sum(p.numel() for p in conv.parameters()),
                                    params_after=sum(p.numel() for p in new.parameters())))
@@ -139,7 +139,7 @@ def fold_bn(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, dict
         if isinstance(m, LowRankBNConv2d):
             new, f = fold_layer(m)
             new.train(m.training)
-            _set_submodule(model, name, new)
+            replace_submodule(model, name, new)
             factors[name] = f
     return model, factors
 

@@ -2,8 +2,9 @@
 
 ``compress_model(model, plan)`` replaces layers by qualified name and returns one
 ``LayerReport`` per planned layer. A plan maps ``"layer.name"`` to ``(method, rank)``,
-``(method, rank, options)`` or ``{"method": ..., "rank": ..., **options}``; ``rank`` may be a
-strategy name (``'vbmf'``, ``'energy'``, ``'ratio'``) with the strategy's options.
+``(method, rank, options)``, ``{"method": ..., "rank": ..., **options}`` or a ``LayerPlan``;
+``rank`` may be a strategy name (``'vbmf'``, ``'energy'``, ``'ratio'``) with the strategy's
+settings, or a ``RankRule``. ``select_layers`` picks the layers a method applies to (no rank).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from .accounting import count, layer_input_shapes
 from .api import factorize_with_factors, relative_error
+from .ranks import RankRule
 from .errors import LowRankError, RankTooLargeError, UnsupportedLayerError
 from .registry import get_method
 
@@ -45,7 +47,29 @@ class LayerReport:
         return d
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's decomposition: the method, the rank (int, ``(R3, R4)`` or a ``RankRule``)
+    and the method's options (plain values, checked by ``Method.parse_options``)."""
+
+    name: str
+    method: str
+    rank: object
+    options: dict = field(default_factory=dict)
+
+    def factorize(self, module: nn.Module):
+        """``(factorized layer, factors)`` of ``module`` (the dense layer this plan names)."""
+        return factorize_with_factors(module, self.method, self.rank, **self.options)
+
+    def to_dict(self) -> dict:
+        rank = self.rank.to_dict() if isinstance(self.rank, RankRule) else (
+            list(self.rank) if isinstance(self.rank, tuple) else self.rank)
+        return {"name": self.name, "method": self.method, "rank": rank, "options": dict(self.options)}
+
+
 def _normalize_entry(name, entry) -> tuple[str, object, dict]:
+    if isinstance(entry, LayerPlan):
+        return entry.method, entry.rank, dict(entry.options)
     if isinstance(entry, dict):
         entry = dict(entry)
         try:
@@ -61,7 +85,8 @@ def _normalize_entry(name, entry) -> tuple[str, object, dict]:
                        f"or a dict with 'method' and 'rank', got {entry!r}")
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (a qualified name) is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -98,10 +123,11 @@ def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: b
         in_shape = shapes.get(name)
         if in_shape is not None:
             rep.macs_before = count(module, in_shape)[1]
-        if isinstance(rank, str) and in_shape is not None and len(in_shape) == 4:
+        if isinstance(rank, str) and in_shape is not None and len(in_shape) == 4 and rank == "ratio":
             options.setdefault("input_size", tuple(in_shape[2:]))
-        if isinstance(rank, str) and rank != "ratio":
-            options.pop("input_size", None)
+        if isinstance(rank, RankRule) and rank.strategy == "ratio" and rank.input_size is None \
+                and in_shape is not None and len(in_shape) == 4:
+            rank = RankRule.of(rank, input_size=tuple(in_shape[2:]))
         t0 = time.perf_counter()
         try:
             get_method(method)
@@ -115,7 +141,7 @@ def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: b
                 raise
             rep.status, rep.reason = "failed", f"{type(e).__name__}: {e}"
         else:
-            _set_submodule(model, name, new)
+            replace_submodule(model, name, new)
             rep.rank = factors.rank
             rep.rel_error = relative_error(module.weight, factors)
             rep.params_after = sum(p.numel() for p in new.parameters())
@@ -129,17 +155,17 @@ def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: b
     return model, reports
 
 
-def plan_layers(model: nn.Module, method: str, rank, *, include=None, exclude=None, skip_first: bool = True,
-                pointwise_method: str | None = None, options: dict | None = None) -> dict:
-    """A plan over every layer ``method`` applies to.
+def select_layers(model: nn.Module, method: str, *, include=None, exclude=None, skip_first: bool = True,
+                  pointwise_method: str | None = None) -> dict[str, str]:
+    """``{qualified name: method}`` for every layer ``method`` applies to, in model order.
 
     ``include``/``exclude`` are glob patterns on qualified names; ``skip_first`` leaves the first
     conv dense (it has few input channels and is cheap). ``pointwise_method`` (e.g. ``'svd'``)
-    also factorizes 1x1 convs and Linears with that method at the same rank strategy.
+    takes the 1x1 convs and Linears that ``method`` does not apply to.
     """
     m = get_method(method)
     pw = get_method(pointwise_method) if pointwise_method else None
-    plan: dict = {}
+    chosen: dict[str, str] = {}
     first_conv = next((n for n, mod in model.named_modules() if isinstance(mod, nn.Conv2d)), None)
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -150,11 +176,19 @@ def plan_layers(model: nn.Module, method: str, rank, *, include=None, exclude=No
             continue
         if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
-        chosen = m if m.unsupported_reason(mod) is None else (
+        by = m if m.unsupported_reason(mod) is None else (
             pw if pw is not None and pw.unsupported_reason(mod) is None else None)
-        if chosen is not None:
-            plan[name] = (chosen.name, rank, dict(options or {}))
-    return plan
+        if by is not None:
+            chosen[name] = by.name
+    return chosen
+
+
+def plan_layers(model: nn.Module, method: str, rank, *, include=None, exclude=None, skip_first: bool = True,
+                pointwise_method: str | None = None, options: dict | None = None) -> dict:
+    """``{name: (method, rank, options)}`` over ``select_layers``, for ``compress_model``."""
+    layers = select_layers(model, method, include=include, exclude=exclude, skip_first=skip_first,
+                           pointwise_method=pointwise_method)
+    return {name: (meth, rank, dict(options or {})) for name, meth in layers.items()}
 
 
 def summarize(reports: list[LayerReport]) -> dict:
@@ -188,7 +222,7 @@ def apply_factors(model: nn.Module, factors_by_layer: dict, *, input_shape=None,
                           diagnostics=dict(getattr(factors, "diagnostics", {}) or {}))
         if name in shapes:
             rep.macs_before, rep.macs_after = count(module, shapes[name])[1], count(new, shapes[name])[1]
-        _set_submodule(model, name, new)
+        replace_submodule(model, name, new)
         rep.seconds = time.perf_counter() - t0
         reports.append(rep)
     return model, reports

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import torch
+from scipy.optimize import brentq, minimize_scalar
 
 from ._checks import check_finite
 from .errors import LowRankError
@@ -19,7 +20,6 @@ from .errors import LowRankError
 
 def evb_tau(alpha: float) -> float:
     """Exact root of ``Phi(t) + Phi(t/alpha) = 0`` (decreasing in ``t``); ``evb_tau(1) = 2.51286``."""
-    from scipy.optimize import brentq
 
     def phi(z):
         return math.log1p(z) / z - 0.5
@@ -53,7 +53,6 @@ def evbmf(matrix: torch.Tensor, sigma2: float | None = None) -> tuple[int, float
     estimated by a coarse log-grid followed by bounded Brent refinement, because the free energy
     is non-smooth where some ``x_h`` crosses ``x_bar``.
     """
-    from scipy.optimize import minimize_scalar
 
     if not torch.is_tensor(matrix) or matrix.dim() != 2:
         raise LowRankError(f"evbmf expects a 2-D tensor, got {getattr(matrix, 'shape', type(matrix).__name__)}")

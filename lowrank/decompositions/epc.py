@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .cp_als import SweepEngine, rebalance
+from .cp_als import SweepEngine, rebalance, reconstruct
 
 _W_FLOOR = 1e-300
 
@@ -99,7 +99,6 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
         raise ValueError(f"unknown EPC objective {objective!r}; accepted: 'norm', 'sens'")
     factors = [f.clone() for f in factors]
     engine = SweepEngine(x)
-    from .cp_als import reconstruct
 
     if delta is None:
         delta = float((x - reconstruct(factors)).norm())

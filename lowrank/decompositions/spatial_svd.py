@@ -30,3 +30,8 @@ def decompose_spatial_svd(weight: torch.Tensor, rank: int, *, groups: int = 1) -
     vertical = (u * root).reshape(g, c, kh, rank).permute(0, 3, 1, 2).contiguous()
     horizontal = (v * root).reshape(g, n, kw, rank).permute(0, 1, 3, 2).contiguous()
     return SpatialSVDFactors(vertical=vertical, horizontal=horizontal, shape=tuple(weight.shape))
+
+
+def tai_unfoldings(weight: torch.Tensor, groups: int = 1) -> list[list[torch.Tensor]]:
+    """The one rank component of ``spatial-svd``: each group's Tai matrix (its rank is K)."""
+    return [list(tai_matrix(weight, groups))]

@@ -18,3 +18,8 @@ def decompose_svd(weight: torch.Tensor, rank: int, *, groups: int = 1) -> SVDFac
     u, v = fix_signs(u[..., :rank], vh[..., :rank, :].transpose(1, 2))
     root = s[..., :rank].sqrt().unsqueeze(1)
     return SVDFactors(left=u * root, right=(v * root).transpose(1, 2).contiguous(), shape=tuple(weight.shape))
+
+
+def svd_unfoldings(weight: torch.Tensor, groups: int = 1) -> list[list[torch.Tensor]]:
+    """The one rank component of ``svd``: each group's ``(T_g, S_g)`` matrix."""
+    return [list(kernel_groups(weight, groups).reshape(groups, weight.shape[0] // groups, -1))]

@@ -79,3 +79,10 @@ def decompose_tucker2(
         out_factor=torch.stack([p[2] for p in parts]),
         shape=tuple(weight.shape),
     )
+
+
+def tucker2_unfoldings(weight: torch.Tensor, groups: int = 1) -> list[list[torch.Tensor]]:
+    """The two rank components of ``tucker2`` (Kim et al. look at the mode unfoldings): the
+    input-channel unfolding sets R3, the output-channel unfolding sets R4, per group."""
+    wg = kernel_groups(weight, groups)  # (g, T_g, S, kh, kw)
+    return [[_unfold(wg[i], 1) for i in range(groups)], [_unfold(wg[i], 0) for i in range(groups)]]

@@ -1,0 +1,72 @@
+"""The CP methods' decomposition: ``cp3`` / ``cp4`` (CP-ALS) and ``cp3-epc`` / ``cp4-epc``
+(CP-ALS, then EPC); registered in ``lowrank.methods``.
+
+* ``cp3``: CP of the ``(T, S, kh*kw)`` tensor -> 1x1, depthwise kh x kw, 1x1 (the order-3
+  pipeline of the CPD-EPC public code);
+* ``cp4``: CP of the ``(T, S, kh, kw)`` tensor -> 1x1, depthwise kh x 1, depthwise 1 x kw, 1x1
+  (Lebedev et al. 2015).
+
+Factor containers carry diagnostics: ``{'als': {...}}`` and, for EPC methods,
+``{'epc': {...}, 'epc_sweeps': n, ...}``; ``degenerate`` is the final model's flag.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..diagnostics import cp_diagnostics
+from ..factors import CPFactors
+from ._common import kernel_groups
+from .cp_als import cp_als
+from .epc import epc
+
+
+def _fit(tensors: list[torch.Tensor], rank: int, method: str, shape, *, use_epc: bool, init, seed, n_iter_max,
+         tol, callback, epc_objective, epc_max_sweeps, epc_tol, epc_target, epc_callback) -> CPFactors:
+    per_group, diags = [], []
+    for x in tensors:
+        t0 = time.perf_counter()
+        factors, errors = cp_als(x, rank, init=init, seed=seed, n_iter_max=n_iter_max, tol=tol, callback=callback)
+        d = {"als": cp_diagnostics(factors, x), "als_iterations": len(errors),
+             "als_seconds": time.perf_counter() - t0}
+        if use_epc:
+            t1 = time.perf_counter()
+            delta = None if epc_target is None else float(epc_target) * float(x.norm())
+            factors, info = epc(x, factors, delta=delta, objective=epc_objective, max_sweeps=epc_max_sweeps,
+                                tol=epc_tol, callback=epc_callback)
+            d["epc"] = cp_diagnostics(factors, x)
+            d.update(epc_sweeps=info["sweeps"], epc_converged=info["converged"],
+                     epc_objective_start=info["objective_start"], epc_objective_end=info["objective_end"],
+                     epc_seconds=time.perf_counter() - t1)
+        per_group.append(factors)
+        diags.append(d)
+    stacked = tuple(torch.stack([fs[n] for fs in per_group]) for n in range(len(per_group[0])))
+    diag = diags[0] if len(diags) == 1 else _worst(diags)
+    final = diag["epc" if use_epc else "als"]
+    diag["degenerate"] = bool(final["degenerate"])
+    return CPFactors(factors=stacked, shape=tuple(shape), method=method, diagnostics=diag)
+
+
+def _worst(diags: list[dict]) -> dict:
+    out = dict(diags[0])
+    for key in ("als", "epc"):
+        if key in out:
+            out[key] = {k: (min if k == "min_congruence" else any if k == "degenerate" else max)(
+                [d[key][k] for d in diags]) for k in out[key] if out[key][k] is not None}
+    return out
+
+
+def decompose_cp(weight: torch.Tensor, rank: int, *, order: int, use_epc: bool, groups: int = 1, init="svd",
+                 seed: int = 0, n_iter_max: int = 500, tol: float = 1e-8, callback=None, epc_objective: str = "norm",
+                 epc_max_sweeps: int = 3000, epc_tol: float = 1e-7, epc_target: float | None = None,
+                 epc_callback=None) -> CPFactors:
+    """CP of each group's kernel as an order-3 ``(T_g, S, kh*kw)`` (``order=3``) or order-4
+    ``(T_g, S, kh, kw)`` tensor, by ALS and, with ``use_epc``, Error Preserving Correction."""
+    t, s, kh, kw = weight.shape
+    wg = kernel_groups(weight, groups)  # (g, T_g, S, kh, kw)
+    tensors = [wg[i].reshape(t // groups, s, kh * kw) if order == 3 else wg[i] for i in range(groups)]
+    name = f"cp{order}" + ("-epc" if use_epc else "")
+    return _fit(tensors, rank, name, weight.shape, use_epc=use_epc, init=init, seed=seed, n_iter_max=n_iter_max,
+                tol=tol, callback=callback, epc_objective=epc_objective, epc_max_sweeps=epc_max_sweeps,
+                epc_tol=epc_tol, epc_target=epc_target, epc_callback=epc_callback)
