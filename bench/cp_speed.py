@@ -22,7 +22,7 @@ import torch
 
 from lowrank.decompositions.cp_als import cp_als, init_factors, reconstruct
 from lowrank.decompositions.epc import epc
-from lowrank.diagnostics import cp_diagnostics
+from lowrank.decompositions.diagnostics import cp_diagnostics
 
 
 def cp3_rank(c: int, ratio: int) -> int:

@@ -65,7 +65,7 @@ def measured_speedup(model_name: str, version_tags: dict, seed: int, spec: dict)
     import mlflow
     import torch
 
-    from jobs.driver import model_key
+    from jobs.plan import model_key
     from jobs.models import build_model, load_checkpoint
     from jobs.spec import parse_spec
 

@@ -9,6 +9,15 @@ import argparse
 import os
 import sys
 
+from .data import DataError
+from .models import CheckpointError
+from .preflight import check_models, preflight
+from .report import format_summary
+from .spec import SpecError, check_local_paths, load_spec
+from .store import TrackingUnavailableError
+from .submit import SubmitError, status, submit
+from .tracking import SweepRunningError
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 0, 1, 2, 3
 
 
@@ -56,29 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}; usage: python -m jobs run [SPEC] | validate SPEC | submit SPEC --address URL | "
               f"status [ID]", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from .data import DataError
-    from .models import CheckpointError
-    from .spec import SpecError, check_local_paths, load_spec
-    from .submit import SubmitError
-    from .tracking import SweepRunningError, TrackingUnavailableError
-
     try:
         if args.command == "status":
-            from .submit import status
-
             status(args.address, args.submission_id)
             return EXIT_OK
         if args.command == "submit":
-            from .submit import submit
-
             _, st = submit(args.spec, args.address, working_dir=args.working_dir, tracking_uri=args.tracking_uri,
                            wait=args.wait)
             return EXIT_OK if st in ("SUCCEEDED", "PENDING") else EXIT_FAILED
         spec = load_spec(args.spec)
         if args.command == "validate":
             if not args.schema_only:
-                from .preflight import check_models
-
                 check_local_paths(spec, args.spec)
                 check_models(spec, args.spec or "default spec")
             n_methods = len(spec.compression.methods) if spec.compression else 0
@@ -87,10 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.tracking_uri:
             spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})
-        from .preflight import preflight
-
         preflight(spec, args.spec or "default spec")
-        from .driver import format_summary, run_sweep
+        from .driver import run_sweep  # deferred on purpose: it loads Ray and MLflow, which `validate` never needs
 
         result = run_sweep(spec)
         print()

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .spec import DatasetSpec
+from .tv import import_torchvision
 
 _MEAN, _STD = 0.5, 0.25
 
@@ -36,7 +37,7 @@ def _to_images(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _digits(spec: DatasetSpec, seed: int):
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: scikit-learn is only needed for the digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -100,8 +101,6 @@ class _Images(Dataset):
 
 
 def _imagefolder(spec: DatasetSpec, seed: int):
-    from .tv import import_torchvision
-
     tv = import_torchvision()
     try:
         base = tv.datasets.ImageFolder(str(spec.root), transform=tv.transforms.ToTensor())

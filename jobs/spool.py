@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 import lowrank
+
+from .atomic import atomic_dir
+from .results import EvalResult
 
 _FACTOR_TYPES = {c.__name__: c for c in (lowrank.SVDFactors, lowrank.SpatialSVDFactors, lowrank.Tucker2Factors,
                                         lowrank.CPFactors)}
@@ -62,19 +63,17 @@ def unpack_factors(tensors: dict, meta_all: dict, prefix: str = "factors/") -> d
     return factors
 
 
-def save(path: Path, cfg: dict, base: dict, out: dict) -> None:
-    tensors: dict[str, torch.Tensor] = {f"state/{k}": v for k, v in out["state_dict"].items()}
-    packed, factors_meta = pack_factors(out["factors"])
+def save(path: Path, base: dict, result: EvalResult) -> None:
+    """Write a configuration's dense reference and its result (weights and factors as tensors)."""
+    tensors: dict[str, torch.Tensor] = {f"state/{k}": v for k, v in result.state_dict.items()}
+    packed, factors_meta = pack_factors(result.factors)
     tensors.update(packed)
-    rest = {k: v for k, v in out.items() if k not in ("state_dict", "factors")}
-    payload = {"cfg": cfg, "base": base, "out": rest, "factors": factors_meta, "state_keys": list(out["state_dict"])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    torch.save(tensors, tmp / "tensors.pt")
-    (tmp / "result.json").write_text(json.dumps(payload, default=_json_default))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)  # atomic: a half-written spool entry is never read
+    rest = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+            if f.name not in ("state_dict", "factors")}
+    payload = {"base": base, "result": rest, "factors": factors_meta, "state_keys": list(result.state_dict)}
+    with atomic_dir(path) as tmp:  # a half-written spool entry is never read
+        torch.save(tensors, tmp / "tensors.pt")
+        (tmp / "result.json").write_text(json.dumps(payload, default=_json_default))
 
 
 def _json_default(o):
@@ -85,16 +84,15 @@ def _json_default(o):
     return float(o) if hasattr(o, "__float__") else str(o)
 
 
-def load(path: Path) -> tuple[dict, dict, dict]:
+def load(path: Path) -> tuple[dict, EvalResult]:
+    """``(dense reference, result)`` as ``save`` wrote them (tensors loaded with weights_only)."""
     payload = json.loads((path / "result.json").read_text())
     tensors = torch.load(path / "tensors.pt", map_location="cpu", weights_only=True)
-    out = dict(payload["out"])
-    out["state_dict"] = {k: tensors[f"state/{k}"] for k in payload["state_keys"]}
-    factors = unpack_factors(tensors, payload["factors"])
-    out["factors"] = factors
+    state = {k: tensors[f"state/{k}"] for k in payload["state_keys"]}
+    result = EvalResult(state_dict=state, factors=unpack_factors(tensors, payload["factors"]), **payload["result"])
     base = payload["base"]
     base["input_shape"] = tuple(base["input_shape"])
-    return payload["cfg"], base, out
+    return base, result
 
 
 def pending(root: Path, sweep: str) -> dict[str, Path]:

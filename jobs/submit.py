@@ -19,7 +19,7 @@ class SubmitError(RuntimeError):
 
 def _client(address: str):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # deferred: Ray is heavy; `validate` never needs it
 
     try:
         return JobSubmissionClient(address)

@@ -1,41 +1,31 @@
-"""Everything MLflow. Only the driver calls this module: Ray tasks return plain data.
+"""Everything MLflow; only the driver's side calls it (Ray tasks return plain data).
 
 Models are logged with ``serialization_format='pt2'`` (``torch.export``): they load back as a
 ``GraphModule`` without unpickling anything, so a registry reader never runs code from a model
 file. The input example has batch 2 so the exported batch dimension stays dynamic.
+
+The sweep lock: a RUNNING parent run with a fresh ``heartbeat`` tag means the sweep runs elsewhere.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from . import report
+from .store import redact, sqlite_init_lock
+
 PIP_REQUIREMENTS = ["torch==2.13.0"]
 MODEL_TAGS = ("sweep", "config_hash", "model", "method", "compression_ratio", "mac_ratio", "speedup_b1", "acc_pre",
               "acc_post", "acc_ft", "degenerate_layers")
-SECRET_MARKERS = ("TOKEN", "PASSWORD", "SECRET", "KEY", "CREDENTIAL", "AUTH")
-
-
-def redact(obj):
-    """Drop values of keys that look like secrets, and any value equal to a secret in the
-    environment (so specs and params never carry tokens or passwords)."""
-    secrets = {v for k, v in os.environ.items() if any(m in k.upper() for m in SECRET_MARKERS) and len(v) >= 6}
-    if isinstance(obj, dict):
-        return {k: ("***" if any(m in str(k).upper() for m in SECRET_MARKERS) else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str):
-        for s in secrets:
-            obj = obj.replace(s, "***")
-    return obj
-
-
 LOCK_TTL_SECONDS = float(os.environ.get("LOWRANK_LOCK_TTL", "180"))
 HEARTBEAT_SECONDS = 20.0
 
@@ -44,13 +34,7 @@ class SweepRunningError(RuntimeError):
     """The same sweep is running elsewhere (its parent run has a fresh heartbeat)."""
 
 
-class TrackingUnavailableError(RuntimeError):
-    """The MLflow tracking server cannot be reached."""
-
-
 def _hostname() -> str:
-    import socket
-
     return socket.gethostname()
 
 
@@ -64,67 +48,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def check_reachable(tracking_uri: str, attempts: int = 3, timeout: float = 3.0) -> None:
-    """For an http(s) tracking URI, the server must answer ``/health`` before any compute."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    url = tracking_uri.rstrip("/") + "/health"
-    last = ""
-    for i in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
-        except (urllib.error.URLError, OSError) as e:
-            last = str(getattr(e, "reason", e))
-        time.sleep(0.5 * 2**i)
-    raise TrackingUnavailableError(f"MLflow server {tracking_uri} is unreachable ({last}); nothing was started")
-
-
-def with_retries(fn, *, what: str, attempts: int = 6, first_delay: float = 1.0, say=None):
-    """Call ``fn`` and retry with exponential backoff (a tracking server briefly away)."""
-    delay = first_delay
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - network and server errors come in many types
-            if i == attempts - 1:
-                raise
-            if say:
-                say(f"{what} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); retrying in {delay:.0f}s")
-            time.sleep(delay)
-            delay *= 2
-
-
-@contextlib.contextmanager
-def _sqlite_init_lock(tracking_uri: str):
-    """Two drivers opening one new sqlite store at once would both run MLflow's schema
-    migrations and one fails (``table _alembic_tmp_... already exists``): serialise the first
-    access with a lock file beside the database. Other stores handle this themselves."""
-    if not tracking_uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    db = Path(tracking_uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def version_tags(cfg, metrics: dict, degenerate: int, run_id: str) -> dict:
+    """The tags every registered version carries: ``MODEL_TAGS`` plus the run id."""
+    values = {"sweep": cfg.sweep, "config_hash": cfg.config_hash, "model": cfg.model.name, "method": cfg.method,
+              "degenerate_layers": str(degenerate)}
+    values.update({k: f"{metrics[k]:.4f}" for k in MODEL_TAGS if k not in values})
+    return {**{k: values[k] for k in MODEL_TAGS}, "run_id": run_id}
 
 
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str):
-        import logging
-
-        import mlflow
+        import mlflow  # deferred: MLflow is heavy and only the driver's side needs it
         from mlflow import MlflowClient
 
         for name in ("mlflow", "alembic"):  # registry chatter; the driver prints its own progress
@@ -132,18 +66,16 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = tracking_uri
         mlflow.set_tracking_uri(tracking_uri)
-        with _sqlite_init_lock(tracking_uri):  # the first access creates/migrates a sqlite store
+        with sqlite_init_lock(tracking_uri):  # the first access creates/migrates a sqlite store
             self.client = MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
 
     # ---------------------------------------------------------------- registry reads
     def registered_versions(self, name: str) -> list:
-        from mlflow.exceptions import MlflowException
-
         try:
             return list(self.client.search_model_versions(f"name='{name}'"))
-        except MlflowException:
+        except self.mlflow.exceptions.MlflowException:
             return []
 
     def registered_hashes(self, name: str) -> dict[str, str]:
@@ -208,60 +140,59 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def log_config(self, parent_id: str, cfg: dict, base: dict, result: dict, model, input_shape) -> str:
-        """One child run per configuration: params, metrics, per-layer table, the model (pt2),
-        and a registered model version with the design's tags. Returns the version."""
+    def log_config(self, parent_id: str, cfg, base: dict, result, model) -> str:
+        """One child run per configuration (``cfg``: a ``plan.Config``; ``base``: the dense
+        reference; ``result``: an ``EvalResult``): params, metrics, per-layer table, the model
+        (pt2), and a registered model version with the design's tags. Returns the version."""
         mlflow = self.mlflow
-        run = self.client.create_run(self.experiment_id, run_name=f"{cfg['model']}-{cfg['method']}",
-                                     tags={"mlflow.parentRunId": parent_id, "sweep": cfg["sweep"], "kind": "config",
-                                           "config_hash": cfg["config_hash"], "model": cfg["model"],
-                                           "method": cfg["method"]})
+        run = self.client.create_run(self.experiment_id, run_name=f"{cfg.model.name}-{cfg.method}",
+                                     tags={"mlflow.parentRunId": parent_id, "sweep": cfg.sweep, "kind": "config",
+                                           "config_hash": cfg.config_hash, "model": cfg.model.name,
+                                           "method": cfg.method})
         rid = run.info.run_id
-        metrics = config_metrics(base, result)
+        metrics = report.config_metrics(base, result)
+        params = {**cfg.params, **({"allocation": result.allocation} if result.allocation else {})}
         with mlflow.start_run(run_id=rid):
-            mlflow.log_params(redact({k: v for k, v in cfg.items() if k not in ("layers",)}))
+            mlflow.log_params(redact({"sweep": cfg.sweep, "model": cfg.model.name, "method": cfg.method,
+                                      "registered_name": cfg.registered_name, "config_hash": cfg.config_hash,
+                                      "seed": cfg.seed, **params}))
             mlflow.log_metrics(metrics)
-            rows = layer_rows(result["reports"], result.get("layer_status", []))
+            rows = report.layer_rows(result.reports, result.layer_status)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "layers.parquet"
-                write_parquet(rows, path)
+                report.write_parquet(rows, path)
                 mlflow.log_artifact(str(path), artifact_path="layers")
-            mlflow.log_table(data=_columns(rows), artifact_file="layers.json")
-            for key, values in result.get("curves", {}).items():  # e.g. from-scratch training curves
+            mlflow.log_table(data=report.columns(rows), artifact_file="layers.json")
+            for key, values in (result.curves or {}).items():  # e.g. from-scratch training curves
                 for step, v in enumerate(values, start=1):
                     self.client.log_metric(rid, key, float(v), step=step)
-            if result.get("stages"):
-                mlflow.log_dict(result["stages"], "stages.json")
-            example = np.zeros((2, *input_shape), dtype=np.float32)
+            if result.stages:
+                mlflow.log_dict(result.stages, "stages.json")
+            example = np.zeros((2, *base["input_shape"]), dtype=np.float32)
             info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pt2",
                                             input_example=example, pip_requirements=PIP_REQUIREMENTS)
-        degenerate = sum(bool(r.get("diagnostics", {}).get("degenerate")) for r in result["reports"])
-        tags = {"sweep": cfg["sweep"], "config_hash": cfg["config_hash"], "model": cfg["model"],
-                "method": cfg["method"], "compression_ratio": f"{metrics['compression_ratio']:.4f}",
-                "mac_ratio": f"{metrics['mac_ratio']:.4f}", "speedup_b1": f"{metrics['speedup_b1']:.4f}",
-                "acc_pre": f"{metrics['acc_pre']:.4f}",
-                "acc_post": f"{metrics['acc_post']:.4f}", "acc_ft": f"{metrics['acc_ft']:.4f}",
-                "degenerate_layers": str(degenerate), "run_id": rid}
-        if result.get("stages"):  # the per-stage history, on the version itself
+        degenerate = sum(bool(r.get("diagnostics", {}).get("degenerate")) for r in result.reports)
+        tags = version_tags(cfg, metrics, degenerate, rid)
+        if result.stages:  # the per-stage history, on the version itself
             tags["stage_history"] = json.dumps([{k: (round(h[k], 4) if isinstance(h[k], float) else h[k])
                                                  for k in ("stage", "layers", "compression_ratio", "acc_post", "acc_ft",
-                                                           "epochs")} for h in result["stages"]])
-            self._log_stages(parent_id, rid, cfg, result["stages"])
+                                                           "epochs")} for h in result.stages])
+            self._log_stages(rid, cfg, result.stages)
         # the version is created with its tags in one call: a driver killed here never leaves a
         # version without its config_hash (which a re-run would then duplicate)
         with contextlib.redirect_stderr(io.StringIO()):  # "Created version ..." chatter; errors still raise
-            mv = mlflow.register_model(info.model_uri, cfg["registered_name"], tags=tags)
+            mv = mlflow.register_model(info.model_uri, cfg.registered_name, tags=tags)
         version = str(mv.version)
         self.client.set_terminated(rid, status="FINISHED")
         return version
 
-    def _log_stages(self, parent_id: str, config_run: str, cfg: dict, stages: list[dict]) -> None:
+    def _log_stages(self, config_run: str, cfg, stages: list[dict]) -> None:
         """One child run per stage under the configuration's run."""
         for h in stages:
             run = self.client.create_run(
-                self.experiment_id, run_name=f"{cfg['model']}-{cfg['method']}-stage{h['stage']}",
-                tags={"mlflow.parentRunId": config_run, "sweep": cfg["sweep"], "kind": "stage",
-                      "model": cfg["model"], "config_hash": cfg["config_hash"], "stage": str(h["stage"])})
+                self.experiment_id, run_name=f"{cfg.model.name}-{cfg.method}-stage{h['stage']}",
+                tags={"mlflow.parentRunId": config_run, "sweep": cfg.sweep, "kind": "stage",
+                      "model": cfg.model.name, "config_hash": cfg.config_hash, "stage": str(h["stage"])})
             rid = run.info.run_id
             self.client.log_param(rid, "layers", h["layers"])
             self.client.log_param(rid, "ratio", h["ratio"])
@@ -285,14 +216,14 @@ class Tracker:
         self.client.set_registered_model_alias(name, "candidate", best.version)
         return best.version
 
-    def log_trials(self, parent_id: str, cfg: dict, records: list[dict]) -> None:
+    def log_trials(self, parent_id: str, cfg, records: list[dict]) -> None:
         """Ray Tune trials of one configuration: a child run each (kind ``tune-trial``) with the
         allocation, whether ASHA stopped it, and top-1 per epoch as a metric history."""
         for x in records:
             run = self.client.create_run(
-                self.experiment_id, run_name=f"{cfg['model']}-tune-trial-{x['trial']}",
-                tags={"mlflow.parentRunId": parent_id, "sweep": cfg["sweep"], "kind": "tune-trial",
-                      "model": cfg["model"], "config_hash": cfg["config_hash"], "trial": str(x["trial"]),
+                self.experiment_id, run_name=f"{cfg.model.name}-tune-trial-{x['trial']}",
+                tags={"mlflow.parentRunId": parent_id, "sweep": cfg.sweep, "kind": "tune-trial",
+                      "model": cfg.model.name, "config_hash": cfg.config_hash, "trial": str(x["trial"]),
                       "stopped_early": str(x["stopped_early"]).lower(), "chosen": str(x["chosen"]).lower()})
             rid = run.info.run_id
             self.client.log_param(rid, "allocation", x["allocation"][:6000])
@@ -309,7 +240,7 @@ class Tracker:
     def _log_rows(self, parent_id: str, rows: list[dict], stem: str, plot, png_name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / f"{stem}.parquet"
-            write_parquet(rows, p)
+            report.write_parquet(rows, p)
             self.client.log_artifact(parent_id, str(p))
             png = Path(tmp) / png_name
             plot(rows, png)
@@ -318,154 +249,33 @@ class Tracker:
     def log_pareto(self, parent_id: str, rows: list[dict]) -> list[dict]:
         """The sweep's Pareto fronts (top-1 after fine-tuning vs parameter ratio, and vs measured
         batch-1 speedup) per model, as ``pareto.parquet`` and ``pareto.png``."""
-        table = pareto_table(rows)
+        table = report.pareto_table(rows)
         if table:
-            self._log_rows(parent_id, table, "pareto", plot_pareto, "pareto.png")
+            self._log_rows(parent_id, table, "pareto", report.plot_pareto, "pareto.png")
         return table
 
     def log_sweep_summary(self, parent_id: str, rows: list[dict]) -> None:
         if not rows:
             return
-        self._log_rows(parent_id, rows, "summary", plot_sweep, "accuracy_vs_compression.png")
-        self.client.log_table(parent_id, data=_columns(rows), artifact_file="summary.json")
+        self._log_rows(parent_id, rows, "summary", report.plot_sweep, "accuracy_vs_compression.png")
+        self.client.log_table(parent_id, data=report.columns(rows), artifact_file="summary.json")
+
+    def log_artifact(self, parent_id: str, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(parent_id, str(path), artifact_path=folder)
+
+    def mark_nodes(self, parent_id: str, nodes: set) -> None:
+        self.client.set_tag(parent_id, "ray_nodes", ",".join(sorted(nodes)))
+        self.client.log_metric(parent_id, "ray_nodes", len(nodes))
+
+    def summary_rows(self, configs: list) -> list[dict]:
+        """One row per configuration of the plan that has a registered version (its tags)."""
+        rows = []
+        for name in dict.fromkeys(c.registered_name for c in configs):
+            versions = {v.tags.get("config_hash"): v for v in self.registered_versions(name)}
+            for c in (c for c in configs if c.registered_name == name):
+                v = versions.get(c.config_hash)
+                if v is not None:
+                    rows.append(report.summary_row(c.model.name, c.method, name, v.version, v.tags, c.config_hash))
+        return rows
 
 
-def config_metrics(base: dict, result: dict) -> dict:
-    m = {
-        "acc_pre": base["acc"]["top1"], "acc_post": result["acc_post"]["top1"], "acc_ft": result["acc_ft"]["top1"],
-        "compression_ratio": base["params"] / result["params"], "mac_ratio": base["macs"] / result["macs"],
-        "params": result["params"], "macs": result["macs"], "params_dense": base["params"], "macs_dense": base["macs"],
-        "latency_b1_dense_ms": 1e3 * base["latency"]["b1"], "latency_b1_ms": 1e3 * result["latency"]["b1"],
-        "latency_b32_dense_ms": 1e3 * base["latency"]["b32"], "latency_b32_ms": 1e3 * result["latency"]["b32"],
-        "speedup_b1": base["latency"]["b1"] / result["latency"]["b1"],
-        "speedup_b32": base["latency"]["b32"] / result["latency"]["b32"],
-        "decompose_seconds": sum(r.get("seconds", 0.0) for r in result.get("layer_status", [])),
-        "finetune_seconds": result["ft_seconds"],
-    }
-    if "top5" in base["acc"]:
-        m.update(acc_pre_top5=base["acc"]["top5"], acc_post_top5=result["acc_post"]["top5"],
-                 acc_ft_top5=result["acc_ft"]["top5"])
-    if result.get("acc_bn") is not None:
-        m["acc_bn"] = result["acc_bn"]["top1"]
-    return m
-
-
-def _flat(prefix: str, d: dict, out: dict) -> None:
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            _flat(key + ".", v, out)
-        elif isinstance(v, (bool, int, float)) or v is None:
-            out[key] = v
-        else:
-            out[key] = str(v)
-
-
-def layer_rows(reports: list[dict], statuses: list[dict]) -> list[dict]:
-    """Per-layer table: the built layers plus layers that were skipped or failed (with reasons)."""
-    rows = []
-    for r in reports:
-        row = {"layer": r["name"], "method": r["method"], "status": "ok", "reason": "",
-               "rank": json.dumps(r["rank"]), "rel_error": r["rel_error"], "params_before": r["params_before"],
-               "params_after": r["params_after"], "macs_before": r["macs_before"], "macs_after": r["macs_after"]}
-        st = next((s for s in statuses if s["name"] == r["name"]), None)
-        row["seconds"] = st["seconds"] if st else r["seconds"]
-        _flat("diag.", r.get("diagnostics", {}), row)
-        rows.append(row)
-    for s in statuses:
-        if s["status"] != "ok":
-            rows.append({"layer": s["name"], "method": s["method"], "status": s["status"], "reason": s["reason"],
-                         "seconds": s["seconds"]})
-    return rows
-
-
-def _columns(rows: list[dict]) -> dict:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return {k: [r.get(k) for r in rows] for k in keys}
-
-
-def write_parquet(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pydict(_columns(rows)), str(path))
-
-
-def plot_sweep(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        sub = [r for r in rows if r["model"] == model]
-        for method in sorted({r["method"] for r in sub}):
-            pts = [r for r in sub if r["method"] == method]
-            line = ax.plot([p["compression_ratio"] for p in pts], [p["acc_ft"] for p in pts], "o", label=f"{method} ft")
-            ax.plot([p["compression_ratio"] for p in pts], [p["acc_post"] for p in pts], "x",
-                    color=line[0].get_color(), label=f"{method} post")
-        ax.axhline(sub[0]["acc_pre"], color="gray", ls="--", lw=1, label="dense")
-        ax.set(title=model, xlabel="parameter compression ratio", ylabel="top-1 accuracy")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _front(points: list[tuple[float, float]]) -> list[bool]:
-    """Non-dominated flags for (x, y), both to maximise."""
-    flags = []
-    for i, (x, y) in enumerate(points):
-        dominated = any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
-        flags.append(not dominated)
-    return flags
-
-
-def pareto_table(rows: list[dict]) -> list[dict]:
-    """Every evaluated point (configurations, Tune trials, the dense model) with its Pareto flags.
-    ``pareto_ratio``: no other point of the model has both a higher ratio and a higher top-1;
-    ``pareto_latency`` likewise with the measured speedup (points without one are not ranked)."""
-    table = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        sub = [r for r in rows if r["model"] == model]
-        pts = [{"model": model, "method": "dense", "kind": "dense", "compression_ratio": 1.0, "speedup_b1": 1.0,
-                "acc_ft": sub[0]["acc_pre"]}]
-        pts += [{"model": model, "method": r["method"], "kind": r.get("kind", "config"),
-                 "compression_ratio": r["compression_ratio"], "speedup_b1": r.get("speedup_b1"),
-                 "acc_ft": r["acc_ft"]} for r in sub]
-        for p, f in zip(pts, _front([(p["compression_ratio"], p["acc_ft"]) for p in pts])):
-            p["pareto_ratio"] = f
-        timed = [p for p in pts if p["speedup_b1"] is not None and p["speedup_b1"] == p["speedup_b1"]]
-        for p, f in zip(timed, _front([(p["speedup_b1"], p["acc_ft"]) for p in timed])):
-            p["pareto_latency"] = f
-        for p in pts:
-            p.setdefault("pareto_latency", None)
-        table += pts
-    return table
-
-
-def plot_pareto(table: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in table))
-    fig, axes = plt.subplots(len(models), 2, figsize=(10, 4 * len(models)), squeeze=False)
-    for row, model in zip(axes, models):
-        sub = [r for r in table if r["model"] == model]
-        for ax, x, flag, label in ((row[0], "compression_ratio", "pareto_ratio", "parameter compression ratio"),
-                                   (row[1], "speedup_b1", "pareto_latency", "measured speedup (batch 1)")):
-            pts = [r for r in sub if r[x] is not None]
-            ax.scatter([p[x] for p in pts], [p["acc_ft"] for p in pts], c="lightgray", s=18, label="evaluated")
-            front = sorted((p for p in pts if p[flag]), key=lambda p: p[x])
-            ax.plot([p[x] for p in front], [p["acc_ft"] for p in front], "o-", color="C3", label="Pareto front")
-            for p in front:
-                ax.annotate(p["method"], (p[x], p["acc_ft"]), fontsize=6)
-            ax.set(title=model, xlabel=label, ylabel="top-1 after fine-tuning")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -7,28 +7,21 @@ only when the compiled ops are missing.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 _LIB = None
 
 
-def _ops_present() -> bool:
-    try:
-        return hasattr(torch.ops.torchvision, "nms") and torch.ops.torchvision.nms is not None
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def import_torchvision():
     global _LIB
-    try:
+    try:  # deferred: torchvision is heavy, and its import may need the op schemas defined first
         import torchvision  # noqa: F401
         return torchvision
     except RuntimeError as e:
         if "torchvision::nms" not in str(e):
             raise
-    import sys
-
     for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
         del sys.modules[name]
     if _LIB is None:

@@ -9,7 +9,7 @@ capabilities). Importing this package loads neither ray, mlflow nor pydantic.
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .accounting import count, layer_input_shapes, per_layer_macs
 from .api import decompose, factorize_layer, factorize_with_factors, relative_error
-from .diagnostics import cp_diagnostics
+from .decompositions.diagnostics import cp_diagnostics
 from .errors import LowRankError, RankTooLargeError, UnsupportedLayerError
 from .factors import CPFactors, SpatialSVDFactors, SVDFactors, Tucker2Factors, factors_to
 from .layers import FactorizedConv2d, FactorizedLinear

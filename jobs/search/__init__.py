@@ -1,2 +1,3 @@
-"""Rank-configuration search: screening tables and the global allocation of (method, rank) per
-layer (issue: the scheduler; in progress, not yet wired into the sweep spec)."""
+"""Rank-configuration search, the pure parts: per-layer screening (``screen``), the screening
+table on disk (``cache``), the budgeted allocation (``allocate``) and the strategies' decisions
+(``strategies``). The search executor (``jobs.executors.search``) runs them as Ray stages."""

@@ -112,14 +112,3 @@ def _dp(names, opts, unit, capacity):
         choice[names[i]] = o
         b -= int(math.floor(o.cost / unit + 1e-9))
     return dict(reversed(list(choice.items())))
-
-
-def allocate_uniform(layers: dict[str, list[Option]], *, per_layer_ratio: float) -> dict:
-    """Baseline: every layer takes its cheapest-loss option that is at least ``per_layer_ratio``
-    times cheaper than dense (dense if none is)."""
-    choice = {}
-    for n, os_ in layers.items():
-        dense = next(o for o in os_ if o.method is None)
-        ok = [o for o in os_ if o.method is not None and dense.cost / o.cost >= per_layer_ratio]
-        choice[n] = max(ok, key=lambda o: (o.cost, -o.loss)) if ok else dense
-    return choice

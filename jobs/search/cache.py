@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from .. import spool
-from ..tracking import write_parquet
+from ..atomic import atomic_dir
+from ..report import write_parquet
 
 TABLE_COLUMNS = ("layer", "method", "source", "target_ratio", "rank", "rel_error", "params", "macs", "latency",
                  "speedup", "degenerate", "loss", "acc_drop")
@@ -32,22 +31,16 @@ def table_rows(rows: dict[str, list[dict]]) -> list[dict]:
 def save(path: Path, rows: dict[str, list[dict]], meta: dict) -> None:
     factors = {f"{i}": r["factors"] for i, r in enumerate(r for rs in rows.values() for r in rs) if r.get("factors")}
     tensors, fmeta = spool.pack_factors(factors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    write_parquet(table_rows(rows), tmp / "table.parquet")
-    torch.save(tensors, tmp / "factors.pt")
-    (tmp / "meta.json").write_text(json.dumps({**meta, "factors": fmeta}, default=str))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)  # atomic: a concurrent sweep never reads half a table
+    with atomic_dir(path) as tmp:  # a concurrent sweep never reads half a table
+        write_parquet(table_rows(rows), tmp / "table.parquet")
+        torch.save(tensors, tmp / "factors.pt")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "factors": fmeta}, default=str))
 
 
 def load(path: Path) -> tuple[dict[str, list[dict]], dict] | None:
     """``(rows by layer, meta)``, or None when there is no complete table at ``path``."""
     if not (path / "meta.json").is_file():
         return None
-    import pyarrow.parquet as pq
-
     meta = json.loads((path / "meta.json").read_text())
     factors = spool.unpack_factors(torch.load(path / "factors.pt", map_location="cpu", weights_only=True),
                                    meta.pop("factors"))

@@ -24,9 +24,6 @@ def _latency(module, x, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-VBMF_METHODS = ("svd", "spatial-svd", "tucker2")  # the methods whose ranks VBMF can choose
-
-
 def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratios=(1.5, 2, 3, 4, 6, 8),
                  *, options: dict | None = None, batch: int = 1, device="cpu", keep_factors: bool = False,
                  vbmf_weakening: float | None = None) -> list[dict]:
@@ -43,12 +40,12 @@ def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratio
         if lowrank.get_method(method).unsupported_reason(module):
             continue
         plans = [("ratio", float(r), {"ratio": float(r)}) for r in ratios]
-        if vbmf_weakening is not None and method in VBMF_METHODS:
+        if vbmf_weakening is not None and lowrank.get_method(method).unfoldings is not None:  # VBMF can rank it
             plans.append(("vbmf", float("nan"), {"weakening": float(vbmf_weakening)}))
         for source, ratio, how in plans:
             row = {"layer": name, "method": method, "target_ratio": ratio, "source": source}
             try:
-                layer, factors = lowrank.api.factorize_with_factors(
+                layer, factors = lowrank.factorize_with_factors(
                     module, method, source, **how, **(options or {}).get(method, {}))
             except LowRankError as e:
                 rows.append({**row, "rank": None, "status": "skipped", "reason": str(e)})

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ..diagnostics import cp_diagnostics
+from .diagnostics import cp_diagnostics
 from ..factors import CPFactors
 from ._common import kernel_groups
 from .cp_als import cp_als

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from jobs.search.allocate import InfeasibleTarget, Option, allocate_budget, allocate_uniform
+from jobs.search.allocate import InfeasibleTarget, Option, allocate_budget
 
 
 def _table(seed=0, n_layers=5, n_opts=4):
@@ -71,12 +71,6 @@ def test_infeasible_and_invalid_targets():
         allocate_budget({"x": [Option("cp3", 1, 1, 0.0)]}, ratio=1)
 
 
-def test_uniform_baseline():
-    layers = {"a": [Option(None, None, 10, 0.0), Option("t", 1, 4, 0.3), Option("t", 2, 6, 0.2)]}
-    assert allocate_uniform(layers, per_layer_ratio=1.6)["a"].rank == 2
-    assert allocate_uniform(layers, per_layer_ratio=3)["a"].method is None
-
-
 def test_screening_and_budget_on_the_small_cnn():
     import lowrank
     from jobs.models import SmallCNN
@@ -125,7 +119,7 @@ def test_latency_target_leaves_layers_whose_options_are_slower_dense():
     (lambda r: False, None),  # nothing passes: dense
 ])
 def test_tolerance_bisection(passes, expected):
-    from jobs.search.run import bisect_step
+    from jobs.search.strategies import bisect_step
 
     lo, hi, nxt, probes, best = 1.0, 4.0, 4.0, 0, None
     while nxt is not None and probes < 20:

@@ -42,7 +42,7 @@ def test_stale_parent_is_marked_failed(tmp_path):
 
 
 def test_secrets_are_redacted_from_logged_specs(monkeypatch):
-    from jobs.tracking import redact
+    from jobs.store import redact
 
     monkeypatch.setenv("MY_API_TOKEN", "s3cr3t-value-123")
     out = redact({"mlflow": {"tracking_uri": "http://u:s3cr3t-value-123@host"}, "aws_secret_key": "x"})

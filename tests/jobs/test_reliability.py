@@ -103,7 +103,7 @@ def test_mlflow_server_unreachable_at_start(tmp_path, capsys):
 
 def test_local_ray_dashboard_binds_loopback(tmp_path):
     code = ("import os; os.environ['LOWRANK_RAY_DASHBOARD'] = '1'\n"
-            "from jobs.driver import init_ray\nray = init_ray()\nprint('URL', ray.get_runtime_context().dashboard_url "
+            "from jobs.runtime import init_ray\nray = init_ray()\nprint('URL', ray.get_runtime_context().dashboard_url "
             "if hasattr(ray.get_runtime_context(), 'dashboard_url') else ray._private.worker.global_worker.node.address_info['webui_url'])\n"
             "ray.shutdown()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,

@@ -93,29 +93,36 @@ def test_stage_settings_that_do_not_fit_the_model_fail_validation(tmp_path, caps
 
 
 def test_stages_by_layer_groups_compress_each_group_in_turn():
-    """The multi-stage task itself (a plain function; Ray only schedules it): stage 1 factorizes
-    features.3, stage 2 features.6; nothing else is touched."""
+    """The multi-stage task itself (a plain function; Ray only schedules it) on the plan of a
+    spec: stage 1 factorizes features.3, stage 2 features.6; nothing else is touched."""
     import torch
 
     import lowrank
     from jobs.models import SmallCNN
-    from jobs.spec import DatasetSpec, FinetuneSpec, ModelSpec, RankSpec
-    from jobs.tasks import multistage_task
+    from jobs.plan import plan_sweep
+    from jobs.tasks.env import TaskEnv
+    from jobs.tasks.staged import multistage_task
 
+    data = yaml.safe_load(SPEC.read_text())
+    data.pop("from_scratch")
+    data["dataset"].update(input_size=16, limit_train=128, limit_val=64)
+    data["finetune"].update(epochs=1, bn_batches=2)
+    data["compression"].update(methods=["spatial-svd"], rank={"strategy": "fixed", "rank": 4}, options={},
+                               stages={"layers": [["features.3"], ["features.6"]], "epochs": 1})
+    spec = parse_spec(data, "spec.yaml")
+    [cfg] = plan_sweep(spec)
+    assert cfg.kind == "staged" and [[lp.name for lp in st.layers] for st in cfg.stages] == [["features.3"],
+                                                                                            ["features.6"]]
     torch.manual_seed(0)
     base = SmallCNN(10).state_dict()
-    out = multistage_task(ModelSpec(name="smallcnn").model_dump_json(), base,
-                          DatasetSpec(input_size=16, limit_train=128, limit_val=64).model_dump_json(),
-                          FinetuneSpec(epochs=1, bn_batches=2).model_dump_json(), 0, False, "spatial-svd",
-                          RankSpec(strategy="fixed", rank=4).model_dump_json(), {},
-                          {"include": [], "exclude": [], "skip_first": True, "pointwise_method": None},
-                          [(["features.3"], None), (["features.6"], None)], 1)
-    assert [h["layers"] for h in out["stages"]] == [1, 1]
-    assert set(out["factors"]) == {"features.3", "features.6"}
-    assert all(f.rank == 4 for f in out["factors"].values())
-    assert out["stages"][0]["compression_ratio"] < out["stages"][1]["compression_ratio"]
+    out = multistage_task(TaskEnv(cfg.model.spec, spec.dataset, 0, False), base, spec.finetune, cfg.stages,
+                          cfg.stage_epochs)
+    assert [h["layers"] for h in out.stages] == [1, 1]
+    assert set(out.factors) == {"features.3", "features.6"}
+    assert all(f.rank == 4 for f in out.factors.values())
+    assert out.stages[0]["compression_ratio"] < out.stages[1]["compression_ratio"]
     model = SmallCNN(10)
-    model, _ = lowrank.apply_factors(model, out["factors"])
-    model.load_state_dict(out["state_dict"])  # the registered model is rebuilt exactly like this
+    model, _ = lowrank.apply_factors(model, out.factors)
+    model.load_state_dict(out.state_dict)  # the registered model is rebuilt exactly like this
     kinds = {n: type(m).__name__ for n, m in model.named_modules() if n in ("features.3", "features.6", "features.9")}
     assert kinds == {"features.3": "FactorizedConv2d", "features.6": "FactorizedConv2d", "features.9": "Conv2d"}

@@ -4,7 +4,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import lowrank
-from jobs.tv import import_torchvision
 from lowrank.geometry import ConvGeometry
 from lowrank.ranks import _layer_cost
 from lowrank.registry import KernelShape
@@ -15,15 +14,6 @@ def _flop_counter_macs(model, shape):
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(torch.zeros(shape))
     return fc.get_total_flops() // 2  # FLOPs = 2 x MACs
-
-
-def test_count_matches_flop_counter_on_resnet18():
-    tv = import_torchvision()
-    model = tv.models.resnet18(num_classes=10)
-    params, macs = lowrank.count(model, (3, 224, 224))
-    assert params == sum(p.numel() for p in model.parameters()) == 11181642
-    assert macs == _flop_counter_macs(model, (1, 3, 224, 224))
-    assert 1.7e9 < macs < 1.9e9  # the well-known 1.8 GMACs
 
 
 @pytest.mark.parametrize("method", lowrank.list_methods())

@@ -7,7 +7,7 @@ from torch import nn
 import lowrank
 from lowrank.decompositions.cp_als import cp_als, khatri_rao, reconstruct
 from lowrank.decompositions.epc import epc, objective_value
-from lowrank.diagnostics import CANCELLATION_DEGENERATE
+from lowrank.decompositions.diagnostics import CANCELLATION_DEGENERATE
 
 
 def _rel(x, factors):

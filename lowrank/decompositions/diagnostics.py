@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .decompositions.cp_als import reconstruct
+from .cp_als import reconstruct
 
 # Thresholds (algorithms.md section 2, "suspect degeneracy"): any one flags the model.
 CANCELLATION_DEGENERATE = 2.0  # sqrt(sum lambda^2) / ||X_hat||

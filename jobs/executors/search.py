@@ -1,0 +1,200 @@
+"""The search executor: screening -> sensitivity -> strategies -> evaluate/fine-tune.
+
+Every stage runs for all models of the sweep at once (one wave of Ray tasks per stage):
+
+1. baselines (one task per model);
+2. screening: one task per layer (every method x candidate ratio, plus VBMF ranks when the
+   ``vbmf`` strategy is asked for), factors kept. The table (with the sensitivity columns) is
+   cached on disk per model and logged to the parent run as ``screening/<model>.parquet``;
+3. sensitivity: one task per screened option (accuracy drop on a validation subset with only
+   that layer compressed, BN recalibrated);
+4. strategies: ``budget``, ``uniform`` and ``vbmf`` are decided from the table
+   (``search.strategies``); ``tolerance`` bisects each layer's rank in waves of probe tasks;
+   ``tune`` runs Ray Tune with ASHA over configurations near the budget solution;
+5. one evaluation/fine-tuning task per (model, strategy), registered as ``search-<strategy>``.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lowrank
+
+from ..report import write_parquet
+from ..results import LayerResult
+from ..search import cache
+from ..search.allocate import InfeasibleTarget
+from ..search.strategies import allocation_options, decide
+from ..spec import SpecError, stable_hash
+from ..store import with_retries
+from ..tasks.compress import baseline_task, evaluate_task
+from ..tasks.search import screen_task, sensitivity_task
+from .tolerance import tolerance
+from .tune import tune_search
+
+
+@dataclass(eq=False)
+class SearchedModel:
+    """One model's state through the stages."""
+
+    cfgs: list
+    base: object = None  # Baseline
+    base_ref: object = None
+    env: object = None  # TaskEnv
+    rows: dict = field(default_factory=dict)  # layer -> [dense row, option rows...]
+    acc0: float | None = None  # the dense model on the probe subset
+    cache_path: Path | None = None
+    cached: bool = False
+    failed: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfgs[0].model.name
+
+    @property
+    def plan(self):
+        return self.cfgs[0]
+
+
+def fail(session, m: SearchedModel, what: str, err: Exception) -> None:
+    session.fail(f"{m.name}: {what}", err)
+    m.failed = session.result.failed[-1]
+
+
+def run_search(session, configs: list) -> None:
+    models: dict[str, SearchedModel] = {}
+    for c in configs:
+        models.setdefault(c.model.name, SearchedModel([])).cfgs.append(c)
+    ms = list(models.values())
+    search = ms[0].plan.search
+    if search.latency_device == "cuda" and not (session.ray and session.gpu):
+        raise SpecError("compression.search.latency_device: 'cuda' requested but the Ray cluster has no GPU; "
+                         "accepted here: 'cpu'")
+    # 1. baselines, all models at once
+    for m in ms:
+        m.env = session.env(m.plan)
+    outs = session.gather([(baseline_task, m.env, session.spec.pretrain, m.plan.model.key) for m in ms])
+    for m, base in zip(ms, outs):
+        if isinstance(base, Exception):
+            fail(session, m, "baseline", base)
+            continue
+        m.base, m.base_ref = base, session.put(base.state_dict)
+    ms = [m for m in ms if not m.failed]
+    # 2-3. screening + sensitivity (or the cached table)
+    _screen_all(session, ms, search)
+    ms = [m for m in ms if not m.failed]
+    # 4. strategies
+    choices: list[tuple] = []  # (model, cfg, layer -> row | None)
+    tol = [(m, c) for m in ms for c in m.cfgs if c.strategy == "tolerance"]
+    if tol:
+        picked = tolerance(session, [m for m, _ in tol], search)
+        choices += [(m, c, picked[m.name]) for m, c in tol if m.name in picked]
+    for m in ms:
+        options, fixed = allocation_options(m.rows, m.base, search.target)
+        for cfg in m.cfgs:
+            if cfg.strategy == "tolerance":
+                continue
+            try:
+                choice = (tune_search(session, m, cfg, options, fixed) if cfg.strategy == "tune"
+                          else decide(cfg.strategy, m.rows, options, fixed, search))
+            except InfeasibleTarget as e:
+                total = sum(o.cost for os_ in options.values() for o in os_ if o.method is None) + fixed
+                hint = (f" ({fixed / total:.0%} of the model's {search.target} lie outside the searched layers: "
+                        f"widen the layer selection)") if fixed > 0.2 * total else ""
+                session.fail(cfg.label, f"{e}{hint}")
+                continue
+            except Exception as e:  # noqa: BLE001 - e.g. Ray Tune failing: the other strategies still run
+                session.fail(cfg.label, e)
+                continue
+            choices.append((m, cfg, choice))
+    # 5. evaluate + fine-tune every chosen configuration at once; log as they finish
+    _evaluate_all(session, choices)
+
+
+def _screen_all(session, ms: list[SearchedModel], search) -> None:
+    say = session.say
+    vbmf = search.vbmf_weakening if "vbmf" in search.strategies else None
+    jobs = []  # (model, layer name) per screening task
+    for m in ms:
+        cfg = m.plan
+        model = m.env.build(m.base.state_dict)
+        key = stable_hash({"model_key": cfg.model.key, "layers": list(cfg.candidates), "methods": list(cfg.methods),
+                           "ratios": search.candidate_ratios, "vbmf": vbmf, "options": cfg.options,
+                           "loss": search.loss, "val": search.val_batches, "bn": search.bn_batches,
+                           "device": "cuda" if session.gpu else "cpu", "batch": session.spec.dataset.batch_size})
+        m.cache_path = session.spool_root() / "screening" / f"{m.name}-{key}"
+        hit = cache.load(m.cache_path)
+        if hit is not None:
+            m.rows, meta = hit
+            m.acc0, m.cached = meta.get("acc0"), True
+            say(f"{m.name}: screening table reused from {m.cache_path} ({sum(map(len, m.rows.values()))} rows)")
+            continue
+        shapes = lowrank.layer_input_shapes(model, list(cfg.candidates), m.base.input_shape)
+        say(f"{m.name}: screening {len(cfg.candidates)} layers x {len(cfg.methods)} methods x "
+            f"{len(search.candidate_ratios)} ratios{' + VBMF ranks' if vbmf is not None else ''}")
+        jobs += [(m, (screen_task, n, copy.deepcopy(model.get_submodule(n)), shapes[n], cfg.methods,
+                      search.candidate_ratios, cfg.options, session.gpu, vbmf)) for n in cfg.candidates]
+    for (m, call), s in zip(jobs, session.gather([call for _, call in jobs])):
+        if isinstance(s, Exception):
+            if not m.failed:
+                fail(session, m, f"screening {call[1]}", s)
+            continue
+        m.rows[call[1]] = [r for r in s["rows"] if r["status"] == "ok"]
+    todo = [m for m in ms if not m.cached and not m.failed]
+    # sensitivity: every option of every model in one wave
+    probes = []
+    for m in todo:
+        for n, rs in m.rows.items():
+            for i, r in enumerate(rs):
+                if r["method"] is None:
+                    r["loss"], r["acc_drop"] = 0.0, 0.0
+                elif search.loss == "error":
+                    r["loss"], r["acc_drop"] = r["rel_error"] ** 2, None
+                else:
+                    probes.append((m, n, i))
+        if search.loss == "sensitivity" or "tolerance" in search.strategies:
+            probes.append((m, None, None))
+    if probes:
+        say(f"{len(probes)} sensitivity probes for {len(todo)} model(s)")
+    outs = session.gather([(sensitivity_task, m.env, m.base_ref, n, m.rows[n][i]["factors"] if n else None,
+                            search.val_batches, search.bn_batches) for m, n, i in probes])
+    for (m, n, i), o in zip(probes, outs):
+        if isinstance(o, Exception):
+            if not m.failed:
+                fail(session, m, f"sensitivity {n or 'dense'}", o)
+        elif n is None:
+            m.acc0 = o["acc"]
+    for (m, n, i), o in zip(probes, outs):
+        if n is not None and not m.failed:
+            r = m.rows[n][i]
+            r["acc_drop"] = m.acc0 - o["acc"]
+            # a probe resolves 1/len(subset); the squared weight error breaks its ties
+            r["loss"] = max(0.0, r["acc_drop"]) + 0.01 * r["rel_error"] ** 2
+    for m in ms:
+        if m.failed:
+            continue
+        if not m.cached:
+            cache.save(m.cache_path, m.rows, {"model": m.name, "acc0": m.acc0})
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / f"{m.name}.parquet"
+            write_parquet(cache.table_rows(m.rows), p)
+            with_retries(lambda: session.tracker.log_artifact(session.parent, p, "screening"),
+                         what=f"logging the screening table of {m.name}", say=say)
+
+
+def _evaluate_all(session, choices: list) -> None:
+    spec = session.spec
+    for m, cfg, choice in choices:
+        chosen = [LayerResult(n, r["method"], factors=r["factors"], rank=r["rank"], rel_error=r["rel_error"],
+                              node="screen") for n, r in choice.items() if r is not None]
+        allocation = ", ".join(f"{n}={r['method']}:{r['rank']}" if r else f"{n}=dense" for n, r in choice.items())
+        session.say(f"{cfg.label}: {allocation[:200]}")
+        session.submit(evaluate_task, m.env, m.base_ref, spec.finetune, *chosen, key=(m, cfg, allocation))
+    for (m, cfg, allocation), out in session.completed():
+        if isinstance(out, Exception):
+            session.fail(cfg.label, out)
+            continue
+        out.allocation = allocation
+        session.log(cfg, m.base, out)

@@ -1,0 +1,192 @@
+"""The plan: the only place that translates a sweep spec into ``lowrank`` terms.
+
+``plan_sweep(spec)`` returns one frozen ``Config`` per configuration the sweep registers, each with
+its kind (``oneshot``, ``staged``, ``scratch``, ``search``), its model, the per-layer
+``lowrank.LayerPlan``s (rank rules with each layer's own input size, typed method options),
+its ``config_hash`` and the MLflow params derived from it. Executors read the plan, never the
+spec's rank or options again.
+
+Config hashes hash what determines a configuration's result, exactly as they always have, so
+a registry filled by an earlier version is not re-run (``tests/fixtures/config_hashes.json``).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+
+import lowrank
+
+from .models import build_model
+from .spec import (FromScratchSpec, LayerSelection, ModelSpec, RankSpec, SearchSpec, SweepSpec, file_digest,
+                   stable_hash)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model of the sweep: its spec, the pre-training cache key and the input shape."""
+
+    spec: ModelSpec
+    key: str
+    input_shape: tuple[int, int, int]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a staged configuration: the layers it (re)compresses and how."""
+
+    patterns: tuple[str, ...] | None  # None: every selected layer
+    ratio: float | None  # None: the rank spec
+    layers: tuple[lowrank.LayerPlan, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    kind: str  # oneshot | staged | scratch | search
+    sweep: str
+    model: ModelPlan
+    method: str  # what the registered version is called by: tucker2, tucker2-2stage, search-budget, ...
+    registered_name: str
+    config_hash: str
+    seed: int
+    params: dict = field(default_factory=dict)  # MLflow params
+    layers: tuple[lowrank.LayerPlan, ...] = ()  # oneshot
+    stages: tuple[Stage, ...] = ()  # staged
+    stage_epochs: int = 0
+    strategy: str | None = None  # search
+    methods: tuple[str, ...] = ()  # search: the methods that compete per layer
+    options: dict = field(default_factory=dict)  # search: method -> options
+    candidates: tuple[str, ...] = ()  # search: the layers screened
+    search: SearchSpec | None = None  # search: the strategies' settings
+    scratch: FromScratchSpec | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name}/{self.method}"
+
+
+def model_key(spec: SweepSpec, m: ModelSpec) -> str:
+    """Content hash of what determines a model's trained weights (the pre-training cache key)."""
+    return stable_hash({"model": m.name, "num_classes": m.num_classes, "dataset": spec.dataset.model_dump(mode="json"),
+                        "pretrain": spec.pretrain.model_dump(mode="json", exclude={"cache_dir"}),
+                        "checkpoint": file_digest(m.checkpoint) if m.checkpoint else None, "seed": spec.seed})
+
+
+def rank_rule(rank: RankSpec, layer: str, input_size: tuple[int, int] | None) -> lowrank.RankRule:
+    """The spec's rank for one layer as a ``lowrank.RankRule`` (``input_size``: the layer's own)."""
+    if rank.strategy == "fixed":
+        return lowrank.RankRule.of(rank.per_layer.get(layer, rank.rank))
+    if rank.strategy == "ratio":
+        return lowrank.RankRule("ratio", ratio=rank.ratio, target=rank.target, input_size=input_size)
+    if rank.strategy == "energy":
+        return lowrank.RankRule("energy", energy=rank.energy, min_rank=rank.min_rank)
+    return lowrank.RankRule("vbmf", weakening=rank.weakening, min_rank=rank.min_rank)
+
+
+def select(model, method: str, sel: LayerSelection) -> dict[str, str]:
+    """``{layer: method}`` the selection takes for ``method`` (pointwise layers by their own)."""
+    return lowrank.select_layers(model, method, include=sel.include or None, exclude=sel.exclude or None,
+                                 skip_first=sel.skip_first, pointwise_method=sel.pointwise_method)
+
+
+def _layer_plans(names: dict[str, str], method: str, rank: RankSpec, options: dict, sizes: dict,
+                 ratio: float | None = None) -> tuple[lowrank.LayerPlan, ...]:
+    plans = []
+    for name, meth in names.items():
+        rule = (lowrank.RankRule("ratio", ratio=ratio, target=rank.target, input_size=sizes.get(name))
+                if ratio is not None else rank_rule(rank, name, sizes.get(name)))
+        plans.append(lowrank.LayerPlan(name, meth, rule, dict(options) if meth == method else {}))
+    return tuple(plans)
+
+
+def _input_sizes(model, names, input_shape) -> dict[str, tuple[int, int]]:
+    """Each conv layer's own input (H, W): what a MAC target counts with."""
+    shapes = lowrank.layer_input_shapes(model, list(names), input_shape)
+    return {n: tuple(s[2:]) for n, s in shapes.items() if len(s) == 4}
+
+
+def plan_sweep(spec: SweepSpec) -> list[Config]:
+    configs: list[Config] = []
+    input_shape = (3, spec.dataset.input_size, spec.dataset.input_size)
+    for m in spec.models:
+        mp = ModelPlan(m, model_key(spec, m), input_shape)
+        common = dict(sweep=spec.name, model=mp, registered_name=spec.mlflow.registered_name(m.name), seed=spec.seed)
+        if spec.from_scratch is not None:
+            configs.append(_scratch(spec, m, common))
+        if spec.compression is None:
+            continue
+        model = build_model(m.name, m.num_classes)
+        sel = m.layers or spec.compression.layers
+        if spec.compression.search is not None:
+            configs += _search(spec, mp, model, sel, common)
+        else:
+            configs += _compress(spec, mp, model, sel, common)
+    return configs
+
+
+def _scratch(spec: SweepSpec, m: ModelSpec, common: dict) -> Config:
+    fs = spec.from_scratch
+    content = {"model": m.name, "num_classes": m.num_classes, "dataset": spec.dataset.model_dump(mode="json"),
+               "from_scratch": fs.model_dump(mode="json"), "seed": spec.seed}
+    params = {"rank_strategy": "from_scratch", **{f"from_scratch.{k}": v for k, v in fs.model_dump(mode="json").items() if v is not None and k != "layers"}}
+    return Config(kind="scratch", method="scratch-lowrank", config_hash=stable_hash(content), scratch=fs,
+                  params=params, **common)
+
+
+def _search(spec: SweepSpec, mp: ModelPlan, model, sel: LayerSelection, common: dict) -> list[Config]:
+    comp, search = spec.compression, spec.compression.search
+    layers = sel.model_dump(mode="json")
+    names: dict[str, None] = {}
+    for method in comp.methods:
+        names.update(dict.fromkeys(select(model, method, sel)))
+    out = []
+    for strategy in search.strategies:
+        content = {"model_key": mp.key, "search": search.content(strategy), "strategy": strategy,
+                   "methods": comp.methods, "layers": layers, "options": comp.options,
+                   "finetune": spec.finetune.model_dump(mode="json")}
+        params = {"strategy": strategy, "rank_strategy": "search",
+                  **{f"search.{k}": v for k, v in search.content(strategy).items() if not isinstance(v, (list, dict))},
+                  "search.methods": ",".join(comp.methods), "finetune_epochs": spec.finetune.epochs}
+        out.append(Config(kind="search", method=f"search-{strategy}", config_hash=stable_hash(content), params=params,
+                          strategy=strategy, methods=tuple(comp.methods), options=dict(comp.options),
+                          candidates=tuple(names), search=search, **common))
+    return out
+
+
+def _compress(spec: SweepSpec, mp: ModelPlan, model, sel: LayerSelection, common: dict) -> list[Config]:
+    comp = spec.compression
+    rank_dump = comp.rank.model_dump(mode="json")
+    out = []
+    for method in comp.methods:
+        options = comp.options.get(method, {})
+        names = select(model, method, sel)
+        sizes = _input_sizes(model, names, mp.input_shape)
+        content = {"model_key": mp.key, "method": method, "rank": rank_dump, "layers": sel.model_dump(mode="json"),
+                   "options": options, "finetune": spec.finetune.model_dump(mode="json")}
+        params = {"rank_strategy": comp.rank.strategy,
+                  **{f"rank.{k}": v for k, v in rank_dump.items() if v not in (None, {}, [])},
+                  **{f"option.{k}": v for k, v in options.items()}, "finetune_epochs": spec.finetune.epochs}
+        if comp.stages is None:
+            out.append(Config(kind="oneshot", method=method, config_hash=stable_hash(content), params=params,
+                              layers=_layer_plans(names, method, comp.rank, options, sizes), **common))
+            continue
+        content["stages"] = comp.stages.model_dump(mode="json")
+        stages = tuple(Stage(None if pats is None else tuple(pats), ratio, _layer_plans(
+            {n: mm for n, mm in names.items() if pats is None or any(fnmatch.fnmatchcase(n, p) for p in pats)},
+            method, comp.rank, options, sizes, ratio)) for pats, ratio in comp.stages.schedule(comp.rank))
+        params.update(base_method=method, stages=len(stages), stage_epochs=comp.stages.epochs,
+                      stage_schedule=json.dumps([[list(s.patterns) if s.patterns else None, s.ratio]
+                                                 for s in stages]))
+        out.append(Config(kind="staged", method=f"{method}-{len(stages)}stage", config_hash=stable_hash(content),
+                          params=params, stages=stages, stage_epochs=comp.stages.epochs, **common))
+    return out
+
+
+def mlflow_params(cfg: Config) -> dict:
+    """What a configuration's run logs as params: identity, then the plan's own settings."""
+    return {"sweep": cfg.sweep, "model": cfg.model.name, "method": cfg.method, "registered_name": cfg.registered_name,
+            "config_hash": cfg.config_hash, "seed": cfg.seed, **cfg.params}

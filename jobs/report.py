@@ -1,0 +1,168 @@
+"""Tables and plots of a sweep, pure (no MLflow): the metrics of a configuration, the per-layer
+table, the Pareto fronts, the summary printed at the end, Parquet files and PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+def config_metrics(base: dict, result) -> dict:
+    """A configuration's metrics against its dense reference (``result``: an ``EvalResult``)."""
+    m = {
+        "acc_pre": base["acc"]["top1"], "acc_post": result.acc_post["top1"], "acc_ft": result.acc_ft["top1"],
+        "compression_ratio": base["params"] / result.params, "mac_ratio": base["macs"] / result.macs,
+        "params": result.params, "macs": result.macs, "params_dense": base["params"], "macs_dense": base["macs"],
+        "latency_b1_dense_ms": 1e3 * base["latency"]["b1"], "latency_b1_ms": 1e3 * result.latency["b1"],
+        "latency_b32_dense_ms": 1e3 * base["latency"]["b32"], "latency_b32_ms": 1e3 * result.latency["b32"],
+        "speedup_b1": base["latency"]["b1"] / result.latency["b1"],
+        "speedup_b32": base["latency"]["b32"] / result.latency["b32"],
+        "decompose_seconds": result.decompose_seconds(),
+        "finetune_seconds": result.ft_seconds,
+    }
+    if "top5" in base["acc"]:
+        m.update(acc_pre_top5=base["acc"]["top5"], acc_post_top5=result.acc_post["top5"],
+                 acc_ft_top5=result.acc_ft["top5"])
+    if result.acc_bn is not None:
+        m["acc_bn"] = result.acc_bn["top1"]
+    return m
+
+
+def summary_row(model: str, method: str, registered_name: str, version: str, tags: dict, config_hash: str) -> dict:
+    """A registered version as a row of the sweep's summary (from its tags)."""
+    return {"model": model, "method": method, "registered_name": registered_name, "version": version,
+            "compression_ratio": float(tags["compression_ratio"]), "mac_ratio": float(tags["mac_ratio"]),
+            "speedup_b1": float(tags.get("speedup_b1", "nan")), "acc_pre": float(tags["acc_pre"]),
+            "acc_post": float(tags["acc_post"]), "acc_ft": float(tags["acc_ft"]),
+            "degenerate_layers": int(tags["degenerate_layers"]), "config_hash": config_hash}
+
+
+def format_summary(rows: list[dict], candidates: dict[str, str] | None = None) -> str:
+    head = f"{'model':<20} {'method':<16} {'params x':>8} {'MACs x':>7} {'acc_pre':>7} {'acc_post':>8} " \
+           f"{'acc_ft':>7} {'degen':>5}  registered"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        star = " *candidate" if candidates and candidates.get(r["registered_name"]) == r["version"] else ""
+        lines.append(f"{r['model']:<20} {r['method']:<16} {r['compression_ratio']:>8.2f} {r['mac_ratio']:>7.2f} "
+                     f"{r['acc_pre']:>7.3f} {r['acc_post']:>8.3f} {r['acc_ft']:>7.3f} {r['degenerate_layers']:>5}  "
+                     f"{r['registered_name']} v{r['version']}{star}")
+    return "\n".join(lines)
+
+
+def _flat(prefix: str, d: dict, out: dict) -> None:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flat(key + ".", v, out)
+        elif isinstance(v, (bool, int, float)) or v is None:
+            out[key] = v
+        else:
+            out[key] = str(v)
+
+
+def layer_rows(reports: list[dict], statuses: list[dict]) -> list[dict]:
+    """Per-layer table: the built layers plus layers that were skipped or failed (with reasons)."""
+    rows = []
+    for r in reports:
+        row = {"layer": r["name"], "method": r["method"], "status": "ok", "reason": "",
+               "rank": json.dumps(r["rank"]), "rel_error": r["rel_error"], "params_before": r["params_before"],
+               "params_after": r["params_after"], "macs_before": r["macs_before"], "macs_after": r["macs_after"]}
+        st = next((s for s in statuses if s["name"] == r["name"]), None)
+        row["seconds"] = st["seconds"] if st else r["seconds"]
+        _flat("diag.", r.get("diagnostics", {}), row)
+        rows.append(row)
+    for s in statuses:
+        if s["status"] != "ok":
+            rows.append({"layer": s["name"], "method": s["method"], "status": s["status"], "reason": s["reason"],
+                         "seconds": s["seconds"]})
+    return rows
+
+
+def columns(rows: list[dict]) -> dict:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa  # deferred: pyarrow is heavy and only writing a table needs it
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pydict(columns(rows)), str(path))
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib  # deferred: matplotlib is heavy and only drawing needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = [r for r in rows if r["model"] == model]
+        for method in sorted({r["method"] for r in sub}):
+            pts = [r for r in sub if r["method"] == method]
+            line = ax.plot([p["compression_ratio"] for p in pts], [p["acc_ft"] for p in pts], "o", label=f"{method} ft")
+            ax.plot([p["compression_ratio"] for p in pts], [p["acc_post"] for p in pts], "x",
+                    color=line[0].get_color(), label=f"{method} post")
+        ax.axhline(sub[0]["acc_pre"], color="gray", ls="--", lw=1, label="dense")
+        ax.set(title=model, xlabel="parameter compression ratio", ylabel="top-1 accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _front(points: list[tuple[float, float]]) -> list[bool]:
+    """Non-dominated flags for (x, y), both to maximise."""
+    flags = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        flags.append(not dominated)
+    return flags
+
+
+def pareto_table(rows: list[dict]) -> list[dict]:
+    """Every evaluated point (configurations, Tune trials, the dense model) with its Pareto flags.
+    ``pareto_ratio``: no other point of the model has both a higher ratio and a higher top-1;
+    ``pareto_latency`` likewise with the measured speedup (points without one are not ranked)."""
+    table = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sub = [r for r in rows if r["model"] == model]
+        pts = [{"model": model, "method": "dense", "kind": "dense", "compression_ratio": 1.0, "speedup_b1": 1.0,
+                "acc_ft": sub[0]["acc_pre"]}]
+        pts += [{"model": model, "method": r["method"], "kind": r.get("kind", "config"),
+                 "compression_ratio": r["compression_ratio"], "speedup_b1": r.get("speedup_b1"),
+                 "acc_ft": r["acc_ft"]} for r in sub]
+        for p, f in zip(pts, _front([(p["compression_ratio"], p["acc_ft"]) for p in pts])):
+            p["pareto_ratio"] = f
+        timed = [p for p in pts if p["speedup_b1"] is not None and p["speedup_b1"] == p["speedup_b1"]]
+        for p, f in zip(timed, _front([(p["speedup_b1"], p["acc_ft"]) for p in timed])):
+            p["pareto_latency"] = f
+        for p in pts:
+            p.setdefault("pareto_latency", None)
+        table += pts
+    return table
+
+
+def plot_pareto(table: list[dict], path: Path) -> None:
+    import matplotlib  # deferred: matplotlib is heavy and only drawing needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in table))
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 4 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        sub = [r for r in table if r["model"] == model]
+        for ax, x, flag, label in ((row[0], "compression_ratio", "pareto_ratio", "parameter compression ratio"),
+                                   (row[1], "speedup_b1", "pareto_latency", "measured speedup (batch 1)")):
+            pts = [r for r in sub if r[x] is not None]
+            ax.scatter([p[x] for p in pts], [p["acc_ft"] for p in pts], c="lightgray", s=18, label="evaluated")
+            front = sorted((p for p in pts if p[flag]), key=lambda p: p[x])
+            ax.plot([p[x] for p in front], [p["acc_ft"] for p in front], "o-", color="C3", label="Pareto front")
+            for p in front:
+                ax.annotate(p["method"], (p[x], p["acc_ft"]), fontsize=6)
+            ax.set(title=model, xlabel=label, ylabel="top-1 after fine-tuning")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

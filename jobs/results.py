@@ -1,0 +1,88 @@
+"""What crosses the Ray boundary, typed and built in one place each: a layer's decomposition
+(``LayerResult``), a model's baseline (``Baseline``) and a compressed, evaluated and fine-tuned
+configuration (``EvalResult``). Plain dataclasses of tensors and numbers: they pickle to the
+workers and back, and the spool writes them to disk."""
+from __future__ import annotations
+
+import traceback as tb
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerResult:
+    """One layer's decomposition: ``status`` is ``ok`` (with factors), ``skipped`` (the rank
+    would not make the layer smaller) or ``failed``; the reason says why."""
+
+    name: str
+    method: str
+    status: str = "ok"
+    reason: str = ""
+    factors: object = None
+    rank: object = None
+    rel_error: float | None = None
+    diagnostics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    node: str = ""
+    traceback: str = ""
+
+    @classmethod
+    def failure(cls, name: str, method: str, err: Exception, *, skipped: bool = False, seconds: float = 0.0,
+                node: str = "") -> "LayerResult":
+        reason = str(err) if skipped else f"{type(err).__name__}: {err}".splitlines()[0]
+        return cls(name, method, "skipped" if skipped else "failed", reason, seconds=seconds, node=node,
+                   traceback="" if skipped else tb.format_exc(limit=5))
+
+    def status_row(self) -> dict:
+        """The layer's status without its tensors (what a layer table shows)."""
+        return {"name": self.name, "method": self.method, "status": self.status, "reason": self.reason,
+                "seconds": self.seconds, "node": self.node}
+
+
+@dataclass
+class Baseline:
+    """A model's trained weights and its dense reference figures."""
+
+    state_dict: dict
+    acc: dict
+    params: int
+    macs: int
+    latency: dict
+    input_shape: tuple
+    source: str  # checkpoint | cache | trained | scratch
+    train_seconds: float = 0.0
+    device: str = "cpu"
+    task_seconds: float = 0.0
+    node: str = ""
+
+    def reference(self) -> dict:
+        """The dense figures a configuration is compared with (what is logged and spooled)."""
+        return {"acc": self.acc, "params": self.params, "macs": self.macs, "latency": self.latency,
+                "input_shape": tuple(self.input_shape), "source": self.source}
+
+
+@dataclass
+class EvalResult:
+    """A configuration's compressed model: accuracies before (post) and after fine-tuning,
+    size, latency, per-layer reports and statuses, and the weights to register."""
+
+    state_dict: dict
+    factors: dict  # layer -> factors (the model is rebuilt from them, then loads state_dict)
+    acc_post: dict
+    acc_ft: dict
+    params: int
+    macs: int
+    latency: dict
+    reports: list  # lowrank.LayerReport.to_dict() per built layer
+    layer_status: list  # LayerResult.status_row() per planned layer
+    acc_bn: dict | None = None
+    ft_losses: list = field(default_factory=list)
+    ft_seconds: float = 0.0
+    device: str = "cpu"
+    task_seconds: float = 0.0
+    node: str = ""
+    stages: list | None = None  # staged: one record per stage
+    curves: dict | None = None  # scratch: training curves of both models
+    allocation: str = ""  # search: what the strategy chose per layer
+
+    def decompose_seconds(self) -> float:
+        return sum(s.get("seconds", 0.0) for s in self.layer_status)

@@ -1,0 +1,209 @@
+"""The sweep session every executor runs in: Ray (started on first use), the task options, the
+one wait loop (heartbeat and throttling included), progress lines, and logging a result
+through the spool so that a tracking server that is away costs a retry, not the computation."""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import ray
+
+import lowrank
+
+from . import spool
+from .plan import Config
+from .results import Baseline, EvalResult
+from .spec import SweepSpec
+from .store import with_retries
+from .tasks.env import TaskEnv
+from .tracking import HEARTBEAT_SECONDS, Tracker
+
+POLL_SECONDS = 5.0
+
+
+class Progress:
+    """``[  12.3s] message`` lines, timed from the start of the sweep."""
+
+    def __init__(self, out=print):
+        self.t0 = time.perf_counter()
+        self.out = out
+
+    def __call__(self, msg: str) -> None:
+        self.out(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict] = field(default_factory=list)
+    registered: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    parent_run_id: str | None = None
+    nodes: set = field(default_factory=set)
+    candidates: dict = field(default_factory=dict)  # registered name -> version with alias 'candidate'
+    points: list = field(default_factory=list)  # extra Pareto points (Ray Tune trials)
+    pareto: list = field(default_factory=list)  # the Pareto table logged to the parent run
+    timings: dict = field(default_factory=lambda: {"ray_init": 0.0, "mlflow": 0.0, "task_seconds": 0.0,
+                                                   "decompose_seconds": 0.0, "slots": 1, "wall": 0.0,
+                                                   "startup": 0.0, "tail": 0.0})
+
+
+def init_ray():
+    """The local Ray (nothing listens beyond 127.0.0.1), or the cluster at ``RAY_ADDRESS``."""
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(include_dashboard=bool(os.environ.get("LOWRANK_RAY_DASHBOARD")), dashboard_host="127.0.0.1",
+                 log_to_driver=False, configure_logging=True, logging_level="warning")
+    return ray
+
+
+def task_error(e: Exception) -> str:
+    """One line for a task that failed after Ray's retries: the task's own exception."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    return f"{type(cause).__name__}: {text}"
+
+
+class Session:
+    """One sweep's Ray work and its logging. ``submit`` queues a task (at most
+    ``resources.max_concurrent`` in flight), ``start`` submits at once and returns the ref (with
+    ``fetch=False`` for tasks whose refs are arguments of others: their completion is reported
+    with ``None``, the data stays in the object store), ``completed`` yields ``(key, result or
+    exception)`` as tasks finish, keeping the sweep lock's heartbeat fresh meanwhile."""
+
+    def __init__(self, spec: SweepSpec, tracker: Tracker, parent: str, result: SweepResult, say: Progress):
+        self.spec, self.tracker, self.parent, self.result, self.say = spec, tracker, parent, result, say
+        self._ray = None
+        self._queue: deque = deque()
+        self._inflight: dict = {}  # ref -> (key, fetch): unfetched results feed other tasks; only counted
+        self._last_beat = time.perf_counter()
+
+    # ------------------------------------------------------------------ Ray
+    @property
+    def ray(self):
+        if self._ray is None:
+            t0 = time.perf_counter()
+            self._ray = init_ray()
+            self.result.timings["ray_init"] = time.perf_counter() - t0
+            res = self.spec.resources
+            self.result.timings["slots"] = max(1, int(self._ray.cluster_resources().get("CPU", 1) // res.cpus_per_task))
+            self.gpu = res.gpus_per_task > 0 and self._ray.cluster_resources().get("GPU", 0) > 0
+            if res.gpus_per_task > 0 and not self.gpu:
+                self.say("the spec asks for GPUs but the Ray cluster has none: running on CPU")
+            self.options = {"num_cpus": res.cpus_per_task, "num_gpus": res.gpus_per_task if self.gpu else 0,
+                            "max_retries": 3}
+        return self._ray
+
+    def env(self, cfg: Config) -> TaskEnv:
+        """What the tasks of ``cfg``'s model start from (starts Ray: the GPU flag depends on it)."""
+        _ = self.ray
+        return TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, self.gpu)
+
+    def remote(self, fn):
+        return self.ray.remote(fn).options(**self.options)
+
+    def put(self, value):
+        return self.ray.put(value)
+
+    # ------------------------------------------------------------------ the wait loop
+    def start(self, fn, *args, key, fetch: bool = True):
+        ref = self.remote(fn).remote(*args)
+        self._inflight[ref] = (key, fetch)
+        self.result.timings.setdefault("first_submit", time.perf_counter())
+        return ref
+
+    def submit(self, fn, *args, key) -> None:
+        self._queue.append((fn, args, key))
+        self._pump()
+
+    def _pump(self) -> None:
+        limit = self.spec.resources.max_concurrent or 10**9
+        while self._queue and len(self._inflight) < limit:
+            fn, args, key = self._queue.popleft()
+            self.start(fn, *args, key=key)
+
+    def beat(self) -> None:
+        if time.perf_counter() - self._last_beat >= HEARTBEAT_SECONDS:
+            self.tracker.heartbeat(self.parent)  # the sweep lock: others see this sweep is alive
+            self._last_beat = time.perf_counter()
+
+    def completed(self):
+        """``(key, result)`` per finished task, in completion order; ``result`` is the task's
+        exception when it failed after Ray's retries. New work may be submitted meanwhile."""
+        while self._inflight or self._queue:
+            self._pump()
+            ready, _ = self.ray.wait(list(self._inflight), num_returns=1, timeout=POLL_SECONDS, fetch_local=False)
+            self.beat()
+            for ref in ready:
+                key, fetch = self._inflight.pop(ref)
+                if not fetch:
+                    yield key, None
+                    continue
+                self.result.timings["last_result"] = time.perf_counter()
+                try:
+                    out = self.ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - one task failing does not stop the sweep
+                    yield key, e
+                    continue
+                self._account(out)
+                yield key, out
+
+    def gather(self, calls: list[tuple]) -> list:
+        """Run ``[(fn, *args), ...]`` as one wave; results (or exceptions) in order."""
+        for i, (fn, *args) in enumerate(calls):
+            self.submit(fn, *args, key=("wave", i))
+        out = [None] * len(calls)
+        for (_, i), value in self.completed():
+            out[i] = value
+        return out
+
+    def _account(self, out) -> None:
+        get = out.get if isinstance(out, dict) else lambda k, d=None: getattr(out, k, d)
+        self.result.timings["task_seconds"] += get("task_seconds", 0.0) or 0.0
+        self.result.nodes.add(get("node", "?") or "?")
+        if isinstance(out, EvalResult):
+            dec = out.decompose_seconds()
+            self.result.timings["decompose_seconds"] += dec
+            self.result.timings["task_seconds"] += dec
+            self.result.nodes.update(s.get("node") for s in out.layer_status if s.get("node"))
+
+    def fail(self, what: str, err: Exception | str) -> None:
+        self.result.failed.append(f"{what}: {err if isinstance(err, str) else task_error(err)}")
+        self.say(f"FAILED {self.result.failed[-1]}")
+
+    # ------------------------------------------------------------------ results
+    def spool_root(self):
+        return self.spec.pretrain.cache_dir.parent
+
+    def log(self, cfg: Config, base: Baseline | dict, result: EvalResult) -> bool:
+        """Spool the result, log it with retries, then drop the spool entry. False if MLflow
+        stayed away: the result stays on disk and the next run logs it without recomputing."""
+        base = base.reference() if isinstance(base, Baseline) else base
+        path = spool.spool_dir(self.spool_root(), self.spec.name, cfg.config_hash)
+        if not path.exists():
+            spool.save(path, base, result)
+        model = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build()
+        model, _ = lowrank.apply_factors(model, result.factors)
+        model.load_state_dict(result.state_dict)
+        t_log = time.perf_counter()
+        try:
+            version = with_retries(lambda: self.tracker.log_config(self.parent, cfg, base, result, model),
+                                   what=f"logging {cfg.label}", say=self.say)
+        except Exception as e:  # noqa: BLE001
+            self.fail(cfg.label, f"not logged ({type(e).__name__}); kept in {path}")
+            return False
+        finally:
+            self.result.timings["mlflow"] += time.perf_counter() - t_log
+        spool.remove(path)
+        self.result.registered += 1
+        bad = [s for s in result.layer_status if s["status"] != "ok"]
+        self.say(f"{cfg.label}: post {result.acc_post['top1']:.3f} ft {result.acc_ft['top1']:.3f}, "
+                 f"{base['params'] / result.params:.2f}x params -> {cfg.registered_name} v{version}"
+                 + (f" ({len(bad)} layer(s) left dense: {bad[0]['reason'][:80]})" if bad else ""))
+        return True
