@@ -6,7 +6,7 @@ factors (ours, SVD init) and run the same number of ALS iterations with no early
 kernel is He-initialised random (no trained weights can be downloaded here). Reported: seconds,
 speed-up, final relative error, and our achieved GFLOP/s (2 x the multiply-adds of the two
 large MTTKRP GEMMs per sweep) next to a plain float64 matmul of the same size in this process.
-Then EPC on the degenerate case of algorithms.md (random 64x64x3x3, rank 64, 1000 ALS
+Then EPC on the degenerate case of docs/algorithms.md (6.1) (random 64x64x3x3, rank 64, 1000 ALS
 iterations): sweeps to convergence, seconds, cancellation ratio before and after.
 
     .venv/bin/python bench/cp_speed.py [--quick]
@@ -97,7 +97,7 @@ def main() -> None:
                       f"{tn / ours:.1f} | {err:.4f} | {et:.4f} | {en:.4f} | {useful / ours / 1e9:.1f} | {mm:.1f} |",
                       flush=True)
 
-    print("\nEPC (algorithms.md 1.4) on a random 64x64x3x3 kernel, CP rank 64 (order 4), after 1000 ALS iterations:")
+    print("\nEPC (docs/algorithms.md 1.4) on a random 64x64x3x3 kernel, CP rank 64 (order 4), after 1000 ALS iterations:")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 64, 3, 3, generator=g, dtype=torch.float64) * math.sqrt(2 / (64 * 9))
     t0 = time.perf_counter()

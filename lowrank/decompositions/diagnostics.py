@@ -1,4 +1,4 @@
-"""Degeneracy diagnostics of a CP model (algorithms.md section 2).
+"""Degeneracy diagnostics of a CP model (docs/algorithms.md, section 2).
 
 ``lambda_r = prod_n ||u_r^(n)||``; the terms' Gram matrix is ``C = hadamard_n Ubar_n^T Ubar_n``
 (normalised columns), whose off-diagonal entries are the CP congruences (cosines between the
@@ -12,7 +12,7 @@ import torch
 
 from .cp_als import reconstruct
 
-# Thresholds (algorithms.md section 2, "suspect degeneracy"): any one flags the model.
+# Thresholds (docs/algorithms.md, section 2): any one flags the model.
 CANCELLATION_DEGENERATE = 2.0  # sqrt(sum lambda^2) / ||X_hat||
 MAX_TERM_DEGENERATE = 1.0  # max lambda / ||X||
 MIN_CONGRUENCE_DEGENERATE = -0.8  # min_{r != s} C_rs

@@ -7,7 +7,7 @@ sensitivity (``objective='sens'``). One factor at a time, the subproblem
 ``min tr(U W U^T)  s.t.  ||X - [[U, ...]]||^2 <= delta^2`` has the closed form
 ``U = G (Gamma + rho W)^{-1}`` (a generalised ridge step), where ``rho`` is the root of the
 secular equation ``sum_r c_r (e_r + 2 rho)/(e_r + rho)^2 = ||X||^2 - delta^2`` in the eigenbasis
-of ``W^{-1/2} Gamma W^{-1/2}`` (algorithms.md section 1.4). Each block step is monotone in ``J``
+of ``W^{-1/2} Gamma W^{-1/2}`` (docs/algorithms.md, section 1.4). Each block step is monotone in ``J``
 and keeps the error pinned at ``delta``.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def objective_value(factors, objective: str) -> float:
 
 def _optimal_sensitivity_scaling(factors) -> None:
     """``||u_r^(n)|| = sqrt(I_n) lambda_r^(1/N) / (prod I)^(1/2N)`` minimises ss over the
-    scaling ambiguity (algorithms.md section 1.2); the tensor is unchanged."""
+    scaling ambiguity (docs/algorithms.md, section 1.2); the tensor is unchanged."""
     n_modes = len(factors)
     sizes = [f.shape[0] for f in factors]
     norms = torch.stack([f.norm(dim=0) for f in factors])

@@ -1,9 +1,9 @@
 import os
-
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from .specs import write_spec
 
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 @pytest.fixture(scope="session")
 def ray_start_2_cpus():
@@ -14,3 +14,10 @@ def ray_start_2_cpus():
              logging_level="warning")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def make_spec(tmp_path):
+    """``make_spec(base='tiny.yaml', mutate=None, name=None) -> (path, data)``: a spec from
+    tests/specs with its MLflow store and caches in this test's temporary folder."""
+    return lambda base="tiny.yaml", mutate=None, name=None: write_spec(tmp_path, base, mutate, name)

@@ -93,3 +93,14 @@ def test_rerun_is_idempotent_and_restores_a_deleted_version(sweep, capsys):
     final = {v.version: v.tags["config_hash"] for v in client.search_model_versions("name='lowrank-smallcnn'")}
     assert sorted(final.values()) == sorted(before.values())
     assert len(final) == 2
+
+
+def test_one_shot_sweep_with_a_mac_target_registers_a_model_that_many_times_cheaper(make_spec, ray_start_2_cpus):
+    """``rank: {strategy: ratio, ratio: 2, target: macs}`` on the one-shot path (it once left
+    every layer dense and registered a MAC ratio of 1.00)."""
+    spec, data = make_spec(mutate=lambda d: (d["compression"].update(
+        methods=["spatial-svd"], options={}, rank={"strategy": "ratio", "ratio": 2, "target": "macs"}),
+        d["finetune"].update(epochs=0), d["pretrain"].update(epochs=1)))
+    assert main(["run", str(spec)]) == 0
+    [v] = _client(data["mlflow"]["tracking_uri"]).search_model_versions("name='lowrank-smallcnn'")
+    assert float(v.tags["mac_ratio"]) >= 1.5

@@ -6,18 +6,15 @@ import pytest
 import yaml
 
 from jobs.cli import main
+
+from .specs import write_spec
 from jobs.tracking import SweepRunningError, Tracker
 
 TINY = Path(__file__).resolve().parents[1] / "specs" / "tiny.yaml"
 
 
 def _spec(tmp_path, **mlflow):
-    data = yaml.safe_load(TINY.read_text())
-    data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
-    data["mlflow"].update(mlflow)
-    p = tmp_path / "tiny.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p, data
+    return write_spec(tmp_path, mutate=lambda d: d["mlflow"].update(mlflow))
 
 
 def test_running_sweep_is_refused_with_exit_3_before_any_work(tmp_path, capsys):

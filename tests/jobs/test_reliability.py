@@ -10,24 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from jobs.cli import main
 from jobs.models import CheckpointError, SmallCNN, build_model, load_checkpoint
+
+from .specs import write_spec
 
 TINY = Path(__file__).resolve().parents[1] / "specs" / "tiny.yaml"
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _spec(tmp_path, mutate=None, name="tiny.yaml"):
-    data = yaml.safe_load(TINY.read_text())
-    data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
-    data["pretrain"]["cache_dir"] = str(tmp_path / "cache" / "pretrained")
-    if mutate:
-        mutate(data)
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump(data))
-    return p, data
+    return write_spec(tmp_path, "tiny.yaml", mutate, name)
 
 
 # ----------------------------------------------------------------------------- security

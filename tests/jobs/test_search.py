@@ -10,12 +10,8 @@ from jobs.spec import SpecError, parse_spec
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "tiny-search.yaml"
 
 
-def test_budget_and_uniform_search_end_to_end(tmp_path, ray_start_2_cpus, capsys):
-    data = yaml.safe_load(SPEC.read_text())
-    data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
-    data["pretrain"]["cache_dir"] = str(tmp_path / "cache")
-    spec = tmp_path / "search.yaml"
-    spec.write_text(yaml.safe_dump(data))
+def test_budget_and_uniform_search_end_to_end(make_spec, ray_start_2_cpus, capsys):
+    spec, data = make_spec("tiny-search.yaml")
     assert main(["run", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "sensitivity probes" in out
@@ -29,18 +25,15 @@ def test_budget_and_uniform_search_end_to_end(tmp_path, ray_start_2_cpus, capsys
     assert float(budget["acc_post"]) >= float(uniform["acc_post"])  # at the same parameter ratio
 
 
-def test_vbmf_tolerance_and_tune_end_to_end_with_cached_screening(tmp_path, ray_start_2_cpus, capsys):
+def test_vbmf_tolerance_and_tune_end_to_end_with_cached_screening(tmp_path, make_spec, ray_start_2_cpus, capsys):
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
 
-    data = yaml.safe_load(SPEC.read_text())
-    uri = data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
-    data["pretrain"]["cache_dir"] = str(tmp_path / "cache" / "pretrained")
-    data["compression"]["search"].update(strategies=["vbmf", "tolerance", "tune"], epsilon=0.0, tolerance_steps=3,
-                                         tune={"trials": 3, "grace_epochs": 1})
-    data["finetune"]["epochs"] = 2
-    spec = tmp_path / "search.yaml"
-    spec.write_text(yaml.safe_dump(data))
+    spec, data = make_spec("tiny-search.yaml", lambda d: (
+        d["compression"]["search"].update(strategies=["vbmf", "tolerance", "tune"], epsilon=0.0, tolerance_steps=3,
+                                          tune={"trials": 3, "grace_epochs": 1}),
+        d["finetune"].update(epochs=2)), name="search.yaml")
+    uri = data["mlflow"]["tracking_uri"]
     assert main(["run", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "+ VBMF ranks" in out and "tolerance: wave 1/3 done" in out and "3 trials near the budget solution" in out

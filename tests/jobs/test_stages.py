@@ -11,16 +11,13 @@ from jobs.spec import SpecError, parse_spec
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "tiny-stages.yaml"
 
 
-def test_multistage_and_from_scratch_end_to_end(tmp_path, ray_start_2_cpus, capsys):
+def test_multistage_and_from_scratch_end_to_end(make_spec, ray_start_2_cpus, capsys):
     import mlflow
     import torch
     from mlflow import MlflowClient
 
-    data = yaml.safe_load(SPEC.read_text())
-    uri = data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
-    data["pretrain"]["cache_dir"] = str(tmp_path / "cache")
-    spec = tmp_path / "stages.yaml"
-    spec.write_text(yaml.safe_dump(data))
+    spec, data = make_spec("tiny-stages.yaml")
+    uri = data["mlflow"]["tracking_uri"]
     assert main(["run", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "tucker2-2stage: stage 2:" in out

@@ -1,20 +1,10 @@
 import subprocess
 import sys
 
-import pytest
 import torch
 from torch import nn
 
 import lowrank
-
-
-def _check_reports_add_up(model, new, reports, shape):
-    p0, m0 = lowrank.count(model, shape)
-    p1, m1 = lowrank.count(new, shape)
-    s = lowrank.summarize(reports)
-    assert p0 - s["params_saved"] == p1
-    assert m0 - s["macs_saved"] == m1
-    return p0 / p1, m0 / m1
 
 
 def test_compress_model_does_not_touch_the_input_model():

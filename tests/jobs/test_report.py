@@ -1,0 +1,32 @@
+"""The pure reporting parts: per-layer rows, Pareto flags, the printed summary."""
+from jobs.report import format_summary, layer_rows, pareto_table
+
+
+def test_layer_rows_list_built_layers_and_the_ones_left_dense_with_reasons():
+    reports = [{"name": "a", "method": "tucker2", "rank": [2, 3], "rel_error": 0.1, "params_before": 100,
+                "params_after": 40, "macs_before": 1000, "macs_after": 400, "seconds": 0.5,
+                "diagnostics": {"als": {"degenerate": False}}}]
+    statuses = [{"name": "a", "method": "tucker2", "status": "ok", "reason": "", "seconds": 0.7},
+                {"name": "b", "method": "tucker2", "status": "failed", "reason": "LowRankError: NaN", "seconds": 0.0}]
+    rows = layer_rows(reports, statuses)
+    assert [(r["layer"], r["status"]) for r in rows] == [("a", "ok"), ("b", "failed")]
+    assert rows[0]["rank"] == "[2, 3]" and rows[0]["seconds"] == 0.7 and rows[0]["diag.als.degenerate"] is False
+    assert rows[1]["reason"] == "LowRankError: NaN"
+
+
+def test_pareto_flags_mark_exactly_the_non_dominated_points():
+    rows = [{"model": "m", "method": "x", "compression_ratio": 2.0, "acc_ft": 0.9, "acc_pre": 0.95, "speedup_b1": 1.5},
+            {"model": "m", "method": "y", "compression_ratio": 3.0, "acc_ft": 0.8, "acc_pre": 0.95, "speedup_b1": 1.2},
+            {"model": "m", "method": "z", "compression_ratio": 1.5, "acc_ft": 0.85, "acc_pre": 0.95,
+             "speedup_b1": float("nan")}]
+    table = {r["method"]: r for r in pareto_table(rows)}
+    assert {k for k, r in table.items() if r["pareto_ratio"]} == {"dense", "x", "y"}  # z is dominated by x
+    assert {k for k, r in table.items() if r["pareto_latency"]} == {"dense", "x"}  # y is slower and worse than x
+    assert table["z"]["pareto_latency"] is None  # no measured speedup: not ranked
+
+
+def test_summary_marks_the_candidate():
+    row = {"model": "m", "method": "x", "compression_ratio": 2.0, "mac_ratio": 1.8, "acc_pre": 0.9, "acc_post": 0.5,
+           "acc_ft": 0.88, "degenerate_layers": 1, "registered_name": "lowrank-m", "version": "3"}
+    text = format_summary([row], {"lowrank-m": "3"})
+    assert "lowrank-m v3 *candidate" in text and "2.00" in text
