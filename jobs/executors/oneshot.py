@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import copy
 
-from ..tasks.compress import baseline_task, decompose_task, evaluate_task
+from ..tasks.compress import decompose_task, evaluate_task
+from .common import queue_baselines
 
 
 def run_oneshot(session, configs: list) -> None:
     say, spec = session.say, session.spec
-    by_model: dict[str, list] = {}
-    for c in configs:
-        by_model.setdefault(c.model.name, []).append(c)
-    for name, cfgs in by_model.items():
-        mp = cfgs[0].model
-        session.submit(baseline_task, session.env(cfgs[0]), spec.pretrain, mp.key, key=("base", name))
-        say(f"{name}: baseline queued ({'checkpoint' if mp.spec.checkpoint else 'pre-train or cache'})")
+    by_model = queue_baselines(session, configs)
     bases, total, done = {}, {}, {}
     for (kind, key), out in session.completed():
         if kind == "dec":

@@ -2,17 +2,13 @@
 task per configuration (its stages depend on each other), all in flight at once."""
 from __future__ import annotations
 
-from ..tasks.compress import baseline_task
 from ..tasks.staged import multistage_task
+from .common import queue_baselines
 
 
 def run_staged(session, configs: list) -> None:
     say, spec = session.say, session.spec
-    by_model: dict[str, list] = {}
-    for c in configs:
-        by_model.setdefault(c.model.name, []).append(c)
-    for name, cfgs in by_model.items():
-        session.submit(baseline_task, session.env(cfgs[0]), spec.pretrain, cfgs[0].model.key, key=("base", name))
+    by_model = queue_baselines(session, configs)
     bases = {}
     for (kind, key), out in session.completed():
         if isinstance(out, Exception):
