@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.tracking_uri:
             spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})
-        preflight(spec, args.spec or "default spec")
+        configs = preflight(spec, args.spec or "default spec")
         from .driver import run_sweep  # deferred on purpose: it loads Ray and MLflow, which `validate` never needs
 
-        result = run_sweep(spec)
+        result = run_sweep(spec, configs=configs)
         print()
         print(format_summary(result.rows, result.candidates))
         print(f"\n{result.registered} version(s) registered now, {result.skipped} already registered"

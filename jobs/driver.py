@@ -7,7 +7,7 @@ import time
 
 from . import spool
 from .executors import EXECUTORS
-from .plan import plan_sweep
+from .plan import Config, plan_sweep
 from .runtime import Progress, Session, SweepResult
 from .spec import SweepSpec
 from .tracking import Tracker
@@ -15,11 +15,12 @@ from .tracking import Tracker
 KIND_ORDER = ("scratch", "staged", "oneshot", "search")  # cheap-and-whole first, the search last
 
 
-def run_sweep(spec: SweepSpec, *, out=print) -> SweepResult:
+def run_sweep(spec: SweepSpec, *, configs: list[Config] | None = None, out=print) -> SweepResult:
+    """Run ``spec``; ``configs``: its plan when the caller already has it (pre-flight made it)."""
     say = Progress(out)
     t_start = time.perf_counter()
     tracker = Tracker(spec.mlflow.tracking_uri, spec.mlflow.experiment)  # creates the store once, before fan-out
-    configs = plan_sweep(spec)
+    configs = list(configs) if configs is not None else plan_sweep(spec)
     registered = {name: tracker.registered_hashes(name) for name in dict.fromkeys(c.registered_name for c in configs)}
     todo = [c for c in configs if c.config_hash not in registered[c.registered_name]]
     result = SweepResult(skipped=len(configs) - len(todo))

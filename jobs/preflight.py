@@ -10,12 +10,14 @@ import lowrank
 
 from .data import load_dataset
 from .models import build_model, load_checkpoint
-from .plan import plan_sweep, select
+from .plan import Config, plan_sweep, select
 from .spec import SpecError, SweepSpec, check_local_paths
 from .store import check_reachable
 
 
-def preflight(spec: SweepSpec, source: str = "spec") -> None:
+def preflight(spec: SweepSpec, source: str = "spec") -> list[Config]:
+    """Everything that can be checked before Ray or MLflow start; returns the sweep's plan (the
+    driver runs it instead of planning again)."""
     check_local_paths(spec, source)
     search = spec.compression.search if spec.compression else None
     if search is not None and search.latency_device == "cuda":
@@ -24,10 +26,10 @@ def preflight(spec: SweepSpec, source: str = "spec") -> None:
                             f"no CUDA device; accepted here: 'cpu'")
     check_reachable(spec.mlflow.tracking_uri)
     load_dataset(spec.dataset, spec.seed)  # DataError: missing, empty or unreadable data
-    check_models(spec, source)
+    return check_models(spec, source)
 
 
-def check_models(spec: SweepSpec, source: str = "spec") -> None:
+def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
     """What only the models can tell (no Ray, no MLflow, no data): checkpoints that do not fit,
     fixed ranks that do not fit a layer, layer patterns of stages that match nothing,
     from-scratch ranks and selections."""
@@ -45,7 +47,8 @@ def check_models(spec: SweepSpec, source: str = "spec") -> None:
         if unknown:
             raise SpecError(f"{source}: compression.rank.per_layer.{unknown[0]}: no layer of that name in "
                             f"{', '.join(m.name for m in spec.models)}")
-    for cfg in plan_sweep(spec):
+    configs = plan_sweep(spec)
+    for cfg in configs:
         model = models[cfg.model.name]
         for j, stage in enumerate(cfg.stages):
             if stage.patterns is not None and not stage.layers:
@@ -63,6 +66,7 @@ def check_models(spec: SweepSpec, source: str = "spec") -> None:
                 where = f"per_layer.{lp.name}" if lp.name in comp.rank.per_layer else "rank"
                 raise SpecError(f"{source}: compression.rank.{where}: {cfg.model.name} {lp.name} ({lp.method}): "
                                 f"{e}") from None
+    return configs
 
 
 def _check_scratch(fs, model, model_name: str, source: str) -> None:

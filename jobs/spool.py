@@ -89,7 +89,12 @@ def load(path: Path) -> tuple[dict, EvalResult]:
     payload = json.loads((path / "result.json").read_text())
     tensors = torch.load(path / "tensors.pt", map_location="cpu", weights_only=True)
     state = {k: tensors[f"state/{k}"] for k in payload["state_keys"]}
-    result = EvalResult(state_dict=state, factors=unpack_factors(tensors, payload["factors"]), **payload["result"])
+    # "out" is what versions before the typed results wrote: an entry spooled before an upgrade
+    # is still logged (fields it had that EvalResult has not are dropped)
+    rest = payload["result"] if "result" in payload else payload["out"]
+    known = {f.name for f in dataclasses.fields(EvalResult)}
+    result = EvalResult(state_dict=state, factors=unpack_factors(tensors, payload["factors"]),
+                        **{k: v for k, v in rest.items() if k in known})
     base = payload["base"]
     base["input_shape"] = tuple(base["input_shape"])
     return base, result

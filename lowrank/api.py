@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ._checks import check_finite, resolve_device
-from .errors import LowRankError, UnsupportedLayerError
+from .errors import UnsupportedLayerError
 from .ranks import RankRule, normalize_rank
 from .registry import KernelShape, get_method
 
@@ -69,10 +69,7 @@ def factorize_with_factors(module: nn.Module, method: str, rank, **options):
     rule = RankRule.of(rank, **settings)
     allow_larger = bool(options.pop("allow_larger", False))
     groups = getattr(module, "groups", 1)
-    r = rule.rank if rule.strategy == "fixed" else rule.resolve(module, method, groups=groups,
-                                                                  allow_larger=allow_larger)
-    if r is None:
-        raise LowRankError("strategy 'fixed' needs rank=<int> (or a pair (R3, R4) for tucker2)")
+    r = rule.resolve(module, method, groups=groups, allow_larger=allow_larger)
     factors = decompose(module.weight, method, r, groups=groups, allow_larger=allow_larger, **options)
     return m.build(module, factors), factors
 

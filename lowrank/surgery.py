@@ -123,17 +123,15 @@ def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: b
         in_shape = shapes.get(name)
         if in_shape is not None:
             rep.macs_before = count(module, in_shape)[1]
-        if isinstance(rank, str) and in_shape is not None and len(in_shape) == 4 and rank == "ratio":
-            options.setdefault("input_size", tuple(in_shape[2:]))
-        if isinstance(rank, RankRule) and rank.strategy == "ratio" and rank.input_size is None \
-                and in_shape is not None and len(in_shape) == 4:
-            rank = RankRule.of(rank, input_size=tuple(in_shape[2:]))
         t0 = time.perf_counter()
         try:
             get_method(method)
-            new, factors = factorize_with_factors(module, method, rank, **options)
+            rule = RankRule.of(rank, **{k: options.pop(k) for k in RankRule.keywords() if k in options})
+            if rule.strategy == "ratio" and rule.input_size is None and in_shape is not None and len(in_shape) == 4:
+                rule = RankRule.of(rule, input_size=tuple(in_shape[2:]))  # what a MAC target counts with
+            new, factors = factorize_with_factors(module, method, rule, **options)
         except RankTooLargeError as e:
-            if not isinstance(rank, str) and on_error == "raise":
+            if rule.strategy == "fixed" and on_error == "raise":
                 raise
             rep.status, rep.reason = "skipped", str(e)
         except (LowRankError, UnsupportedLayerError, RuntimeError, ValueError, MemoryError) as e:

@@ -57,10 +57,10 @@ class SearchedModel:
     def plan(self):
         return self.cfgs[0]
 
-
-def fail(session, m: SearchedModel, what: str, err: Exception) -> None:
-    session.fail(f"{m.name}: {what}", err)
-    m.failed = session.result.failed[-1]
+    def fail(self, session, what: str, err: Exception) -> None:
+        """Record this model's failure (its other stages are skipped; other models go on)."""
+        session.fail(f"{self.name}: {what}", err)
+        self.failed = session.result.failed[-1]
 
 
 def run_search(session, configs: list) -> None:
@@ -78,7 +78,7 @@ def run_search(session, configs: list) -> None:
     outs = session.gather([(baseline_task, m.env, session.spec.pretrain, m.plan.model.key) for m in ms])
     for m, base in zip(ms, outs):
         if isinstance(base, Exception):
-            fail(session, m, "baseline", base)
+            m.fail(session, "baseline", base)
             continue
         m.base, m.base_ref = base, session.put(base.state_dict)
     ms = [m for m in ms if not m.failed]
@@ -119,7 +119,6 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
     jobs = []  # (model, layer name) per screening task
     for m in ms:
         cfg = m.plan
-        model = m.env.build(m.base.state_dict)
         key = stable_hash({"model_key": cfg.model.key, "layers": list(cfg.candidates), "methods": list(cfg.methods),
                            "ratios": search.candidate_ratios, "vbmf": vbmf, "options": cfg.options,
                            "loss": search.loss, "val": search.val_batches, "bn": search.bn_batches,
@@ -131,6 +130,7 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
             m.acc0, m.cached = meta.get("acc0"), True
             say(f"{m.name}: screening table reused from {m.cache_path} ({sum(map(len, m.rows.values()))} rows)")
             continue
+        model = m.env.build(m.base.state_dict)
         shapes = lowrank.layer_input_shapes(model, list(cfg.candidates), m.base.input_shape)
         say(f"{m.name}: screening {len(cfg.candidates)} layers x {len(cfg.methods)} methods x "
             f"{len(search.candidate_ratios)} ratios{' + VBMF ranks' if vbmf is not None else ''}")
@@ -139,7 +139,7 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
     for (m, call), s in zip(jobs, session.gather([call for _, call in jobs])):
         if isinstance(s, Exception):
             if not m.failed:
-                fail(session, m, f"screening {call[1]}", s)
+                m.fail(session, f"screening {call[1]}", s)
             continue
         m.rows[call[1]] = [r for r in s["rows"] if r["status"] == "ok"]
     todo = [m for m in ms if not m.cached and not m.failed]
@@ -163,7 +163,7 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
     for (m, n, i), o in zip(probes, outs):
         if isinstance(o, Exception):
             if not m.failed:
-                fail(session, m, f"sensitivity {n or 'dense'}", o)
+                m.fail(session, f"sensitivity {n or 'dense'}", o)
         elif n is None:
             m.acc0 = o["acc"]
     for (m, n, i), o in zip(probes, outs):

@@ -24,8 +24,7 @@ def tolerance(session, ms: list, search) -> dict[str, dict]:
     for m, o in zip(need, session.gather([(sensitivity_task, m.env, m.base_ref, None, None, search.val_batches,
                                            search.bn_batches) for m in need])):
         if isinstance(o, Exception):
-            session.fail(f"{m.name}: dense probe", o)
-            m.failed = session.result.failed[-1]
+            m.fail(session, "dense probe", o)
         else:
             m.acc0 = o["acc"]
     session.say(f"tolerance: bisecting {len(state)} (layer, method) pairs, up to {search.tolerance_steps} probes "

@@ -1,5 +1,6 @@
 """The plan, without Ray or MLflow: the spec in lowrank's terms, stable config hashes."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -88,5 +89,5 @@ def test_params_are_derived_from_the_plan():
 def test_method_options_are_typed_and_range_checked_at_validation(options, expected):
     from jobs.spec import SpecError
 
-    with pytest.raises(SpecError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SpecError, match=re.escape(expected)):
         _tiny(options=options)

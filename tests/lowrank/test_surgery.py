@@ -24,3 +24,13 @@ def test_import_lowrank_loads_no_job_stack():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_strategy_rank_that_would_grow_the_layer_is_skipped_in_every_spelling():
+    """A rank chosen by a strategy (by name or as a RankRule, in a LayerPlan) that cannot make the
+    layer smaller leaves it dense with the reason; only a fixed rank the caller gave raises."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    rule = lowrank.RankRule("ratio", ratio=50)
+    for entry in (("cp3", "ratio", {"ratio": 50}), lowrank.LayerPlan("1", "cp3", rule), ("cp3", rule)):
+        _, [rep] = lowrank.compress_model(model, {"1": entry}, input_shape=(3, 12, 12))
+        assert rep.status == "skipped" and "not reachable" in rep.reason
