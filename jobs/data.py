@@ -96,7 +96,12 @@ class _Images(Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        img, label = self.base[i]
+        try:
+            img, label = self.base[i]
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
+            path = self.base.samples[i][0]
+            raise DataError(f"image {path!r} cannot be decoded ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:120]})") from None
         return _to_images(img.unsqueeze(0), self.size)[0], label
 
 
@@ -108,6 +113,9 @@ def _imagefolder(spec: DatasetSpec, seed: int):
         raise DataError(f"image folder {str(spec.root)!r} has no usable images: {e}") from None
     if len(base) < 2:
         raise DataError(f"image folder {str(spec.root)!r} has {len(base)} image(s); need at least 2")
+    if len(base.classes) < 2:
+        raise DataError(f"image folder {str(spec.root)!r} has {len(base.classes)} class folder(s) "
+                        f"({', '.join(base.classes)}); a classifier needs at least 2 (one sub-folder per class)")
     ds = _Images(base, spec.input_size)
     tr, va = _split(len(ds), spec.val_fraction, seed)
     return Subset(ds, tr), Subset(ds, va), len(base.classes)
@@ -125,6 +133,16 @@ def _load_cached(spec_json: str, seed: int):
     if spec.limit_val is not None and spec.limit_val < len(val):
         val = Subset(val, range(spec.limit_val))
     return train, val, n_classes
+
+
+def check_sample(spec: DatasetSpec, seed: int = 0, n: int = 16) -> None:
+    """Decode ``n`` samples spread over both splits (DataError naming the first unreadable file)."""
+    train, val, _ = load_dataset(spec, seed)
+    for ds in (train, val):
+        for i in sorted({int(j * (len(ds) - 1) / max(n // 2 - 1, 1)) for j in range(n // 2)}):
+            x, _ = ds[i]
+            if not torch.isfinite(x).all():
+                raise DataError(f"sample {i} of the {spec.kind} data decodes to non-finite values")
 
 
 def load_dataset(spec: DatasetSpec, seed: int = 0):

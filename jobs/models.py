@@ -91,5 +91,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
             parts.append("shape mismatch: " + few([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                    for k in mismatched]))
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: " + "; ".join(parts))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite weights (NaN or inf) in {len(bad)} "
+                              f"tensor(s), first {bad[0]!r}; accepted: finite weights")
     model.load_state_dict(state)
     return model

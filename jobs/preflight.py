@@ -8,11 +8,11 @@ import torch
 
 import lowrank
 
-from .data import load_dataset
+from .data import check_sample, load_dataset
 from .models import build_model, load_checkpoint
 from .plan import Config, plan_sweep, select
 from .spec import SpecError, SweepSpec, check_local_paths
-from .store import check_reachable
+from .store import check_reachable, check_tracking_uri
 
 
 def preflight(spec: SweepSpec, source: str = "spec") -> list[Config]:
@@ -24,8 +24,14 @@ def preflight(spec: SweepSpec, source: str = "spec") -> list[Config]:
         if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
             raise SpecError(f"{source}: compression.search.latency_device: 'cuda' requested but this machine has "
                             f"no CUDA device; accepted here: 'cpu'")
-    check_reachable(spec.mlflow.tracking_uri)
-    load_dataset(spec.dataset, spec.seed)  # DataError: missing, empty or unreadable data
+    check_tracking_uri(spec.mlflow.tracking_uri)  # SpecError: a scheme MLflow cannot use, a folder that cannot be
+    check_reachable(spec.mlflow.tracking_uri)     # TrackingUnavailableError / TrackingAuthError: server away, refused
+    _, _, classes = load_dataset(spec.dataset, spec.seed)  # DataError: missing, empty, one class, unreadable
+    check_sample(spec.dataset, spec.seed)
+    for i, m in enumerate(spec.models):
+        if m.num_classes < classes:
+            raise SpecError(f"{source}: models.{i}.num_classes: {m.name} has {m.num_classes} outputs but the data set "
+                            f"has {classes} classes; accepted: num_classes >= {classes}")
     return check_models(spec, source)
 
 
@@ -35,12 +41,19 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
     from-scratch ranks and selections."""
     comp = spec.compression
     models = {}
-    for m in spec.models:
+    for i, m in enumerate(spec.models):
         model = models[m.name] = build_model(m.name, m.num_classes)
         if m.checkpoint is not None:
-            load_checkpoint(model, m.checkpoint)  # CheckpointError: truncated, corrupted, wrong architecture
+            load_checkpoint(model, m.checkpoint)  # CheckpointError: truncated, corrupted, wrong architecture, NaN
+        dry_forward(model, m.num_classes, spec.dataset.input_size, f"{source}: models.{i}")
         if spec.from_scratch is not None:
             _check_scratch(spec.from_scratch, model, m.name, source)
+        if comp is not None:
+            for method in comp.methods:
+                if not select(model, method, m.layers or comp.layers):
+                    where = f"models.{i}.layers" if m.layers else "compression.layers"
+                    raise SpecError(f"{source}: {where}: selects no layer of {m.name} that {method} applies to "
+                                    f"(nothing would be compressed); layers are: {_layer_names(model)}")
     if comp is not None and comp.rank.per_layer:
         seen = {n for model in models.values() for n, _ in model.named_modules()}
         unknown = sorted(set(comp.rank.per_layer) - seen)
@@ -67,6 +80,30 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
                 raise SpecError(f"{source}: compression.rank.{where}: {cfg.model.name} {lp.name} ({lp.method}): "
                                 f"{e}") from None
     return configs
+
+
+def dry_forward(model, num_classes: int, size: int, where: str) -> None:
+    """The model must run at the data's input size and give finite scores, one per class."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model is the answer
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SpecError(f"{where}: {type(model).__name__} cannot run at the data's input size {size}x{size} "
+                        f"({type(e).__name__}: {first}); accepted: a dataset.input_size the model can take") from None
+    if not torch.is_tensor(out) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise SpecError(f"{where}: {type(model).__name__} returns {shape} for a batch of 2 at {size}x{size}; "
+                        f"accepted: (batch, num_classes) = (2, {num_classes})")
+    if not torch.isfinite(out).all():
+        raise SpecError(f"{where}: {type(model).__name__} gives non-finite outputs (NaN or inf) at {size}x{size}; "
+                        f"its weights or checkpoint are broken")
+
+
+def _layer_names(model) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
 
 
 def _check_scratch(fs, model, model_name: str, source: str) -> None:

@@ -5,24 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .models import available_models
 from .spec_compression import (STRATEGY_FIELDS, CompressionSpec, FromScratchSpec, LayerSelection, RankSpec,
-                               SearchSpec, StagesSpec, TuneSpec)
+                               SearchSpec, StagesSpec, TuneSpec, _Strict)
 
 DEFAULT_SPEC = Path(__file__).with_name("default_sweep.yaml")
+_NAME_CHARS = r"^[A-Za-z0-9_.-]*$"  # registered model names: letters, digits, '_', '.', '-'
+MAX_SPEC_BYTES = 1 << 20
 
 
 class SpecError(ValueError):
     """A spec that cannot run; the message is one line naming the key and what is accepted."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 __all__ = ["CompressionSpec", "FromScratchSpec", "LayerSelection", "RankSpec", "SearchSpec", "StagesSpec", "TuneSpec",
@@ -33,7 +31,7 @@ __all__ = ["CompressionSpec", "FromScratchSpec", "LayerSelection", "RankSpec", "
 
 class ModelSpec(_Strict):
     name: str = Field(description="torchvision architecture (resnet18, vgg16, ...) or 'smallcnn'")
-    num_classes: int = Field(10, ge=2, description="classifier outputs")
+    num_classes: int = Field(10, ge=2, le=100_000, description="classifier outputs")
     checkpoint: Path | None = Field(None, description="state dict file, loaded with torch.load(weights_only=True)")
     layers: LayerSelection | None = Field(None, description="overrides compression.layers for this model")
 
@@ -55,8 +53,8 @@ class DatasetSpec(_Strict):
     root: Path | None = Field(None, description="data folder for cifar10 / imagefolder")
     input_size: int = Field(32, ge=8, le=512, description="images are resized to input_size x input_size")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="validation split (digits, imagefolder)")
-    batch_size: int = Field(64, ge=1, description="batch size for training and evaluation")
-    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    batch_size: int = Field(64, ge=1, le=65_536, description="batch size for training and evaluation")
+    workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
     limit_train: int | None = Field(None, ge=1, description="use at most this many training samples")
     limit_val: int | None = Field(None, ge=1, description="use at most this many validation samples")
 
@@ -68,39 +66,47 @@ class DatasetSpec(_Strict):
 
 
 class PretrainSpec(_Strict):
-    epochs: int = Field(3, ge=0, description="training epochs when no checkpoint is given")
-    lr: float = Field(0.05, gt=0, description="learning rate")
+    epochs: int = Field(3, ge=0, le=1000, description="training epochs when no checkpoint is given")
+    lr: float = Field(0.05, gt=0, le=10, description="learning rate")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer")
     cache_dir: Path = Field(Path(".cache/pretrained"), description="pre-trained weights cached by content hash")
 
 
 class FinetuneSpec(_Strict):
-    epochs: int = Field(1, ge=0, description="fine-tuning epochs after compression")
+    epochs: int = Field(1, ge=0, le=1000, description="fine-tuning epochs after compression")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer")
-    lr: float = Field(0.005, gt=0, description="learning rate (about 0.1x the pre-training one)")
+    lr: float = Field(0.005, gt=0, le=10, description="learning rate (about 0.1x the pre-training one)")
     bn_recalibration: bool = Field(True, description="recompute BatchNorm statistics before fine-tuning")
-    bn_batches: int = Field(20, ge=1, description="training batches used for BN recalibration")
+    bn_batches: int = Field(20, ge=1, le=100_000, description="training batches used for BN recalibration")
 
 
 class ResourcesSpec(_Strict):
-    cpus_per_task: float = Field(1, gt=0, description="CPUs per Ray task")
+    cpus_per_task: float = Field(1, gt=0, description="CPUs per Ray task (checked against the cluster's nodes)")
     gpus_per_task: float = Field(0, ge=0, description="GPUs per Ray task (fractions allowed); 0 = CPU")
+    memory_per_task_gb: float | None = Field(None, gt=0, description="memory reserved per Ray task, GiB")
     max_concurrent: int | None = Field(None, ge=1, description="most tasks in flight at once")
+    autoscaling: bool = Field(False, description="the cluster adds nodes on demand: a request no node can serve "
+                                                 "yet is waited for (schedule_timeout_s) instead of refused")
+    schedule_timeout_s: float = Field(600, gt=0, le=86_400, description="autoscaling: how long to wait for a node "
+                                                                        "that can run a task, then exit 1")
 
 
 class MlflowSpec(_Strict):
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (also the registry)")
-    experiment: str = Field("lowrank-sweeps", min_length=1, description="experiment name")
-    registered_model_prefix: str = Field("lowrank-", description="registered model = prefix + model name")
-    registered_names: dict[str, str] = Field(default_factory=dict, description="explicit registered names per model")
+    tracking_uri: str = Field("sqlite:///mlflow.db", min_length=1, max_length=2048, description="MLflow tracking URI (also the registry)")
+    experiment: str = Field("lowrank-sweeps", min_length=1, max_length=256, description="experiment name")
+    registered_model_prefix: str = Field("lowrank-", pattern=_NAME_CHARS, max_length=100,
+                                         description="registered model = prefix + model name")
+    registered_names: dict[str, Annotated[str, Field(pattern=_NAME_CHARS, min_length=1, max_length=200)]] = Field(
+        default_factory=dict, description="explicit registered names per model")
 
     def registered_name(self, model: str) -> str:
         return self.registered_names.get(model, f"{self.registered_model_prefix}{model}")
 
 
 class SweepSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="sweep name (tag on every run)")
-    seed: int = Field(0, description="seed for data split, training and decompositions")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+                      description="sweep name (tag on every run)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for data split, training and decompositions")
     models: list[ModelSpec] = Field(min_length=1, description="models to compress")
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="data for training and evaluation")
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec, description="pre-training without a checkpoint")
@@ -144,7 +150,7 @@ class SweepSpec(_Strict):
 def _format_error(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-    msg = e["msg"].removeprefix("Value error, ")
+    msg = (e["msg"].removeprefix("Value error, ").splitlines() or [""])[0]
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
@@ -163,10 +169,19 @@ def parse_spec(data, source: str = "spec") -> SweepSpec:
 def load_spec(path: str | Path | None = None) -> SweepSpec:
     """Read and validate a spec file (``None``: the embedded default sweep)."""
     p = Path(path) if path is not None else DEFAULT_SPEC
-    if not p.is_file():
-        raise SpecError(f"spec file {str(p)!r} does not exist")
+    if not _is_file(p):
+        raise SpecError(f"spec file {str(p)[:200]!r} does not exist or is not a file")
+    raw = p.read_bytes()[:MAX_SPEC_BYTES + 1]
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{p}: is larger than {MAX_SPEC_BYTES >> 20} MiB; a sweep spec is a small YAML text file")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{p}: is not a text file (byte {e.start}: {e.reason}); a sweep spec is UTF-8 YAML") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -178,11 +193,21 @@ def check_local_paths(spec: SweepSpec, source: str = "spec") -> None:
     """Files the spec names must exist where it runs (kept out of the schema so that cluster
     specs, whose paths live on the cluster, still validate elsewhere with ``--schema-only``)."""
     for i, m in enumerate(spec.models):
-        if m.checkpoint is not None and not Path(m.checkpoint).is_file():
-            raise SpecError(f"{source}: models.{i}.checkpoint: checkpoint file {str(m.checkpoint)!r} does not exist")
+        if m.checkpoint is not None and not _is_file(m.checkpoint):
+            raise SpecError(f"{source}: models.{i}.checkpoint: checkpoint file {str(m.checkpoint)[:200]!r} does not "
+                            f"exist")
     d = spec.dataset
-    if d.kind != "digits" and not Path(d.root).is_dir():
-        raise SpecError(f"{source}: dataset.root: {str(d.root)!r} is not a folder (kind {d.kind!r} reads a local folder)")
+    if d.kind != "digits" and not _is_file(d.root, folder=True):
+        raise SpecError(f"{source}: dataset.root: {str(d.root)[:200]!r} is not a folder (kind {d.kind!r} reads a "
+                        f"local folder)")
+
+
+def _is_file(path, folder: bool = False) -> bool:
+    """``is_file``/``is_dir`` that answers False for names the OS refuses (too long, NUL bytes)."""
+    try:
+        return Path(path).is_dir() if folder else Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def stable_hash(obj, n: int = 16) -> str:

@@ -11,7 +11,9 @@ import lowrank
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys refused; every float finite (a ``.nan`` or ``.inf`` in YAML is an error)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LayerSelection(_Strict):
@@ -31,7 +33,7 @@ class RankSpec(_Strict):
     target: Literal["params", "macs"] = Field("params", description="ratio: count parameters or MACs")
     energy: float | None = Field(None, description="energy: fraction of squared singular values kept, (0, 1]")
     weakening: float = Field(1.0, ge=0, le=1, description="vbmf: R = Rmax - k (Rmax - Rvbmf); 1 = plain VBMF")
-    min_rank: int = Field(1, ge=1, description="vbmf/energy: never below this rank")
+    min_rank: int = Field(1, ge=1, le=1_000_000, description="vbmf/energy: never below this rank")
 
     @model_validator(mode="after")
     def _needs(self):
@@ -54,10 +56,10 @@ STRATEGY_FIELDS = {  # the search fields each strategy's result depends on (its 
 
 
 class TuneSpec(_Strict):
-    trials: int = Field(6, ge=2, description="configurations tried near the budget solution (the first is it)")
-    noise: float = Field(0.5, ge=0, description="log-normal sigma applied to the per-layer losses to draw neighbours")
-    grace_epochs: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
-    reduction_factor: int = Field(2, ge=2, description="ASHA: keep the best 1/reduction_factor at each rung")
+    trials: int = Field(6, ge=2, le=1000, description="configurations tried near the budget solution (the first is it)")
+    noise: float = Field(0.5, ge=0, le=10, description="log-normal sigma applied to the per-layer losses to draw neighbours")
+    grace_epochs: int = Field(1, ge=1, le=1000, description="ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: int = Field(2, ge=2, le=100, description="ASHA: keep the best 1/reduction_factor at each rung")
 
 
 class SearchSpec(_Strict):
@@ -75,8 +77,8 @@ class SearchSpec(_Strict):
         "sensitivity", description="sensitivity: measured accuracy drop with only that layer compressed (after BN "
                                    "recalibration); error: squared relative weight error")
     latency_device: Literal["cpu", "cuda"] = Field("cpu", description="device the latency target is measured on")
-    val_batches: int = Field(4, ge=1, description="validation batches per sensitivity probe")
-    bn_batches: int = Field(5, ge=1, description="training batches for BN recalibration per probe")
+    val_batches: int = Field(4, ge=1, le=100_000, description="validation batches per sensitivity probe")
+    bn_batches: int = Field(5, ge=1, le=100_000, description="training batches for BN recalibration per probe")
     epsilon: float | None = Field(None, description="tolerance: the largest accuracy drop (top-1, a fraction) one "
                                                     "layer may cause")
     tolerance_steps: int = Field(5, ge=1, le=20, description="tolerance: bisection probes per layer and method")
@@ -127,7 +129,7 @@ class StagesSpec(_Strict):
     ratios: list[float] | None = Field(None, description="per-layer parameter ratio after each stage, increasing; "
                                                          "the last is compression.rank.ratio")
     layers: list[list[str]] | None = Field(None, description="glob patterns of the layers each stage compresses")
-    epochs: int = Field(1, ge=0, description="fine-tuning epochs after each stage but the last (the last uses "
+    epochs: int = Field(1, ge=0, le=1000, description="fine-tuning epochs after each stage but the last (the last uses "
                                              "finetune.epochs)")
 
     def schedule(self, rank) -> list[tuple[list[str] | None, float | None]]:
@@ -210,8 +212,8 @@ class FromScratchSpec(_Strict):
     ratio: float | None = Field(None, description="per-conv parameter ratio of the low-rank form (>= 1)")
     rank: int | None = Field(None, ge=1, description="or one rank K for every converted conv")
     layers: LayerSelection = Field(default_factory=LayerSelection, description="which convs take the low-rank form")
-    epochs: int = Field(4, ge=1, description="training epochs, the same for both models")
-    lr: float = Field(0.05, gt=0, description="learning rate")
+    epochs: int = Field(4, ge=1, le=1000, description="training epochs, the same for both models")
+    lr: float = Field(0.05, gt=0, le=10, description="learning rate")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer")
 
     @model_validator(mode="after")

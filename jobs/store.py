@@ -3,13 +3,17 @@ checked before any compute, calls retried while a server is briefly away, and th
 to a new sqlite store serialised."""
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from .spec import SpecError
 
 SECRET_MARKERS = ("TOKEN", "PASSWORD", "SECRET", "KEY", "CREDENTIAL", "AUTH")
 
@@ -32,22 +36,75 @@ class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking server cannot be reached."""
 
 
+class TrackingAuthError(ValueError):
+    """The MLflow tracking server refused the credentials (bad input: exit 2)."""
+
+
+SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """The URI's scheme is one MLflow can track to, and a local store's folder can be created."""
+    where = f"mlflow.tracking_uri {uri[:120]!r}"
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0].lower() if "://" in uri or uri.startswith("file:") else ""
+    if scheme and scheme not in SCHEMES:
+        raise SpecError(f"{where}: unknown scheme {scheme!r}; accepted: {', '.join(SCHEMES)} or a local folder path")
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise SpecError(f"{where}: a sqlite URI names a file: sqlite:///relative.db or sqlite:////absolute.db")
+        folder = Path(uri[len("sqlite:///"):]).parent
+    elif scheme in ("", "file"):
+        folder = Path(urllib.parse.urlsplit(uri).path if scheme else uri)
+    else:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError("not writable")
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{where}: the local store's folder {str(folder)[:120]!r} cannot be created or written "
+                        f"({getattr(e, 'strerror', None) or e})") from None
+
+
+def _auth_header() -> dict:
+    """What MLflow's client sends: basic auth from MLFLOW_TRACKING_USERNAME/PASSWORD, or a bearer token."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    return {}
+
+
 def check_reachable(tracking_uri: str, attempts: int = 3, timeout: float = 3.0) -> None:
-    """For an http(s) tracking URI, the server must answer ``/health`` before any compute."""
+    """For an http(s) tracking URI, the server must answer ``/health`` and accept this process's
+    credentials (an authenticated read) before any compute."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
-    url = tracking_uri.rstrip("/") + "/health"
+    base = tracking_uri.rstrip("/")
     last = ""
     for i in range(attempts):
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
+            with urllib.request.urlopen(base + "/health", timeout=timeout) as r:
                 if r.status == 200:
-                    return
+                    break
                 last = f"HTTP {r.status}"
         except (urllib.error.URLError, OSError) as e:
             last = str(getattr(e, "reason", e))
         time.sleep(0.5 * 2**i)
-    raise TrackingUnavailableError(f"MLflow server {tracking_uri} is unreachable ({last}); nothing was started")
+    else:
+        raise TrackingUnavailableError(f"MLflow server {tracking_uri} is unreachable ({last}); nothing was started")
+    req = urllib.request.Request(base + "/api/2.0/mlflow/experiments/search?max_results=1", headers=_auth_header())
+    try:
+        urllib.request.urlopen(req, timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            given = "the credentials given were refused" if _auth_header() else "no credentials were given"
+            raise TrackingAuthError(
+                f"MLflow server {tracking_uri} answered HTTP {e.code}: {given}; set MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN); nothing was started") from None
+    except (urllib.error.URLError, OSError):
+        pass  # reachable a moment ago: the run's own retries take it from here
 
 
 def with_retries(fn, *, what: str, attempts: int = 6, first_delay: float = 1.0, say=None):

@@ -1,0 +1,189 @@
+"""Schema fuzz: every numeric field of the spec set to NaN, inf, -1, 0 and 10**12, every string
+field to empty, 10,000 characters and non-UTF-8 bytes, and random key deletions. ``python -m jobs
+validate`` (in-process, so it stays fast) answers each with exit 0 or 2 and at most one line,
+never a traceback.
+
+The fields are read from the pydantic schema itself, so a field added later is fuzzed too; the
+base specs together hold every section (search, stages, from_scratch, tune)."""
+import copy
+import random
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from jobs.cli import main
+from jobs.spec import SweepSpec
+
+NUMBERS = [float("nan"), float("inf"), -1, 0, 10**12]
+STRINGS = ["", "x" * 10_000, b"\xff\xfe\x80 not utf-8"]
+
+
+def _base_search(folder: Path) -> dict:
+    return {
+        "name": "fuzz", "seed": 0,
+        "models": [{"name": "smallcnn", "num_classes": 10, "checkpoint": None,
+                    "layers": {"include": ["features.*"], "exclude": ["features.99"], "skip_first": True, "pointwise_method": "svd"}}],
+        "dataset": {"kind": "digits", "root": None, "input_size": 16, "val_fraction": 0.2, "batch_size": 32, "workers": 0,
+                    "limit_train": 100, "limit_val": 50},
+        "pretrain": {"epochs": 1, "lr": 0.05, "optimizer": "sgd", "cache_dir": str(folder / "cache")},
+        "compression": {
+            "methods": ["tucker2", "cp3-epc"],
+            "rank": {"strategy": "ratio", "rank": None, "per_layer": {}, "ratio": 2.0, "target": "params",
+                     "energy": None, "weakening": 1.0, "min_rank": 1},
+            "layers": {"include": ["*"], "exclude": ["fc*"], "skip_first": True, "pointwise_method": None},
+            "options": {"tucker2": {"n_iter_max": 5, "tol": 1e-4},
+                        "cp3-epc": {"init": "svd", "seed": 0, "n_iter_max": 10, "tol": 1e-8, "epc_objective": "norm",
+                                    "epc_max_sweeps": 5, "epc_tol": 1e-7, "epc_target": 0.5}},
+            "search": {"strategies": ["budget", "uniform", "vbmf", "tolerance", "tune"], "target": "params",
+                       "ratio": 2.0, "candidate_ratios": [1.5, 2.0, 3.0], "loss": "sensitivity",
+                       "latency_device": "cpu", "val_batches": 2, "bn_batches": 2, "epsilon": 0.02,
+                       "tolerance_steps": 3, "vbmf_weakening": 0.5,
+                       "tune": {"trials": 3, "noise": 0.5, "grace_epochs": 1, "reduction_factor": 2}},
+        },
+        "finetune": {"epochs": 1, "optimizer": "sgd", "lr": 0.005, "bn_recalibration": True, "bn_batches": 5},
+        "resources": {"cpus_per_task": 1, "gpus_per_task": 0, "memory_per_task_gb": 1.0, "max_concurrent": 4,
+                      "autoscaling": False, "schedule_timeout_s": 60},
+        "mlflow": {"tracking_uri": f"sqlite:///{folder}/mlflow.db", "experiment": "fuzz",
+                   "registered_model_prefix": "lowrank-", "registered_names": {"smallcnn": "fuzz-small"}},
+    }
+
+
+def _base_stages(folder: Path) -> dict:
+    d = _base_search(folder)
+    d["compression"]["methods"] = ["tucker2"]
+    del d["compression"]["options"]["cp3-epc"]
+    d["compression"]["search"] = None
+    d["compression"]["stages"] = {"count": 2, "ratios": [1.5, 2.0], "layers": None, "epochs": 1}
+    d["from_scratch"] = {"ratio": 2.0, "rank": None, "layers": {"include": ["features.*"], "exclude": ["fc"], "skip_first": True,
+                                                          "pointwise_method": None}, "epochs": 1, "lr": 0.05,
+                         "optimizer": "sgd"}
+    return d
+
+
+def _leaves(obj, path=()):
+    """Every (path, value) of a nested dict/list."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path, obj
+
+
+def _set(data, path, value):
+    for p in path[:-1]:
+        data = data[p]
+    data[path[-1]] = value
+
+
+def _delete(data, path):
+    for p in path[:-1]:
+        data = data[p]
+    del data[path[-1]]
+
+
+def _schema_fields(model: type[BaseModel], prefix=()) -> set[tuple]:
+    """Paths of every field of the schema (list indexes and dict keys as '*')."""
+    out = set()
+    for name, f in model.model_fields.items():
+        out.add(prefix + (name,))
+        for t in _model_types(f.annotation):
+            out |= _schema_fields(t, prefix + (name,))
+    return out
+
+
+def _model_types(ann):
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [t for a in typing.get_args(ann) for t in _model_types(a)]
+
+
+def _dump(path: Path, data) -> None:
+    text = yaml.safe_dump(data, allow_unicode=True, width=10**9)
+    raw = text.encode("utf-8")
+    # bytes values were dumped as !!binary: put the raw bytes in the file instead (a non-UTF-8 spec)
+    raw = raw.replace(b"!!binary |\n", b"").replace(b"!!binary", b"")
+    path.write_bytes(raw.replace(b"__RAW__", b"\xff\xfe\x80"))
+
+
+def _answer(capsys, path) -> tuple[int, str]:
+    rc = main(["validate", str(path)])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def _cases(base: dict):
+    for path, value in _leaves(base):
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) or value is None:
+            for v in NUMBERS:
+                yield path, v
+        if isinstance(value, str) or value is None:
+            for v in STRINGS:
+                yield path, ("__RAW__" if isinstance(v, bytes) else v)
+
+
+@pytest.mark.parametrize("which", ["search", "stages"])
+def test_every_field_fuzzed_answers_in_one_line(tmp_path, capsys, which):
+    base = (_base_search if which == "search" else _base_stages)(tmp_path)
+    p = tmp_path / "spec.yaml"
+    _dump(p, base)
+    rc, text = _answer(capsys, p)
+    assert rc == 0, text  # the base itself is valid
+    seen = 0
+    for path, value in _cases(base):
+        data = copy.deepcopy(base)
+        _set(data, path, value)
+        _dump(p, data)
+        rc, text = _answer(capsys, p)
+        where = ".".join(map(str, path))
+        assert rc in (0, 2), f"{where}={str(value)[:30]!r}: exit {rc}: {text[-400:]}"
+        assert "Traceback" not in text, f"{where}={str(value)[:30]!r}: {text[-800:]}"
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert len(lines) <= 1, f"{where}={str(value)[:30]!r}: {len(lines)} lines: {text[:400]}"
+        if isinstance(value, float) and (value != value or value == float("inf")):
+            assert rc == 2, f"{where}={value}: a non-finite number was accepted"
+        seen += 1
+    assert seen > 150
+
+
+def test_random_key_deletions_answer_in_one_line(tmp_path, capsys):
+    rng = random.Random(0)
+    base = _base_search(tmp_path)
+    paths = [p for p, _ in _leaves(base) if isinstance(p[-1], str)]
+    p = tmp_path / "spec.yaml"
+    for _ in range(60):
+        data = copy.deepcopy(base)
+        for path in rng.sample(paths, rng.randint(1, 4)):
+            try:
+                _delete(data, path[: rng.randint(1, len(path))])
+            except (KeyError, TypeError, IndexError):
+                pass
+        _dump(p, data)
+        rc, text = _answer(capsys, p)
+        assert rc in (0, 2) and "Traceback" not in text, text[-800:]
+        assert len([line for line in text.splitlines() if line.strip()]) <= 1, text[:400]
+
+
+def test_the_bases_hold_every_field_of_the_schema(tmp_path):
+    fuzzed = set()
+    for base in (_base_search(tmp_path), _base_stages(tmp_path)):
+        for path, _ in _leaves(base):
+            fuzzed |= {tuple(p for p in path[:i] if isinstance(p, str)) for i in range(1, len(path) + 1)}
+    missing = {p for p in _schema_fields(SweepSpec)
+               if p not in fuzzed and p[-1] not in ("per_layer", "registered_names")}
+    # registered_names / per_layer are dicts of user keys: fuzzed through their values above
+    assert not missing, f"fields no base spec holds (so the fuzz never tries them): {sorted(missing)}"
+
+
+def test_a_binary_file_as_the_spec_is_one_line(tmp_path, capsys):
+    p = tmp_path / "model.pt"
+    p.write_bytes(bytes(range(256)) * 4)
+    rc, text = _answer(capsys, p)
+    assert rc == 2 and "is not a text file" in text and len(text.strip().splitlines()) == 1, text
