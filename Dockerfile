@@ -5,7 +5,9 @@
 FROM python:3.11-slim
 LABEL org.opencontainers.image.ref.name="ghcr.io/lowrank-runner/lowrank-runner:0.1.0" \
       org.opencontainers.image.source="https://github.com/lowrank-runner/lowrank-runner"
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+# Ray token authentication is on in every container (the token: RAY_AUTH_TOKEN from a Kubernetes
+# Secret, or generated on first use by a stand-alone `python -m jobs run`).
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token
 RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 lowrank
 WORKDIR /app

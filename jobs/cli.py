@@ -6,16 +6,19 @@ ran but something failed). No traceback unless ``--debug``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 
 from .data import DataError
+from .errors import SchedulingTimeoutError
 from .models import CheckpointError
 from .preflight import check_models, preflight
 from .report import format_summary
 from .spec import SpecError, check_local_paths, load_spec
-from .store import TrackingUnavailableError
-from .submit import SubmitError, status, submit
+from .store import TrackingAuthError, TrackingUnavailableError
+from .submit import RayAuthError, SubmitError, status, submit
 from .tracking import SweepRunningError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 0, 1, 2, 3
@@ -56,6 +59,15 @@ def _parser() -> _Parser:
     return p
 
 
+@contextlib.contextmanager
+def _quiet(debug: bool):
+    """Warnings (torch's, pydantic's, ...) hidden while the input is checked, unless ``--debug``."""
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("ignore")
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -73,18 +85,20 @@ def main(argv: list[str] | None = None) -> int:
             _, st = submit(args.spec, args.address, working_dir=args.working_dir, tracking_uri=args.tracking_uri,
                            wait=args.wait)
             return EXIT_OK if st in ("SUCCEEDED", "PENDING") else EXIT_FAILED
-        spec = load_spec(args.spec)
-        if args.command == "validate":
-            if not args.schema_only:
+        with _quiet(args.debug):  # third-party warnings never sit above the one-line answer
+            spec = load_spec(args.spec)
+            if args.command == "validate" and not args.schema_only:
                 check_local_paths(spec, args.spec)
                 check_models(spec, args.spec or "default spec")
+        if args.command == "validate":
             n_methods = len(spec.compression.methods) if spec.compression else 0
             print(f"ok: {args.spec or 'the default spec'} is a valid sweep spec ({len(spec.models)} model(s) x "
                   f"{n_methods} method(s){' + from_scratch' if spec.from_scratch else ''})")
             return EXIT_OK
         if args.tracking_uri:
             spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})})
-        configs = preflight(spec, args.spec or "default spec")
+        with _quiet(args.debug):
+            configs = preflight(spec, args.spec or "default spec")
         from .driver import run_sweep  # deferred on purpose: it loads Ray and MLflow, which `validate` never needs
 
         result = run_sweep(spec, configs=configs)
@@ -97,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = spec.mlflow.tracking_uri
         print(f"browse: mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"browse: {uri}")
         return EXIT_FAILED if result.failed else EXIT_OK
-    except (SpecError, CheckpointError, DataError) as e:
+    except (SpecError, CheckpointError, DataError, TrackingAuthError, RayAuthError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except SweepRunningError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BUSY
-    except TrackingUnavailableError as e:
+    except (TrackingUnavailableError, SchedulingTimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except SubmitError as e:

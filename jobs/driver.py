@@ -28,8 +28,10 @@ def run_sweep(spec: SweepSpec, *, configs: list[Config] | None = None, out=print
     if stale:
         say(f"marked {stale} interrupted run(s) of sweep {spec.name!r} as FAILED")
     say(f"sweep {spec.name!r}: {len(configs)} configurations, {result.skipped} already registered, {len(todo)} to run")
-    result.parent_run_id = parent = tracker.start_parent(spec.name, spec.model_dump(mode="json"))
-    session = Session(spec, tracker, parent, result, say)
+    session = Session(spec, tracker, None, result, say)
+    if todo:
+        _ = session.ray  # starts Ray and refuses a request no node can serve, before anything is logged
+    result.parent_run_id = parent = session.parent = tracker.start_parent(spec.name, spec.model_dump(mode="json"))
     status = "FAILED"
     try:
         spooled = spool.pending(session.spool_root(), spec.name)

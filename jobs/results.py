@@ -4,8 +4,11 @@ configuration (``EvalResult``). Plain dataclasses of tensors and numbers: they p
 workers and back, and the spool writes them to disk."""
 from __future__ import annotations
 
+import math
 import traceback as tb
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass
@@ -86,3 +89,24 @@ class EvalResult:
 
     def decompose_seconds(self) -> float:
         return sum(s.get("seconds", 0.0) for s in self.layer_status)
+
+    def refusal(self, dense_params: int) -> str | None:
+        """Why this result must never become a registered version (None: it may): no layer was
+        compressed, the model is not smaller than the dense one, or a weight or a figure is not
+        finite."""
+        if self.layer_status and not any(s["status"] == "ok" for s in self.layer_status):
+            why = next((s["reason"] for s in self.layer_status if s.get("reason")), "")
+            return (f"nothing was compressed: all {len(self.layer_status)} selected layer(s) failed or stayed dense"
+                    + (f" (first: {why[:120]})" if why else ""))
+        if self.params >= dense_params:
+            return f"the model is not smaller than the dense one ({self.params} vs {dense_params} parameters)"
+        bad = [k for k, v in self.state_dict.items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            return f"non-finite weights (NaN or inf) in {len(bad)} tensor(s), first {bad[0]!r}"
+        figures = {**{f"acc_post.{k}": v for k, v in self.acc_post.items()},
+                   **{f"acc_ft.{k}": v for k, v in self.acc_ft.items()}}
+        off = [k for k, v in figures.items() if isinstance(v, float) and not math.isfinite(v)]
+        if off:
+            return f"non-finite figure {off[0]} (the model's outputs are not finite)"
+        return None

@@ -3,19 +3,23 @@ one wait loop (heartbeat and throttling included), progress lines, and logging a
 through the spool so that a tracking server that is away costs a retry, not the computation."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
+import torch
 
 import lowrank
 
 from . import spool
+from .errors import SchedulingTimeoutError
 from .plan import Config
 from .results import Baseline, EvalResult
-from .spec import SweepSpec
+from .spec import SpecError, SweepSpec
 from .store import with_retries
 from .tasks.env import TaskEnv
 from .tracking import HEARTBEAT_SECONDS, Tracker
@@ -51,16 +55,65 @@ class SweepResult:
 
 
 def init_ray():
-    """The local Ray (nothing listens beyond 127.0.0.1), or the cluster at ``RAY_ADDRESS``."""
+    """The local Ray (nothing listens beyond 127.0.0.1, token authentication on: Ray writes a
+    token to ``~/.ray/auth_token`` the first time), or the cluster at ``RAY_ADDRESS``, whose
+    authentication mode and token come from the environment, as Ray reads them."""
     if ray.is_initialized():
         return ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    else:
-        ray.init(include_dashboard=bool(os.environ.get("LOWRANK_RAY_DASHBOARD")), dashboard_host="127.0.0.1",
+    else:  # Ray's own default for a new local cluster: token authentication, the token generated once
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(address="local",  # always our own, never another Ray found running on this machine
+                 include_dashboard=bool(os.environ.get("LOWRANK_RAY_DASHBOARD")), dashboard_host="127.0.0.1",
                  log_to_driver=False, configure_logging=True, logging_level="warning")
+        token = Path.home() / ".ray" / "auth_token"
+        if token.is_file() and token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)  # Ray writes it world-readable; the token is a key to run code here
     return ray
+
+
+def _largest(nodes: list[dict]) -> str:
+    def most(k, scale=1.0):
+        return max((n.get(k, 0) / scale for n in nodes), default=0)
+    return f"{most('CPU'):g} CPUs, {most('GPU'):g} GPUs, {most('memory', 2**30):.1f} GiB memory"
+
+
+def wait_for_a_node(ray_mod, options: dict, res, say, poll: float = 5.0) -> None:
+    """A task's request must fit on one node. On a fixed cluster a request no node can serve is
+    bad input (``SpecError``, exit 2) instead of a driver waiting forever; with
+    ``resources.autoscaling`` the driver asks the autoscaler for such a node and waits at most
+    ``resources.schedule_timeout_s`` (then ``SchedulingTimeoutError``, exit 1)."""
+    need = {"CPU": options["num_cpus"], "GPU": options.get("num_gpus", 0), "memory": options.get("memory", 0)}
+    need = {k: v for k, v in need.items() if v}
+    asked = ", ".join(f"{v / 2**30:.1f} GiB memory" if k == "memory" else f"{v:g} {k}s" for k, v in need.items())
+
+    def alive():
+        return [n.get("Resources", {}) for n in ray_mod.nodes() if n.get("Alive")]
+
+    def fits(nodes):
+        return any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes)
+
+    nodes = alive()
+    if fits(nodes):
+        return
+    if not res.autoscaling:
+        raise SpecError(f"resources: a task asks for {asked} but no node of the Ray cluster has that (the largest: "
+                        f"{_largest(nodes)}); accepted: at most one node's resources, or resources.autoscaling: true "
+                        f"on a cluster that adds nodes")
+    from ray.autoscaler.sdk import request_resources  # deferred: only an autoscaling cluster needs it
+
+    request_resources(bundles=[need])
+    say(f"no node can run a task asking for {asked} yet (largest: {_largest(nodes)}); waiting up to "
+        f"{res.schedule_timeout_s:g}s for the autoscaler to add one")
+    end = time.monotonic() + res.schedule_timeout_s
+    while time.monotonic() < end:
+        time.sleep(min(poll, max(end - time.monotonic(), 0)))
+        if fits(alive()):
+            say("a node that can run the tasks has joined")
+            return
+    raise SchedulingTimeoutError(f"no node able to run a task asking for {asked} joined within "
+                                 f"{res.schedule_timeout_s:g}s (resources.schedule_timeout_s); nothing was computed")
 
 
 def task_error(e: Exception) -> str:
@@ -68,6 +121,13 @@ def task_error(e: Exception) -> str:
     cause = getattr(e, "cause", None) or e
     text = str(cause).splitlines()[0] if str(cause) else ""
     return f"{type(cause).__name__}: {text}"
+
+
+def _nonfinite_outputs(model, input_shape) -> str | None:
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)))
+    return None if torch.isfinite(out).all() else "the compressed model's outputs are not finite (NaN or inf)"
 
 
 class Session:
@@ -98,6 +158,9 @@ class Session:
                 self.say("the spec asks for GPUs but the Ray cluster has none: running on CPU")
             self.options = {"num_cpus": res.cpus_per_task, "num_gpus": res.gpus_per_task if self.gpu else 0,
                             "max_retries": 3}
+            if res.memory_per_task_gb:
+                self.options["memory"] = int(res.memory_per_task_gb * 2**30)
+            wait_for_a_node(self._ray, self.options, res, self.say)
         return self._ray
 
     def env(self, cfg: Config) -> TaskEnv:
@@ -186,11 +249,16 @@ class Session:
         stayed away: the result stays on disk and the next run logs it without recomputing."""
         base = base.reference() if isinstance(base, Baseline) else base
         path = spool.spool_dir(self.spool_root(), self.spec.name, cfg.config_hash)
-        if not path.exists():
-            spool.save(path, base, result)
         model = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build()
         model, _ = lowrank.apply_factors(model, result.factors)
         model.load_state_dict(result.state_dict)
+        why = result.refusal(base["params"]) or _nonfinite_outputs(model, base["input_shape"])
+        if why:  # a sweep never registers what it did not really compress
+            spool.remove(path)
+            self.fail(cfg.label, f"not registered: {why}")
+            return False
+        if not path.exists():
+            spool.save(path, base, result)
         t_log = time.perf_counter()
         try:
             version = with_retries(lambda: self.tracker.log_config(self.parent, cfg, base, result, model),

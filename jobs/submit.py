@@ -17,13 +17,33 @@ class SubmitError(RuntimeError):
     pass
 
 
+class RayAuthError(ValueError):
+    """The cluster refused the token (or none was given): exit 2, one line."""
+
+
+def ray_token() -> str | None:
+    """The cluster token as Ray itself looks for it: ``RAY_AUTH_TOKEN``, the file named by
+    ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), Path.home() / ".ray" / "auth_token"):
+        if path and Path(path).is_file():
+            return Path(path).read_text().strip() or None
+    return None
+
+
 def _client(address: str):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from ray.job_submission import JobSubmissionClient  # deferred: Ray is heavy; `validate` never needs it
 
+    token = ray_token()
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)
     except Exception as e:  # noqa: BLE001 - connection errors come in many types
+        if type(e).__name__ == "AuthenticationError":
+            why = "the token was refused" if token else "no token was given"
+            raise RayAuthError(f"the Ray dashboard at {address!r} requires token authentication and {why}; set "
+                               f"RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's "
+                               f"token") from None
         raise SubmitError(f"cannot reach the Ray dashboard at {address!r}: {str(e).splitlines()[0]}") from None
 
 
@@ -69,8 +89,9 @@ def submit(spec_path: str, address: str, *, working_dir: str = ".", tracking_uri
         n += 1
         sid = f"{base}-r{n}"
     entry = f"python -m jobs run {rel.as_posix()}" + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
-    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
-    runtime_env = {"working_dir": str(wd), "excludes": EXCLUDES, "env_vars": env}
+    # no secret travels in the job's runtime_env (the dashboard shows it): the cluster's nodes hold
+    # the Ray token and the MLflow credentials in their own environment (Kubernetes Secrets)
+    runtime_env = {"working_dir": str(wd), "excludes": EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"}}
     submit_with_retry(client, entrypoint=entry, submission_id=sid, runtime_env=runtime_env)
     out(f"submitted {sid}: {entry}")
     out(f"follow: ray job logs --follow {sid} --address {address}")

@@ -1,7 +1,10 @@
-"""End to end with real processes on this machine: `ray start --head` (dashboard on 127.0.0.1)
-plus a second worker node with its own --temp-dir, an `mlflow server` on 127.0.0.1, then
-`ray job submit --working-dir . -- python -m jobs run tests/specs/tiny.yaml` and the project's own
-`python -m jobs submit` / `status`. Everything started here is stopped here.
+"""End to end with real processes on this machine, secured as on a cluster: `ray start --head`
+(dashboard on 127.0.0.1) plus a second worker node with its own --temp-dir, both with Ray token
+authentication; an `mlflow server --app-name basic-auth` on 127.0.0.1 whose accounts (a runner
+that writes, a reader that browses) are made by `jobs.accounts`; then `ray job submit
+--working-dir . -- python -m jobs run tests/specs/tiny.yaml` and the project's own `python -m jobs
+submit` / `status`, with the token and without. The nodes hold the runner's MLflow credentials in
+their environment, as the pods do from a Secret. Everything started here is stopped here.
 
 These tests run before tests/jobs (whose session Ray starts lazily): teardown uses `ray stop`.
 """
@@ -36,11 +39,16 @@ def _free_port(lo=20000, hi=29999):
     raise RuntimeError("no free port")
 
 
-def _env():
-    env = dict(os.environ)
+TOKEN = "lowrank-test-" + os.urandom(12).hex()
+ADMIN, RUNNER, READER = ("admin", "admin-pw-" + os.urandom(6).hex()), ("runner", "run-pw-" + os.urandom(6).hex()), \
+    ("reader", "read-pw-" + os.urandom(6).hex())
+
+
+def _env(**extra):
+    """The environment of whoever holds the cluster's token (the nodes, a submitter)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "disabled"
-    env["PYTHONUNBUFFERED"] = "1"
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, PYTHONUNBUFFERED="1", **extra)
     return env
 
 
@@ -62,7 +70,7 @@ def _wait_job_agent(address, timeout=120):
 
     from jobs.submit import submit_with_retry
 
-    client = JobSubmissionClient(address)
+    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {TOKEN}"})
     sid = submit_with_retry(client, entrypoint="python -c pass", attempts=12)
     end = time.time() + timeout
     while time.time() < end:
@@ -77,8 +85,9 @@ def _wait_job_agent(address, timeout=120):
 def cluster():
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("ray CLI not installed in this environment")
-    env = _env()
-    tmp = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    tmp = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
+    # the nodes' environment: the Ray token and the runner's MLflow service account
+    env = _env(MLFLOW_TRACKING_USERNAME=RUNNER[0], MLFLOW_TRACKING_PASSWORD=RUNNER[1], HOME=str(tmp))  # short: Ray's socket paths are length-limited
     gcs, dash, client = _free_port(), _free_port(21000), _free_port(22000)
     mlf = _free_port(23000)
     procs = []
@@ -91,14 +100,23 @@ def cluster():
                         "--num-cpus=1", f"--temp-dir={tmp}/w", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, timeout=120)
         (tmp / "mlflow").mkdir()
+        ini = tmp / "mlflow" / "basic_auth.ini"
+        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp}/mlflow/auth.db\n"
+                       f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        server_env = {**_env(), "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
+                      "MLFLOW_BACKEND_STORE_URI": BACKEND or f"sqlite:///{tmp}/mlflow/mlflow.db"}  # no secret in argv
         server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlf),
-             "--backend-store-uri", BACKEND or f"sqlite:///{tmp}/mlflow/mlflow.db",
+            [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(mlf),
              "--artifacts-destination", str(tmp / "mlflow" / "artifacts"), "--workers", "1"],
-            env=env, cwd=tmp / "mlflow", stdout=open(tmp / "mlflow.log", "w"), stderr=subprocess.STDOUT,
+            env=server_env, cwd=tmp / "mlflow", stdout=open(tmp / "mlflow.log", "w"), stderr=subprocess.STDOUT,
             start_new_session=True)
         procs.append(server)
         _wait_http(f"http://127.0.0.1:{mlf}/health")
+        from jobs.accounts import ensure_accounts
+
+        assert ensure_accounts(f"http://127.0.0.1:{mlf}", ADMIN, dict([RUNNER, READER])) == \
+            ["created runner", "created reader"]
         _wait_http(f"http://127.0.0.1:{dash}/api/version")
         _wait_job_agent(f"http://127.0.0.1:{dash}")
         yield {"dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}", "env": env, "tmp": tmp}
@@ -113,11 +131,11 @@ def cluster():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_ray_job_submit_end_to_end(cluster):
+def test_ray_job_submit_end_to_end(cluster, monkeypatch):
     out = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".", "--",
          "python", "-m", "jobs", "run", "tests/specs/tiny.yaml", "--tracking-uri", cluster["mlflow"]],
-        cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=900)
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout + out.stderr
     assert "2 version(s) registered now" in out.stdout
@@ -127,6 +145,8 @@ def test_ray_job_submit_end_to_end(cluster):
 
     from jobs.tracking import MODEL_TAGS
 
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", READER[0])  # people browse with read-only accounts
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", READER[1])
     client = MlflowClient(cluster["mlflow"])
     versions = client.search_model_versions("name='lowrank-smallcnn'")
     assert sorted(v.tags["method"] for v in versions) == ["cp3-epc", "tucker2"]
@@ -145,10 +165,17 @@ def test_ray_job_submit_end_to_end(cluster):
 
     model = mlflow.pytorch.load_model("models:/lowrank-smallcnn@candidate")
     assert model(torch.zeros(3, 3, 16, 16)).shape == (3, 10)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Permission denied|PERMISSION_DENIED|403"):
+        client.delete_model_version("lowrank-smallcnn", versions[0].version)  # a reader cannot delete
+    assert len(client.search_model_versions("name='lowrank-smallcnn'")) == 2
+    # the runner owns what it registered; the versions record who wrote them
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        MlflowClient(cluster["mlflow"]).search_model_versions("name='lowrank-smallcnn'")  # no anonymous reads
 
 
 def test_jobs_submit_wrapper_and_status(cluster):
-    env = cluster["env"]
+    env = _env()
     out = subprocess.run([sys.executable, "-m", "jobs", "submit", "tests/specs/tiny.yaml", "--address",
                           cluster["dashboard"], "--tracking-uri", cluster["mlflow"], "--wait"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -165,3 +192,31 @@ def test_jobs_submit_wrapper_and_status(cluster):
                             cluster["dashboard"], "--tracking-uri", cluster["mlflow"]],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"submitted {sid}-r2" in again.stdout, again.stdout + again.stderr
+
+
+def test_submit_and_status_without_the_token_are_refused_in_one_line(cluster):
+    for env in ({k: v for k, v in _env(HOME=str(cluster["tmp"] / "nohome")).items() if k != "RAY_AUTH_TOKEN"},
+                _env(RAY_AUTH_TOKEN="not-the-token")):
+        for argv in (["submit", "tests/specs/tiny.yaml", "--address", cluster["dashboard"]],
+                     ["status", "--address", cluster["dashboard"]]):
+            out = subprocess.run([sys.executable, "-m", "jobs", *argv], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=120)
+            assert out.returncode == 2, out.stdout + out.stderr
+            assert out.stderr.count("\n") == 1 and "requires token authentication and" in out.stderr, out.stderr
+            assert ("no token was given" if "RAY_AUTH_TOKEN" not in env else "the token was refused") in out.stderr
+    st = subprocess.run([sys.executable, "-m", "jobs", "status", "--address", cluster["dashboard"]], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0 and "lowrank-tiny-" in st.stdout  # with it: answered
+
+
+def test_runner_with_wrong_mlflow_credentials_stops_before_any_compute(cluster, tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text((ROOT / "tests" / "specs" / "tiny.yaml").read_text().replace(
+        ".cache/pretrained", str(tmp_path / "cache")))
+    for creds, expected in (({"MLFLOW_TRACKING_USERNAME": RUNNER[0], "MLFLOW_TRACKING_PASSWORD": "wrong"},
+                             "HTTP 401: the credentials given were refused"), ({}, "HTTP 401: no credentials were given")):
+        out = subprocess.run([sys.executable, "-m", "jobs", "run", str(spec), "--tracking-uri", cluster["mlflow"]],
+                             cwd=ROOT, env={**_env(), **creds}, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stderr.count("\n") == 1 and expected in out.stderr, out.stderr
+        assert not (tmp_path / "cache").exists()  # nothing was computed

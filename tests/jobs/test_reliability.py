@@ -95,16 +95,30 @@ def test_mlflow_server_unreachable_at_start(tmp_path, capsys):
     assert time.time() - t0 < 30 and not (tmp_path / "cache").exists()
 
 
-def test_local_ray_dashboard_binds_loopback(tmp_path):
-    code = ("import os; os.environ['LOWRANK_RAY_DASHBOARD'] = '1'\n"
-            "from jobs.runtime import init_ray\nray = init_ray()\nprint('URL', ray.get_runtime_context().dashboard_url "
-            "if hasattr(ray.get_runtime_context(), 'dashboard_url') else ray._private.worker.global_worker.node.address_info['webui_url'])\n"
-            "ray.shutdown()")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+def test_local_ray_binds_loopback_and_requires_its_token(tmp_path):
+    """The embedded run's own Ray: dashboard on 127.0.0.1 only, token authentication on with no
+    set-up (Ray generates the token once; we keep it readable by its owner only)."""
+    code = ("import os, urllib.request\nos.environ['LOWRANK_RAY_DASHBOARD'] = '1'\n"
+            "from jobs.runtime import init_ray\nray = init_ray()\n"
+            "url = ray._private.worker.global_worker.node.address_info['webui_url']\nprint('URL', url)\n"
+            "token = open(os.path.expanduser('~/.ray/auth_token')).read().strip()\n"
+            "for header in ({}, {'Authorization': 'Bearer ' + token}):\n"
+            "    try:\n"
+            "        print('HTTP', urllib.request.urlopen(urllib.request.Request('http://' + url + '/api/version', "
+            "headers=header)).status)\n"
+            "    except urllib.error.HTTPError as e:\n"
+            "        print('HTTP', e.code)\n"
+            "print('TASK', ray.get(ray.remote(lambda: 7).remote()))\nray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=180,
+                         env={**env, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
-    url = out.stdout.split("URL ", 1)[1].strip()
+    url = out.stdout.split("URL ", 1)[1].split()[0]
     assert url.startswith("127.0.0.1:"), url
+    assert out.stdout.count("HTTP ") == 2 and "HTTP 401" in out.stdout and "HTTP 200" in out.stdout, out.stdout
+    assert "TASK 7" in out.stdout
+    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+    assert "Token authentication is enabled" not in out.stderr  # Ray's notice is not shown to the user
 
 
 # ----------------------------------------------------------------------------- faults (real Ray)
@@ -112,14 +126,21 @@ def test_local_ray_dashboard_binds_loopback(tmp_path):
 
 def test_failed_layer_is_recorded_and_the_rest_goes_on_and_secrets_stay_out(tmp_path, ray_start_2_cpus,
                                                                              monkeypatch, capsys):
-    monkeypatch.setenv("DB_PASSWORD", "pw-zzz-1234567")
+    # a layer that cannot be decomposed is data (status + reason), not a raise: the real task function
+    import lowrank
+    from jobs.tasks.compress import decompose_task
+
     model = SmallCNN(10)
     with torch.no_grad():
-        model.features[6].weight[0, 0, 0, 0] = float("nan")  # features.6 cannot be decomposed
-    ckpt = tmp_path / "nan.pt"
-    torch.save(model.state_dict(), ckpt)
-    spec, data = _spec(tmp_path, lambda d: (d["models"][0].update(checkpoint=str(ckpt)),
-                                            d["compression"].update(methods=["tucker2"], options={}),
+        model.features[6].weight[0, 0, 0, 0] = float("nan")  # (a NaN checkpoint is refused before: test_bad_input)
+    rule = lowrank.RankRule.of("ratio", ratio=2.0)
+    bad = decompose_task(lowrank.LayerPlan("features.6", "tucker2", rule, {}), model.features[6], False)
+    good = decompose_task(lowrank.LayerPlan("features.9", "tucker2", rule, {}), model.features[9], False)
+    assert bad.status == "failed" and "non-finite" in bad.reason and bad.factors is None
+    assert good.status == "ok" and good.factors is not None
+
+    monkeypatch.setenv("DB_PASSWORD", "pw-zzz-1234567")
+    spec, data = _spec(tmp_path, lambda d: (d["compression"].update(methods=["tucker2"], options={}),
                                             d["finetune"].update(epochs=0),
                                             d["mlflow"].update(experiment="exp-pw-zzz-1234567")))
     assert main(["run", str(spec)]) == 0
@@ -132,9 +153,7 @@ def test_failed_layer_is_recorded_and_the_rest_goes_on_and_secrets_stay_out(tmp_
     import pyarrow.parquet as pq
 
     table = pq.read_table(client.download_artifacts(run.info.run_id, "layers/layers.parquet", str(tmp_path))).to_pydict()
-    row = table["layer"].index("features.6")
-    assert table["status"][row] == "failed" and "non-finite" in table["reason"][row]
-    assert table["status"].count("ok") == 3
+    assert table["status"].count("ok") == 4
     # no secret in params, tags or the logged spec
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     spec_json = Path(client.download_artifacts(parent.info.run_id, "spec.json", str(tmp_path))).read_text()
