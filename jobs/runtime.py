@@ -250,7 +250,7 @@ class Session:
         base = base.reference() if isinstance(base, Baseline) else base
         path = spool.spool_dir(self.spool_root(), self.spec.name, cfg.config_hash)
         model = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build()
-        model, _ = lowrank.apply_factors(model, result.factors)
+        model, _ = lowrank.apply_factors(model, result.factors, input_shape=base["input_shape"])
         model.load_state_dict(result.state_dict)
         why = result.refusal(base["params"]) or _nonfinite_outputs(model, base["input_shape"])
         if why:  # a sweep never registers what it did not really compress

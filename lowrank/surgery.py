@@ -20,6 +20,7 @@ from .api import factorize_with_factors, relative_error
 from .ranks import RankRule
 from .errors import LowRankError, RankTooLargeError, UnsupportedLayerError
 from .registry import get_method
+from .verify import check_replacement, replacement_prefix
 
 
 @dataclass
@@ -124,6 +125,12 @@ def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: b
         if in_shape is not None:
             rep.macs_before = count(module, in_shape)[1]
         t0 = time.perf_counter()
+        prefix, why = replacement_prefix(module, in_shape)
+        if why:  # a subclass whose own forward a factorized layer would not reproduce
+            rep.status, rep.reason = "skipped", why
+            rep.params_after, rep.macs_after = rep.params_before, rep.macs_before
+            reports.append(rep)
+            continue
         try:
             get_method(method)
             rule = RankRule.of(rank, **{k: options.pop(k) for k in RankRule.keywords() if k in options})
@@ -139,6 +146,14 @@ def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: b
                 raise
             rep.status, rep.reason = "failed", f"{type(e).__name__}: {e}"
         else:
+            new = nn.Sequential(prefix, new) if prefix is not None else new
+            bad = check_replacement(module, new, in_shape)
+            if bad:
+                rep.status, rep.reason = "skipped", bad
+                rep.params_after, rep.macs_after = rep.params_before, rep.macs_before
+                rep.seconds = time.perf_counter() - t0
+                reports.append(rep)
+                continue
             replace_submodule(model, name, new)
             rep.rank = factors.rank
             rep.rel_error = relative_error(module.weight, factors)
@@ -212,14 +227,23 @@ def apply_factors(model: nn.Module, factors_by_layer: dict, *, input_shape=None,
     for name, factors in factors_by_layer.items():
         module = modules[name]
         t0 = time.perf_counter()
+        prefix, why = replacement_prefix(module, shapes.get(name))
         new = get_method(factors.method).build(module, factors)
+        new = nn.Sequential(prefix, new) if prefix is not None else new
+        why = why or check_replacement(module, new, shapes.get(name))
+        params = sum(p.numel() for p in module.parameters())
         rep = LayerReport(name=name, method=factors.method, rank=factors.rank, layer_type=type(module).__name__,
-                          rel_error=relative_error(module.weight, factors),
-                          params_before=sum(p.numel() for p in module.parameters()),
-                          params_after=sum(p.numel() for p in new.parameters()),
+                          rel_error=relative_error(module.weight, factors), params_before=params,
+                          params_after=params if why else sum(p.numel() for p in new.parameters()),
                           diagnostics=dict(getattr(factors, "diagnostics", {}) or {}))
         if name in shapes:
-            rep.macs_before, rep.macs_after = count(module, shapes[name])[1], count(new, shapes[name])[1]
+            rep.macs_before = count(module, shapes[name])[1]
+            rep.macs_after = rep.macs_before if why else count(new, shapes[name])[1]
+        if why:  # left dense: the report says why
+            rep.status, rep.reason, rep.rank = "skipped", why, None
+            rep.seconds = time.perf_counter() - t0
+            reports.append(rep)
+            continue
         replace_submodule(model, name, new)
         rep.seconds = time.perf_counter() - t0
         reports.append(rep)

@@ -39,7 +39,7 @@ def sensitivity_task(env: TaskEnv, base_state: dict, layer: str | None, factors,
         factors = lowrank.factors_to(f, "cpu")
         out.update(factors=factors, rank=factors.rank, rel_error=lowrank.relative_error(dense.weight, factors))
     if layer is not None:
-        model, reports = lowrank.apply_factors(model, {layer: factors}, inplace=True)
+        model, reports = lowrank.apply_factors(model, {layer: factors}, input_shape=env.input_shape, inplace=True)
         out.update(params=reports[0].params_after, macs=reports[0].macs_after)
         recalibrate_bn(model, env.train_loader(workers=False), bn_batches, env.device)
     out["acc"] = evaluate(model, env.val_loader(val_batches * env.dataset.batch_size), env.device)["top1"]

@@ -25,6 +25,12 @@ def multistage_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, stag
     dense_params, dense_macs = lowrank.count(model, env.input_shape)
     names = list(dict.fromkeys(lp.name for st in stages for lp in st.layers))
     original = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    in_shapes = lowrank.layer_input_shapes(model, names, env.input_shape)
+    own = {}  # layers whose own forward a plain factorized layer would not reproduce: left dense
+    for n in names:
+        prefix, why = lowrank.replacement_prefix(model.get_submodule(n), in_shapes.get(n))
+        if why or prefix is not None:
+            own[n] = why or "multi-stage compression leaves layers that need their own padding stage dense"
     device, val_dl, train_dl = env.device, env.val_loader(), env.train_loader()
     factors, statuses, history, reports = {}, {}, [], {}
     for s, stage in enumerate(stages):
@@ -34,6 +40,9 @@ def multistage_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, stag
             n, cur = plan.name, model.get_submodule(plan.name)
             dense = to_dense(cur) if isinstance(cur, lowrank.FactorizedConv2d) else cur
             t0 = time.perf_counter()
+            if n in own:
+                statuses[n] = LayerResult(n, plan.method, status="skipped", reason=own[n])
+                continue
             try:
                 new, f = plan.factorize(dense)
             except lowrank.RankTooLargeError as e:  # the layer keeps what it has
