@@ -48,15 +48,15 @@ def _env(**extra):
     """The environment of whoever holds the cluster's token (the nodes, a submitter)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, PYTHONUNBUFFERED="1", **extra)
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1", **extra})
     return env
 
 
-def _wait_http(url, timeout=60):
+def _wait_http(url, timeout=60, headers=None):
     end = time.time() + timeout
     while time.time() < end:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -117,7 +117,7 @@ def cluster():
 
         assert ensure_accounts(f"http://127.0.0.1:{mlf}", ADMIN, dict([RUNNER, READER])) == \
             ["created runner", "created reader"]
-        _wait_http(f"http://127.0.0.1:{dash}/api/version")
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", headers={"Authorization": f"Bearer {TOKEN}"})
         _wait_job_agent(f"http://127.0.0.1:{dash}")
         yield {"dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}", "env": env, "tmp": tmp}
     finally:
@@ -206,7 +206,7 @@ def test_submit_and_status_without_the_token_are_refused_in_one_line(cluster):
             assert ("no token was given" if "RAY_AUTH_TOKEN" not in env else "the token was refused") in out.stderr
     st = subprocess.run([sys.executable, "-m", "jobs", "status", "--address", cluster["dashboard"]], cwd=ROOT,
                         env=_env(), capture_output=True, text=True, timeout=120)
-    assert st.returncode == 0 and "lowrank-tiny-" in st.stdout  # with it: answered
+    assert st.returncode == 0 and "SUCCEEDED" in st.stdout  # with it: answered (the warm-up job at least)
 
 
 def test_runner_with_wrong_mlflow_credentials_stops_before_any_compute(cluster, tmp_path):
