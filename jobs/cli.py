@@ -13,7 +13,7 @@ import warnings
 
 from .data import DataError
 from .errors import SchedulingTimeoutError
-from .models import CheckpointError
+from .models import CheckpointError, ModelError
 from .preflight import check_models, preflight
 from .report import format_summary
 from .spec import SpecError, check_local_paths, load_spec
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = spec.mlflow.tracking_uri
         print(f"browse: mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"browse: {uri}")
         return EXIT_FAILED if result.failed else EXIT_OK
-    except (SpecError, CheckpointError, DataError, TrackingAuthError, RayAuthError) as e:
+    except (SpecError, CheckpointError, ModelError, DataError, TrackingAuthError, RayAuthError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

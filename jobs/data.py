@@ -1,9 +1,11 @@
 """Data sets: scikit-learn's bundled digits (the embedded default), CIFAR-10 in torchvision's
-on-disk format from a local folder (no download), and ImageFolder. Images are 3-channel,
+on-disk format from a local folder (no download), MNIST and Fashion-MNIST from their IDX files
+(Fashion-MNIST by default from Debian's ``dataset-fashion-mnist`` package), and ImageFolder. Images are 3-channel,
 ``input_size`` square, normalised."""
 from __future__ import annotations
 
 import functools
+import gzip
 import pickle
 from pathlib import Path
 
@@ -88,6 +90,59 @@ def _cifar10(spec: DatasetSpec, seed: int):
             TensorDataset(_to_images(xte.float() / 255, spec.input_size), yte), 10)
 
 
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST family's format), ``.gz`` or plain: unsigned bytes, big-endian sizes."""
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+            raise ValueError("not an IDX file of unsigned bytes (magic 0x0000 08..)")
+        ndim = raw[3]
+        dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if data.size != int(np.prod(dims)):
+            raise ValueError(f"header says {tuple(int(d) for d in dims)} but holds {data.size} bytes")
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"IDX file {str(path)!r} cannot be read: {e}") from None
+    return data.reshape(tuple(int(d) for d in dims))
+
+
+class _GreyImages(Dataset):
+    """uint8 ``(N, H, W)`` images kept as bytes; each converted when read (a 60,000-image set at
+    32 px would otherwise take 740 MB as 3-channel floats)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, size: int):
+        self.images, self.labels, self.size = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)), size
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return _to_images(self.images[i][None, None].float() / 255, self.size)[0], self.labels[i]
+
+
+def _idx(spec: DatasetSpec, seed: int):
+    folder = Path(spec.folder)
+    sets = []
+    for split, names in IDX_FILES.items():
+        found = []
+        for name in names:
+            path = next((folder / (name + ext) for ext in (".gz", "") if (folder / (name + ext)).is_file()), None)
+            if path is None:
+                raise DataError(f"{spec.kind} folder {str(folder)!r} lacks {name}(.gz) (the standard IDX files "
+                                f"train-*/t10k-*; nothing is downloaded)")
+            found.append(read_idx(path))
+        images, labels = found
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{spec.kind} {split} files disagree: images {images.shape}, labels {labels.shape}")
+        sets.append(_GreyImages(images, labels, spec.input_size))
+    classes = int(max(int(s.labels.max()) for s in sets)) + 1
+    return sets[0], sets[1], classes
+
+
 class _Images(Dataset):
     def __init__(self, base, size):
         self.base, self.size = base, size
@@ -121,7 +176,8 @@ def _imagefolder(spec: DatasetSpec, seed: int):
     return Subset(ds, tr), Subset(ds, va), len(base.classes)
 
 
-_LOADERS = {"digits": _digits, "cifar10": _cifar10, "imagefolder": _imagefolder}
+_LOADERS = {"digits": _digits, "cifar10": _cifar10, "imagefolder": _imagefolder, "mnist": _idx,
+            "fashion-mnist": _idx}
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,12 +1,18 @@
-"""Models the runner knows: the built-in small CNN and torchvision's classification models.
+"""Models the runner builds: the built-in small CNN, torchvision's classification models (with
+their pretrained weights by name, read from torchvision's cache), and any ``nn.Module`` a
+``factory: 'package.module:callable'`` of the user's own code returns.
 
 Checkpoints are state dicts loaded with ``torch.load(weights_only=True)`` only: a file that
 needs arbitrary unpickling is refused, never executed.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import io
 import pickle
+import socket
 from pathlib import Path
 
 import torch
@@ -17,6 +23,11 @@ from .tv import import_torchvision
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the model (one-line message)."""
+
+
+class ModelError(ValueError):
+    """A model that cannot be built: a factory that does not import, fails or returns something
+    else; pretrained weights that are not there (one-line message, exit 2)."""
 
 
 class SmallCNN(nn.Module):
@@ -44,6 +55,7 @@ def available_models() -> tuple[str, ...]:
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
+    """A built-in or torchvision model, randomly initialised."""
     if name == "smallcnn":
         return SmallCNN(num_classes)
     tv = import_torchvision()
@@ -52,6 +64,83 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         kwargs["aux_logits"] = False
         kwargs["init_weights"] = True
     return tv.models.get_model(name, **kwargs)
+
+
+def build(m) -> nn.Module:
+    """The model a ``ModelSpec`` names: factory, torchvision with pretrained weights, or plain."""
+    if m.factory is not None:
+        return build_factory(m.factory, dict(m.kwargs))
+    model = build_model(m.name, m.num_classes)
+    if m.weights is not None:
+        model.load_state_dict(pretrained_state(m.name, m.weights, m.num_classes))
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+
+
+def resolve_factory(path: str):
+    """``'package.module:attr.attr'`` -> the callable (ModelError when it cannot be had)."""
+    module_name, _, attrs = path.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - the user's module: any import failure is the answer
+        raise ModelError(f"factory {path!r}: module {module_name!r} does not import ({_first_line(e)}); ship your "
+                         f"code with the job (--working-dir) or install it on the nodes") from None
+    for a in attrs.split("."):
+        if not hasattr(obj, a):
+            raise ModelError(f"factory {path!r}: {module_name!r} has no {attrs!r}") from None
+        obj = getattr(obj, a)
+    if not callable(obj):
+        raise ModelError(f"factory {path!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def build_factory(path: str, kwargs: dict) -> nn.Module:
+    fn = resolve_factory(path)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # "Loaded pretrained weights ..." chatter
+            model = fn(**kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"factory {path!r} failed with kwargs {sorted(kwargs)}: {_first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory {path!r} returned a {type(model).__name__}; accepted: a torch.nn.Module")
+    return model
+
+
+def pretrained_state(name: str, weights: str, num_classes: int) -> dict:
+    """torchvision's pretrained state dict ``name``/``weights`` from its cache
+    (``$TORCH_HOME/hub/checkpoints``), fetched there first when the network allows."""
+    tv = import_torchvision()
+    try:
+        enum = tv.models.get_model_weights(name)
+        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except (KeyError, ValueError):
+        have = ", ".join(["DEFAULT", *[e.name for e in tv.models.get_model_weights(name)]]) if name in \
+            tv.models.list_models() else "none"
+        raise ModelError(f"{name} has no pretrained weights {weights!r}; accepted: {have}") from None
+    classes = len(w.meta.get("categories") or [])
+    if classes and classes != num_classes:
+        raise ModelError(f"{name} {w.name} weights have {classes} classes; set num_classes: {classes} "
+                         f"(or train your own and give checkpoint)")
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+    if not path.is_file():
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(15)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                torch.hub.load_state_dict_from_url(w.url, progress=False, check_hash=True)
+        except Exception as e:  # noqa: BLE001 - offline, proxy, hash mismatch: the answer names the file
+            raise ModelError(f"{name} {w.name} weights: {str(path)!r} is not there and cannot be downloaded "
+                             f"({type(e).__name__}); put the file from {w.url} there (TORCH_HOME decides the "
+                             f"folder)") from None
+        finally:
+            socket.setdefaulttimeout(old)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{name} {w.name} weights file {str(path)!r} cannot be read: {_first_line(e)}") from None
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import lowrank
 
-from .models import build_model
+from .models import build
 from .spec import (FromScratchSpec, LayerSelection, ModelSpec, RankSpec, SearchSpec, SweepSpec, file_digest,
                    stable_hash)
 
@@ -73,7 +73,14 @@ def model_key(spec: SweepSpec, m: ModelSpec) -> str:
     """Content hash of what determines a model's trained weights (the pre-training cache key)."""
     return stable_hash({"model": m.name, "num_classes": m.num_classes, "dataset": spec.dataset.model_dump(mode="json"),
                         "pretrain": spec.pretrain.model_dump(mode="json", exclude={"cache_dir"}),
-                        "checkpoint": file_digest(m.checkpoint) if m.checkpoint else None, "seed": spec.seed})
+                        "checkpoint": file_digest(m.checkpoint) if m.checkpoint else None, "seed": spec.seed,
+                        **_source(m)})
+
+
+def _source(m: ModelSpec) -> dict:
+    """Where a model comes from beyond its name (only when set: older hashes stay as they were)."""
+    return {**({"factory": m.factory, "kwargs": m.kwargs} if m.factory else {}),
+            **({"weights": m.weights} if m.weights else {})}
 
 
 def rank_rule(rank: RankSpec, layer: str, input_size: tuple[int, int] | None) -> lowrank.RankRule:
@@ -119,7 +126,7 @@ def plan_sweep(spec: SweepSpec) -> list[Config]:
             configs.append(_scratch(spec, m, common))
         if spec.compression is None:
             continue
-        model = build_model(m.name, m.num_classes)
+        model = build(m)
         sel = m.layers or spec.compression.layers
         if spec.compression.search is not None:
             configs += _search(spec, mp, model, sel, common)
@@ -131,7 +138,7 @@ def plan_sweep(spec: SweepSpec) -> list[Config]:
 def _scratch(spec: SweepSpec, m: ModelSpec, common: dict) -> Config:
     fs = spec.from_scratch
     content = {"model": m.name, "num_classes": m.num_classes, "dataset": spec.dataset.model_dump(mode="json"),
-               "from_scratch": fs.model_dump(mode="json"), "seed": spec.seed}
+               "from_scratch": fs.model_dump(mode="json"), "seed": spec.seed, **_source(m)}
     params = {"rank_strategy": "from_scratch", **{f"from_scratch.{k}": v for k, v in fs.model_dump(mode="json").items() if v is not None and k != "layers"}}
     return Config(kind="scratch", method="scratch-lowrank", config_hash=stable_hash(content), scratch=fs,
                   params=params, **common)

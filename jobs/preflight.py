@@ -9,7 +9,7 @@ import torch
 import lowrank
 
 from .data import check_sample, load_dataset
-from .models import build_model, load_checkpoint
+from .models import build, load_checkpoint
 from .plan import Config, plan_sweep, select
 from .spec import SpecError, SweepSpec, check_local_paths
 from .store import check_reachable, check_tracking_uri
@@ -42,7 +42,7 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
     comp = spec.compression
     models = {}
     for i, m in enumerate(spec.models):
-        model = models[m.name] = build_model(m.name, m.num_classes)
+        model = models[m.name] = build(m)  # ModelError: a factory that fails, weights that are not there
         if m.checkpoint is not None:
             load_checkpoint(model, m.checkpoint)  # CheckpointError: truncated, corrupted, wrong architecture, NaN
         dry_forward(model, m.num_classes, spec.dataset.input_size, f"{source}: models.{i}")

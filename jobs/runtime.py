@@ -63,6 +63,8 @@ def init_ray():
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:  # Ray's own default for a new local cluster: token authentication, the token generated once
+        # the workers import what the driver can from here (a factory's module in the current folder)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local",  # always our own, never another Ray found running on this machine
                  include_dashboard=bool(os.environ.get("LOWRANK_RAY_DASHBOARD")), dashboard_host="127.0.0.1",

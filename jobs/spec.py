@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, JsonValue, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .models import available_models
 from .spec_compression import (STRATEGY_FIELDS, CompressionSpec, FromScratchSpec, LayerSelection, RankSpec,
@@ -17,6 +18,8 @@ from .spec_compression import (STRATEGY_FIELDS, CompressionSpec, FromScratchSpec
 DEFAULT_SPEC = Path(__file__).with_name("default_sweep.yaml")
 _NAME_CHARS = r"^[A-Za-z0-9_.-]*$"  # registered model names: letters, digits, '_', '.', '-'
 MAX_SPEC_BYTES = 1 << 20
+# where a kind's data is when no root is given (digits: bundled with scikit-learn)
+DEFAULT_ROOTS = {"digits": None, "fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 
 
 class SpecError(ValueError):
@@ -30,27 +33,57 @@ __all__ = ["CompressionSpec", "FromScratchSpec", "LayerSelection", "RankSpec", "
 
 
 class ModelSpec(_Strict):
-    name: str = Field(description="torchvision architecture (resnet18, vgg16, ...) or 'smallcnn'")
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", max_length=300,
+                                description="'package.module:callable' returning an nn.Module (your own network; "
+                                            "ship its code with --working-dir)")
+    name: str = Field(max_length=100, description="torchvision architecture (resnet18, vgg16, ...), 'smallcnn', or, "
+                                                  "with 'factory', your own label for the model")
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict, description="keyword arguments of the factory")
+    weights: str | None = Field(None, pattern=r"^[A-Z0-9_]+$", max_length=64,
+                                description="torchvision pretrained weights by name (DEFAULT, IMAGENET1K_V1, ...), "
+                                            "read from torchvision's cache under TORCH_HOME")
     num_classes: int = Field(10, ge=2, le=100_000, description="classifier outputs")
     checkpoint: Path | None = Field(None, description="state dict file, loaded with torch.load(weights_only=True)")
     layers: LayerSelection | None = Field(None, description="overrides compression.layers for this model")
 
     @field_validator("name")
     @classmethod
-    def _known_model(cls, v: str) -> str:
+    def _known_name(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("factory") is not None:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", v):
+                raise ValueError(f"a factory model's name is a label of letters, digits, '_', '.', '-', got {v!r}")
+            return v
         names = available_models()
         if v not in names:
             close = [n for n in names if n.startswith(v[:4])][:6]
-            raise ValueError(f"unknown model {v!r}; accepted: 'smallcnn' or a torchvision classification model"
-                             + (f" (e.g. {', '.join(close)})" if close else " (e.g. resnet18, vgg16, alexnet)"))
+            raise ValueError(f"unknown model {v[:100]!r}; accepted: 'smallcnn', a torchvision classification model"
+                             + (f" (e.g. {', '.join(close)})" if close else " (e.g. resnet18, vgg16, alexnet)")
+                             + ", or factory: 'package.module:callable'")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.factory is not None:
+            if self.weights is not None:
+                raise ValueError("weights names torchvision's pretrained weights; a factory loads its own (or give "
+                                 "checkpoint)")
+            return self
+        if self.kwargs:
+            raise ValueError("kwargs are the factory's; give factory: 'package.module:callable'")
+        if self.weights is not None and self.name == "smallcnn":
+            raise ValueError("weights are torchvision's pretrained weights; smallcnn has none (give checkpoint)")
+        if self.weights is not None and self.checkpoint is not None:
+            raise ValueError("give weights or checkpoint, not both")
+        return self
 
 
 class DatasetSpec(_Strict):
-    kind: Literal["digits", "cifar10", "imagefolder"] = Field(
+    kind: Literal["digits", "cifar10", "imagefolder", "mnist", "fashion-mnist"] = Field(
         "digits", description="digits: scikit-learn's bundled 8x8 digits (upscaled); cifar10: torchvision "
-                              "format in a local folder (no download); imagefolder: one folder per class")
-    root: Path | None = Field(None, description="data folder for cifar10 / imagefolder")
+                              "format in a local folder (no download); imagefolder: one folder per class; "
+                              "mnist / fashion-mnist: the standard IDX files (.gz or plain), train and t10k")
+    root: Path | None = Field(None, description="data folder for cifar10 / imagefolder / mnist; fashion-mnist "
+                                                "defaults to Debian's /usr/share/datasets/fashion-mnist")
     input_size: int = Field(32, ge=8, le=512, description="images are resized to input_size x input_size")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="validation split (digits, imagefolder)")
     batch_size: int = Field(64, ge=1, le=65_536, description="batch size for training and evaluation")
@@ -60,9 +93,14 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _root_needed(self):
-        if self.kind != "digits" and self.root is None:
+        if self.kind not in DEFAULT_ROOTS and self.root is None:
             raise ValueError(f"dataset kind {self.kind!r} needs 'root' (a local folder)")
         return self
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder the data is read from (``root``, or the kind's default)."""
+        return self.root if self.root is not None else DEFAULT_ROOTS.get(self.kind)
 
 
 class PretrainSpec(_Strict):
@@ -197,9 +235,10 @@ def check_local_paths(spec: SweepSpec, source: str = "spec") -> None:
             raise SpecError(f"{source}: models.{i}.checkpoint: checkpoint file {str(m.checkpoint)[:200]!r} does not "
                             f"exist")
     d = spec.dataset
-    if d.kind != "digits" and not _is_file(d.root, folder=True):
-        raise SpecError(f"{source}: dataset.root: {str(d.root)[:200]!r} is not a folder (kind {d.kind!r} reads a "
-                        f"local folder)")
+    if d.kind != "digits" and not _is_file(d.folder, folder=True):
+        hint = "; install it with: apt-get install dataset-fashion-mnist" if d.kind == "fashion-mnist" else ""
+        raise SpecError(f"{source}: dataset.root: {str(d.folder)[:200]!r} is not a folder (kind {d.kind!r} reads a "
+                        f"local folder{hint})")
 
 
 def _is_file(path, folder: bool = False) -> bool:

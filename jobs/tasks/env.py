@@ -8,7 +8,7 @@ import ray
 import torch
 
 from ..data import load_dataset
-from ..models import build_model
+from ..models import build
 from ..spec import DatasetSpec, ModelSpec
 from ..train import loader, measure_latency
 
@@ -56,7 +56,7 @@ class TaskEnv:
 
     def build(self, state: dict | None = None):
         """The model, with ``state`` loaded when given."""
-        model = build_model(self.model.name, self.model.num_classes)
+        model = build(self.model)
         if state is not None:
             model.load_state_dict(state)
         return model

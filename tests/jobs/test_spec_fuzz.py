@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pydantic import BaseModel
 
@@ -61,6 +62,31 @@ def _base_stages(folder: Path) -> dict:
                                                           "pointwise_method": None}, "epochs": 1, "lr": 0.05,
                          "optimizer": "sgd"}
     return d
+
+
+def _base_models(folder: Path) -> dict:
+    """The model sources: a factory of the user's code and torchvision weights by name (a small
+    model, its weights file in a temporary TORCH_HOME)."""
+    d = _base_search(folder)
+    d["compression"] = {"methods": ["tucker2"], "rank": {"strategy": "ratio", "ratio": 2.0}}
+    d["dataset"]["input_size"] = 64
+    d["models"] = [{"name": "mine", "factory": "tests.jobs.factories:tiny_net", "kwargs": {"width": 8},
+                    "num_classes": 10},
+                   {"name": "squeezenet1_1", "weights": "IMAGENET1K_V1", "num_classes": 1000}]
+    return d
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    from jobs.models import build_model
+    from jobs.tv import import_torchvision
+
+    w = import_torchvision().models.SqueezeNet1_1_Weights.IMAGENET1K_V1
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(build_model("squeezenet1_1", 1000).state_dict(), folder / Path(w.url).name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return folder
 
 
 def _leaves(obj, path=()):
@@ -129,15 +155,17 @@ def _cases(base: dict):
                 yield path, ("__RAW__" if isinstance(v, bytes) else v)
 
 
-@pytest.mark.parametrize("which", ["search", "stages"])
-def test_every_field_fuzzed_answers_in_one_line(tmp_path, capsys, which):
-    base = (_base_search if which == "search" else _base_stages)(tmp_path)
+@pytest.mark.parametrize("which", ["search", "stages", "models"])
+def test_every_field_fuzzed_answers_in_one_line(tmp_path, capsys, torch_home, which):
+    base = {"search": _base_search, "stages": _base_stages, "models": _base_models}[which](tmp_path)
     p = tmp_path / "spec.yaml"
     _dump(p, base)
     rc, text = _answer(capsys, p)
     assert rc == 0, text  # the base itself is valid
     seen = 0
     for path, value in _cases(base):
+        if which == "models" and path[0] != "models":
+            continue  # the other fields are fuzzed with the other bases
         data = copy.deepcopy(base)
         _set(data, path, value)
         _dump(p, data)
@@ -150,7 +178,7 @@ def test_every_field_fuzzed_answers_in_one_line(tmp_path, capsys, which):
         if isinstance(value, float) and (value != value or value == float("inf")):
             assert rc == 2, f"{where}={value}: a non-finite number was accepted"
         seen += 1
-    assert seen > 150
+    assert seen > (20 if which == "models" else 150)
 
 
 def test_random_key_deletions_answer_in_one_line(tmp_path, capsys):
@@ -173,7 +201,7 @@ def test_random_key_deletions_answer_in_one_line(tmp_path, capsys):
 
 def test_the_bases_hold_every_field_of_the_schema(tmp_path):
     fuzzed = set()
-    for base in (_base_search(tmp_path), _base_stages(tmp_path)):
+    for base in (_base_search(tmp_path), _base_stages(tmp_path), _base_models(tmp_path)):
         for path, _ in _leaves(base):
             fuzzed |= {tuple(p for p in path[:i] if isinstance(p, str)) for i in range(1, len(path) + 1)}
     missing = {p for p in _schema_fields(SweepSpec)
