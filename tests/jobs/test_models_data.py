@@ -167,3 +167,10 @@ def test_fashion_mnist_from_the_debian_package():
     assert (len(train), len(val), classes) == (60000, 10000, 10)
     assert torch.bincount(train.labels).tolist() == [6000] * 10
     assert train[0][0].shape == (3, 32, 32)
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_the_readme_own_model_example_and_the_fashion_mnist_sweep_validate(capsys):
+    root = Path(__file__).resolve().parents[2]
+    assert main(["validate", str(root / "examples" / "own-model.yaml")]) == 0, capsys.readouterr().err
+    assert main(["validate", "--schema-only", str(root / "cluster" / "sweeps" / "fashion-mnist.yaml")]) == 0
