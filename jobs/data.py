@@ -160,17 +160,32 @@ class _Images(Dataset):
         return _to_images(img.unsqueeze(0), self.size)[0], label
 
 
-def _imagefolder(spec: DatasetSpec, seed: int):
-    tv = import_torchvision()
+def _image_folder(tv, folder: Path):
     try:
-        base = tv.datasets.ImageFolder(str(spec.root), transform=tv.transforms.ToTensor())
+        base = tv.datasets.ImageFolder(str(folder), transform=tv.transforms.ToTensor())
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"image folder {str(spec.root)!r} has no usable images: {e}") from None
+        raise DataError(f"image folder {str(folder)!r} has no usable images: {e}") from None
     if len(base) < 2:
-        raise DataError(f"image folder {str(spec.root)!r} has {len(base)} image(s); need at least 2")
+        raise DataError(f"image folder {str(folder)!r} has {len(base)} image(s); need at least 2")
     if len(base.classes) < 2:
-        raise DataError(f"image folder {str(spec.root)!r} has {len(base.classes)} class folder(s) "
+        raise DataError(f"image folder {str(folder)!r} has {len(base.classes)} class folder(s) "
                         f"({', '.join(base.classes)}); a classifier needs at least 2 (one sub-folder per class)")
+    return base
+
+
+def _imagefolder(spec: DatasetSpec, seed: int):
+    """One sub-folder per class. A folder with ``train/`` and ``val/`` is split as it says;
+    otherwise ``val_fraction`` of the images (seeded) is held out. Images are decoded as they
+    are read (never all in memory)."""
+    tv = import_torchvision()
+    root = Path(spec.root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, val = _image_folder(tv, root / "train"), _image_folder(tv, root / "val")
+        if train.classes != val.classes:
+            raise DataError(f"image folder {str(root)!r}: train/ and val/ name different classes "
+                            f"({len(train.classes)} vs {len(val.classes)}: {sorted(set(train.classes) ^ set(val.classes))[:3]})")
+        return _Images(train, spec.input_size), _Images(val, spec.input_size), len(train.classes)
+    base = _image_folder(tv, root)
     ds = _Images(base, spec.input_size)
     tr, va = _split(len(ds), spec.val_fraction, seed)
     return Subset(ds, tr), Subset(ds, va), len(base.classes)

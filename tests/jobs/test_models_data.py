@@ -174,3 +174,20 @@ def test_the_readme_own_model_example_and_the_fashion_mnist_sweep_validate(capsy
     root = Path(__file__).resolve().parents[2]
     assert main(["validate", str(root / "examples" / "own-model.yaml")]) == 0, capsys.readouterr().err
     assert main(["validate", "--schema-only", str(root / "cluster" / "sweeps" / "fashion-mnist.yaml")]) == 0
+
+
+def test_an_image_folder_with_train_and_val_is_split_as_it_says(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 5), ("val", 2)):
+        for c in ("ant", "bee"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (10, 10), (30 * i, 100 if c == "ant" else 200, 0)).save(tmp_path / split / c / f"{i}.png")
+    train, val, classes = load_dataset(DatasetSpec(kind="imagefolder", root=tmp_path, input_size=16))
+    assert (len(train), len(val), classes) == (10, 4, 2)
+    assert [int(val[i][1]) for i in range(4)] == [0, 0, 1, 1] and val[0][0].shape == (3, 16, 16)
+    (tmp_path / "val" / "cat").mkdir()
+    Image.new("RGB", (10, 10)).save(tmp_path / "val" / "cat" / "0.png")
+    with pytest.raises(DataError, match="train/ and val/ name different classes"):
+        load_dataset(DatasetSpec(kind="imagefolder", root=tmp_path, input_size=16, batch_size=3))
