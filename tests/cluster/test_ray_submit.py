@@ -195,28 +195,32 @@ def test_jobs_submit_wrapper_and_status(cluster):
 
 
 def test_submit_and_status_without_the_token_are_refused_in_one_line(cluster):
-    for env in ({k: v for k, v in _env(HOME=str(cluster["tmp"] / "nohome")).items() if k != "RAY_AUTH_TOKEN"},
-                _env(RAY_AUTH_TOKEN="not-the-token")):
-        for argv in (["submit", "tests/specs/tiny.yaml", "--address", cluster["dashboard"]],
-                     ["status", "--address", cluster["dashboard"]]):
-            out = subprocess.run([sys.executable, "-m", "jobs", *argv], cwd=ROOT, env=env, capture_output=True,
-                                 text=True, timeout=120)
-            assert out.returncode == 2, out.stdout + out.stderr
-            assert out.stderr.count("\n") == 1 and "requires token authentication and" in out.stderr, out.stderr
-            assert ("no token was given" if "RAY_AUTH_TOKEN" not in env else "the token was refused") in out.stderr
+    no_token = {k: v for k, v in _env(HOME=str(cluster["tmp"] / "nohome")).items() if k != "RAY_AUTH_TOKEN"}
+    for env, argv, why in ((no_token, ["submit", "tests/specs/tiny.yaml"], "no token was given"),
+                           (_env(RAY_AUTH_TOKEN="not-the-token"), ["status"], "the token was refused")):
+        out = subprocess.run([sys.executable, "-m", "jobs", *argv, "--address", cluster["dashboard"]], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stderr.count("\n") == 1 and f"requires token authentication and {why}" in out.stderr, out.stderr
     st = subprocess.run([sys.executable, "-m", "jobs", "status", "--address", cluster["dashboard"]], cwd=ROOT,
                         env=_env(), capture_output=True, text=True, timeout=120)
     assert st.returncode == 0 and "SUCCEEDED" in st.stdout  # with it: answered (the warm-up job at least)
 
 
-def test_runner_with_wrong_mlflow_credentials_stops_before_any_compute(cluster, tmp_path):
+def test_runner_with_wrong_mlflow_credentials_stops_before_any_compute(cluster, tmp_path, monkeypatch):
     spec = tmp_path / "tiny.yaml"
     spec.write_text((ROOT / "tests" / "specs" / "tiny.yaml").read_text().replace(
         ".cache/pretrained", str(tmp_path / "cache")))
-    for creds, expected in (({"MLFLOW_TRACKING_USERNAME": RUNNER[0], "MLFLOW_TRACKING_PASSWORD": "wrong"},
-                             "HTTP 401: the credentials given were refused"), ({}, "HTTP 401: no credentials were given")):
-        out = subprocess.run([sys.executable, "-m", "jobs", "run", str(spec), "--tracking-uri", cluster["mlflow"]],
-                             cwd=ROOT, env={**_env(), **creds}, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2, out.stdout + out.stderr
-        assert out.stderr.count("\n") == 1 and expected in out.stderr, out.stderr
-        assert not (tmp_path / "cache").exists()  # nothing was computed
+    out = subprocess.run([sys.executable, "-m", "jobs", "run", str(spec), "--tracking-uri", cluster["mlflow"]],
+                         cwd=ROOT, env={**_env(), "MLFLOW_TRACKING_USERNAME": RUNNER[0],
+                                        "MLFLOW_TRACKING_PASSWORD": "wrong"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1 and "HTTP 401: the credentials given were refused" in out.stderr, out.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was computed
+    from jobs.store import TrackingAuthError, check_reachable
+
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(TrackingAuthError, match="HTTP 401: no credentials were given"):
+        check_reachable(cluster["mlflow"])

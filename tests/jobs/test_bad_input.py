@@ -40,7 +40,7 @@ def test_nothing_compressed_is_a_failed_configuration_never_a_version(make_spec,
     # energy 1.0 keeps every singular value: each Tucker-2 layer would grow, so every layer stays dense
     spec, data = make_spec(mutate=lambda d: (d["compression"].update(methods=["tucker2", "spatial-svd"], options={},
                                                                    rank={"strategy": "energy", "energy": 1.0}),
-                                             d["finetune"].update(epochs=0)))
+                                             d["finetune"].update(epochs=0), d["pretrain"].update(epochs=1)))
     assert main(["run", str(spec)]) == 1
     out = capsys.readouterr().out
     assert "FAILED smallcnn/tucker2: not registered: nothing was compressed: all 4 selected layer(s) failed or " \

