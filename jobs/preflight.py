@@ -26,7 +26,10 @@ def preflight(spec: SweepSpec, source: str = "spec") -> list[Config]:
                             f"no CUDA device; accepted here: 'cpu'")
     check_tracking_uri(spec.mlflow.tracking_uri)  # SpecError: a scheme MLflow cannot use, a folder that cannot be
     check_reachable(spec.mlflow.tracking_uri)     # TrackingUnavailableError / TrackingAuthError: server away, refused
-    _, _, classes = load_dataset(spec.dataset, spec.seed)  # DataError: missing, empty, one class, unreadable
+    train, _, classes = load_dataset(spec.dataset, spec.seed)  # DataError: missing, empty, one class, unreadable
+    if len(train) < 2:
+        raise SpecError(f"{source}: dataset: the training split has {len(train)} sample(s); training needs at least 2 "
+                        f"(a smaller val_fraction, a larger limit_train, or more data)")
     check_sample(spec.dataset, spec.seed)
     for i, m in enumerate(spec.models):
         if m.num_classes < classes:

@@ -18,6 +18,7 @@ from .spec_compression import (STRATEGY_FIELDS, CompressionSpec, FromScratchSpec
 DEFAULT_SPEC = Path(__file__).with_name("default_sweep.yaml")
 _NAME_CHARS = r"^[A-Za-z0-9_.-]*$"  # registered model names: letters, digits, '_', '.', '-'
 MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_VALUES = 100_000
 # where a kind's data is when no root is given (digits: bundled with scikit-learn)
 DEFAULT_ROOTS = {"digits": None, "fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 
@@ -224,7 +225,27 @@ def load_spec(path: str | Path | None = None) -> SweepSpec:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise SpecError(f"{p}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if _expanded_size(data) > MAX_SPEC_VALUES:
+        raise SpecError(f"{p}: expands to more than {MAX_SPEC_VALUES:,} values (YAML anchors and aliases); a sweep "
+                        f"spec is small")
     return parse_spec(data, str(p))
+
+
+def _expanded_size(obj, memo=None) -> int:
+    """How many values ``obj`` holds once every alias is expanded (YAML shares aliased objects,
+    so a 1 KB "billion laughs" file would otherwise take validation forever). Memoised by id."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    memo[id(obj)] = MAX_SPEC_VALUES + 1  # a cycle counts as too large
+    if isinstance(obj, dict):
+        n = 1 + sum(_expanded_size(v, memo) for v in obj.values()) + len(obj)
+    elif isinstance(obj, list):
+        n = 1 + sum(_expanded_size(v, memo) for v in obj)
+    else:
+        n = 1
+    memo[id(obj)] = min(n, MAX_SPEC_VALUES + 1)
+    return memo[id(obj)]
 
 
 def check_local_paths(spec: SweepSpec, source: str = "spec") -> None:

@@ -11,9 +11,12 @@ from torch.utils.data import DataLoader
 
 
 def loader(ds, batch_size: int, *, shuffle: bool, workers: int = 0, seed: int = 0) -> DataLoader:
+    """A training loader (``shuffle``) never ends on a batch of one sample: BatchNorm cannot
+    train on it where the feature map is 1x1 (ResNet's last stage at small input sizes)."""
     g = torch.Generator().manual_seed(seed)
+    lone_last = shuffle and len(ds) > batch_size and len(ds) % batch_size == 1
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
-                      drop_last=False)
+                      drop_last=lone_last)
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float):

@@ -215,3 +215,25 @@ def test_a_binary_file_as_the_spec_is_one_line(tmp_path, capsys):
     p.write_bytes(bytes(range(256)) * 4)
     rc, text = _answer(capsys, p)
     assert rc == 2 and "is not a text file" in text and len(text.strip().splitlines()) == 1, text
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\nname: bomb\nmodels: [{name: smallcnn}]\ncompression:\n  methods: [tucker2]\n"
+                 "  layers: {include: *a8}\n")
+    rc, text = _answer(capsys, p)
+    assert rc == 2 and "expands to more than 100,000 values (YAML anchors and aliases)" in text, text
+
+
+def test_a_training_loader_never_ends_on_a_batch_of_one():
+    from torch.utils.data import TensorDataset
+
+    from jobs.train import loader
+
+    ds = TensorDataset(torch.zeros(65, 1), torch.zeros(65))
+    assert [len(b[0]) for b in loader(ds, 64, shuffle=True)] == [64]
+    assert [len(b[0]) for b in loader(ds, 64, shuffle=False)] == [64, 1]  # evaluation sees every sample
+    assert [len(b[0]) for b in loader(TensorDataset(torch.zeros(66, 1)), 64, shuffle=True)] == [64, 2]
