@@ -203,7 +203,10 @@ class CompressionSpec(_Strict):
         for m, opts in self.options.items():
             if m not in self.methods:
                 raise ValueError(f"options given for method {m!r}, which is not in methods {self.methods}")
-            lowrank.get_method(m).parse_options({k: v for k, v in opts.items() if k != "allow_larger"})
+            try:
+                lowrank.get_method(m).parse_options({k: v for k, v in opts.items() if k != "allow_larger"})
+            except lowrank.LowRankError as e:
+                raise ValueError(f"options.{m}: {e}") from None
         return self
 class FromScratchSpec(_Strict):
     """Train the model in the vertical-BN-horizontal low-rank form of Tai et al. (2016) from
