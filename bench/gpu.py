@@ -6,12 +6,12 @@ weights can be fetched on the benchmark machines), as the (T, S, 9) tensor of ``
 Our CP-ALS on the device, the same fit on the host's CPU threads, and tensorly's ``parafac``
 (pytorch backend, on the device) from the same SVD start for the same number of sweeps (no early
 stop: equal sweeps from one start give equal error, reported beside). Then EPC on each ALS
-result (``max_sweeps`` capped): seconds, sweeps, cancellation ratio before and after.
+result (100 sweeps by default): seconds, sweeps, cancellation ratio before and after.
 
 Part 2: ResNet-18 at 224 px, dense against each method at 2x parameters per layer (first conv
 and the classifier dense), eager PyTorch, float32 and float16, batch 1, 32 and 256, eager and replayed as a
 CUDA graph (no per-kernel launch cost); dense and
-compressed interleaved, median of CUDA-event times.
+compressed interleaved, median of 30 CUDA-event times.
 
     python bench/gpu.py [--device cuda] [--iters 50] [--quick]
 """
@@ -190,8 +190,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--epc-sweeps", type=int, default=200)
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--epc-sweeps", type=int, default=100)
+    ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     ap.add_argument("--quick", action="store_true", help="one layer per shape, CPU twin only up to 128 channels")
     ap.add_argument("--skip", choices=("cp", "latency"), action="append", default=[])

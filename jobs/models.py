@@ -115,11 +115,12 @@ def pretrained_state(name: str, weights: str, num_classes: int) -> dict:
     tv = import_torchvision()
     try:
         enum = tv.models.get_model_weights(name)
-        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
-    except (KeyError, ValueError):
-        have = ", ".join(["DEFAULT", *[e.name for e in tv.models.get_model_weights(name)]]) if name in \
-            tv.models.list_models() else "none"
-        raise ModelError(f"{name} has no pretrained weights {weights!r}; accepted: {have}") from None
+    except ValueError:
+        raise ModelError(f"torchvision has no pretrained weights for {name}") from None
+    names = ["DEFAULT", *(e.name for e in enum)]
+    if weights not in names:
+        raise ModelError(f"{name} has no pretrained weights {weights!r}; accepted: {', '.join(names)}")
+    w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
     classes = len(w.meta.get("categories") or [])
     if classes and classes != num_classes:
         raise ModelError(f"{name} {w.name} weights have {classes} classes; set num_classes: {classes} "

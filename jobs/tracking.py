@@ -144,6 +144,13 @@ class Tracker:
         """One child run per configuration (``cfg``: a ``plan.Config``; ``base``: the dense
         reference; ``result``: an ``EvalResult``): params, metrics, per-layer table, the model
         (pt2), and a registered model version with the design's tags. Returns the version."""
+        for v in self.registered_versions(cfg.registered_name):
+            if v.tags.get("config_hash") == cfg.config_hash:
+                # an earlier attempt registered it and lost the answer (the server went away mid-call):
+                # a retry finishes that attempt's run instead of registering the configuration twice
+                if v.run_id:
+                    self.client.set_terminated(v.run_id, status="FINISHED")
+                return str(v.version)
         mlflow = self.mlflow
         run = self.client.create_run(self.experiment_id, run_name=f"{cfg.model.name}-{cfg.method}",
                                      tags={"mlflow.parentRunId": parent_id, "sweep": cfg.sweep, "kind": "config",

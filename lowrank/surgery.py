@@ -125,47 +125,55 @@ def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: b
         if in_shape is not None:
             rep.macs_before = count(module, in_shape)[1]
         t0 = time.perf_counter()
-        prefix, why = replacement_prefix(module, in_shape)
-        if why:  # a subclass whose own forward a factorized layer would not reproduce
-            rep.status, rep.reason = "skipped", why
-            rep.params_after, rep.macs_after = rep.params_before, rep.macs_before
-            reports.append(rep)
-            continue
-        try:
-            get_method(method)
-            rule = RankRule.of(rank, **{k: options.pop(k) for k in RankRule.keywords() if k in options})
-            if rule.strategy == "ratio" and rule.input_size is None and in_shape is not None and len(in_shape) == 4:
-                rule = RankRule.of(rule, input_size=tuple(in_shape[2:]))  # what a MAC target counts with
-            new, factors = factorize_with_factors(module, method, rule, **options)
-        except RankTooLargeError as e:
-            if rule.strategy == "fixed" and on_error == "raise":
-                raise
-            rep.status, rep.reason = "skipped", str(e)
-        except (LowRankError, UnsupportedLayerError, RuntimeError, ValueError, MemoryError) as e:
-            if on_error == "raise":
-                raise
-            rep.status, rep.reason = "failed", f"{type(e).__name__}: {e}"
-        else:
-            new = nn.Sequential(prefix, new) if prefix is not None else new
-            bad = check_replacement(module, new, in_shape)
-            if bad:
-                rep.status, rep.reason = "skipped", bad
-                rep.params_after, rep.macs_after = rep.params_before, rep.macs_before
-                rep.seconds = time.perf_counter() - t0
-                reports.append(rep)
-                continue
-            replace_submodule(model, name, new)
-            rep.rank = factors.rank
-            rep.rel_error = relative_error(module.weight, factors)
-            rep.params_after = sum(p.numel() for p in new.parameters())
-            if in_shape is not None:
-                rep.macs_after = count(new, in_shape)[1]
-            rep.diagnostics = dict(getattr(factors, "diagnostics", {}) or {})
+        _compress_one(model, name, module, method, rank, options, in_shape, on_error, rep)
         rep.seconds = time.perf_counter() - t0
         if rep.status != "ok":
             rep.params_after, rep.macs_after = rep.params_before, rep.macs_before
         reports.append(rep)
     return model, reports
+
+
+def _verified(module: nn.Module, new: nn.Module, prefix: nn.Module | None, in_shape) -> tuple[nn.Module, str | None]:
+    """``new`` behind the padding stage ``module``'s own forward needs, and why it must not
+    replace ``module`` (None: it may)."""
+    new = nn.Sequential(prefix, new) if prefix is not None else new
+    return new, check_replacement(module, new, in_shape)
+
+
+def _compress_one(model, name, module, method, rank, options, in_shape, on_error, rep: LayerReport) -> None:
+    """Decompose one layer by its plan entry and replace it, or record in ``rep`` why not."""
+    prefix, why = replacement_prefix(module, in_shape)
+    if why:  # a subclass whose own forward a factorized layer would not reproduce
+        rep.status, rep.reason = "skipped", why
+        return
+    rule = None
+    try:
+        get_method(method)
+        rule = RankRule.of(rank, **{k: options.pop(k) for k in RankRule.keywords() if k in options})
+        if rule.strategy == "ratio" and rule.input_size is None and in_shape is not None and len(in_shape) == 4:
+            rule = RankRule.of(rule, input_size=tuple(in_shape[2:]))  # what a MAC target counts with
+        new, factors = factorize_with_factors(module, method, rule, **options)
+    except RankTooLargeError as e:
+        if rule.strategy == "fixed" and on_error == "raise":
+            raise
+        rep.status, rep.reason = "skipped", str(e)
+        return
+    except (LowRankError, UnsupportedLayerError, RuntimeError, ValueError, MemoryError) as e:
+        if on_error == "raise":
+            raise
+        rep.status, rep.reason = "failed", f"{type(e).__name__}: {e}"
+        return
+    new, why = _verified(module, new, prefix, in_shape)
+    if why:
+        rep.status, rep.reason = "skipped", why
+        return
+    replace_submodule(model, name, new)
+    rep.rank = factors.rank
+    rep.rel_error = relative_error(module.weight, factors)
+    rep.params_after = sum(p.numel() for p in new.parameters())
+    if in_shape is not None:
+        rep.macs_after = count(new, in_shape)[1]
+    rep.diagnostics = dict(getattr(factors, "diagnostics", {}) or {})
 
 
 def select_layers(model: nn.Module, method: str, *, include=None, exclude=None, skip_first: bool = True,
@@ -227,24 +235,23 @@ def apply_factors(model: nn.Module, factors_by_layer: dict, *, input_shape=None,
     for name, factors in factors_by_layer.items():
         module = modules[name]
         t0 = time.perf_counter()
-        prefix, why = replacement_prefix(module, shapes.get(name))
-        new = get_method(factors.method).build(module, factors)
-        new = nn.Sequential(prefix, new) if prefix is not None else new
-        why = why or check_replacement(module, new, shapes.get(name))
+        in_shape = shapes.get(name)
         params = sum(p.numel() for p in module.parameters())
         rep = LayerReport(name=name, method=factors.method, rank=factors.rank, layer_type=type(module).__name__,
-                          rel_error=relative_error(module.weight, factors), params_before=params,
-                          params_after=params if why else sum(p.numel() for p in new.parameters()),
+                          rel_error=relative_error(module.weight, factors), params_before=params, params_after=params,
                           diagnostics=dict(getattr(factors, "diagnostics", {}) or {}))
-        if name in shapes:
-            rep.macs_before = count(module, shapes[name])[1]
-            rep.macs_after = rep.macs_before if why else count(new, shapes[name])[1]
+        if in_shape is not None:
+            rep.macs_before = rep.macs_after = count(module, in_shape)[1]
+        prefix, why = replacement_prefix(module, in_shape)
+        if not why:
+            new, why = _verified(module, get_method(factors.method).build(module, factors), prefix, in_shape)
         if why:  # left dense: the report says why
             rep.status, rep.reason, rep.rank = "skipped", why, None
-            rep.seconds = time.perf_counter() - t0
-            reports.append(rep)
-            continue
-        replace_submodule(model, name, new)
+        else:
+            replace_submodule(model, name, new)
+            rep.params_after = sum(p.numel() for p in new.parameters())
+            if in_shape is not None:
+                rep.macs_after = count(new, in_shape)[1]
         rep.seconds = time.perf_counter() - t0
         reports.append(rep)
     return model, reports

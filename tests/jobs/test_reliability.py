@@ -332,3 +332,29 @@ def test_mlflow_server_away_mid_sweep(tmp_path, ray_start_2_cpus, capsys):
         assert not list((tmp_path / "cache" / "spool").rglob("result.json"))  # nothing left unlogged
     finally:
         os.killpg(server.pid, signal.SIGTERM)
+
+
+def test_a_retried_write_never_registers_a_configuration_twice(tmp_path):
+    """The server can go away after it registered a version but before the answer arrived; the
+    retry then finds the version by its config_hash (seen once in the suite as a duplicate)."""
+    from mlflow import MlflowClient
+
+    from jobs.plan import plan_sweep
+    from jobs.results import EvalResult
+    from jobs.spec import load_spec
+    from jobs.tracking import Tracker
+
+    spec_path, data = _spec(tmp_path, lambda d: d["compression"].update(methods=["tucker2"], options={}))
+    [cfg] = plan_sweep(load_spec(spec_path))
+    model = SmallCNN(10).eval()
+    params = sum(p.numel() for p in model.parameters())
+    base = {"acc": {"top1": 0.9}, "params": 2 * params, "macs": 2, "latency": {"b1": 1e-3, "b32": 1e-2},
+            "input_shape": (3, 16, 16), "source": "checkpoint"}
+    result = EvalResult(state_dict=model.state_dict(), factors={}, acc_post={"top1": 0.5}, acc_ft={"top1": 0.8},
+                        params=params, macs=1, latency={"b1": 1e-3, "b32": 1e-2}, reports=[], layer_status=[])
+    tracker = Tracker(data["mlflow"]["tracking_uri"], data["mlflow"]["experiment"])
+    parent = tracker.start_parent(cfg.sweep, {})
+    first = tracker.log_config(parent, cfg, base, result, model)
+    assert tracker.log_config(parent, cfg, base, result, model) == first  # the retry
+    versions = MlflowClient(data["mlflow"]["tracking_uri"]).search_model_versions("name='lowrank-smallcnn'")
+    assert [str(v.version) for v in versions] == [first]
