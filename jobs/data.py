@@ -1,22 +1,29 @@
 """Data sets: scikit-learn's bundled digits (the embedded default), CIFAR-10 in torchvision's
 on-disk format from a local folder (no download), MNIST and Fashion-MNIST from their IDX files
-(Fashion-MNIST by default from Debian's ``dataset-fashion-mnist`` package), and ImageFolder. Images are 3-channel,
-``input_size`` square, normalised."""
+(Fashion-MNIST by default from Debian's ``dataset-fashion-mnist`` package), ImageFolder, and any
+folder of unlabelled images (``images``, for evaluation by agreement).
+
+Each kind's loader gives raw images in [0, 1] at their own size; ``load_dataset`` serves them
+through a model's ``Preprocess`` view (resize, centre crop, three channels, normalised), decoded
+as they are read except for small in-memory sets, which are converted once."""
 from __future__ import annotations
 
 import functools
 import gzip
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .preprocess import STATS_SAMPLES, Preprocess, geometry, resolve, statistics, view
 from .spec import DatasetSpec
 from .tv import import_torchvision
 
-_MEAN, _STD = 0.5, 0.25
+PRECOMPUTE_BYTES = 256 << 20  # an in-memory set converted once when its view takes at most this
 
 
 class DataError(ValueError):
@@ -29,13 +36,18 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
     return perm[n_val:], perm[:n_val]
 
 
-def _to_images(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, C, h, w)`` in [0, 1] -> ``(N, 3, size, size)`` normalised."""
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return ((x - _MEAN) / _STD).contiguous()
+class _Bytes(Dataset):
+    """uint8 ``(N, C, H, W)`` images kept as bytes, each scaled to [0, 1] when read (60,000
+    images at 32 px would take 740 MB as 3-channel floats)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i].float() / 255, self.labels[i]
 
 
 def _digits(spec: DatasetSpec, seed: int):
@@ -44,7 +56,6 @@ def _digits(spec: DatasetSpec, seed: int):
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
-    x = _to_images(x, spec.input_size)
     tr, va = _split(len(y), spec.val_fraction, seed)
     return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), 10
 
@@ -83,11 +94,7 @@ def _cifar10(spec: DatasetSpec, seed: int):
         raise DataError(f"CIFAR-10 folder {str(base)!r} lacks {', '.join(missing)} "
                         f"(expected torchvision's cifar-10-batches-py layout; nothing is downloaded)")
     parts = [_read_cifar_batch(p) for p in train_files]
-    xtr = torch.cat([p[0] for p in parts]).float() / 255
-    ytr = torch.cat([p[1] for p in parts])
-    xte, yte = _read_cifar_batch(test_file)
-    return (TensorDataset(_to_images(xtr, spec.input_size), ytr),
-            TensorDataset(_to_images(xte.float() / 255, spec.input_size), yte), 10)
+    return _Bytes(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])), _Bytes(*_read_cifar_batch(test_file)), 10
 
 
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -110,20 +117,6 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(tuple(int(d) for d in dims))
 
 
-class _GreyImages(Dataset):
-    """uint8 ``(N, H, W)`` images kept as bytes; each converted when read (a 60,000-image set at
-    32 px would otherwise take 740 MB as 3-channel floats)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, size: int):
-        self.images, self.labels, self.size = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)), size
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return _to_images(self.images[i][None, None].float() / 255, self.size)[0], self.labels[i]
-
-
 def _idx(spec: DatasetSpec, seed: int):
     folder = Path(spec.folder)
     sets = []
@@ -138,14 +131,16 @@ def _idx(spec: DatasetSpec, seed: int):
         images, labels = found
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{spec.kind} {split} files disagree: images {images.shape}, labels {labels.shape}")
-        sets.append(_GreyImages(images, labels, spec.input_size))
+        sets.append(_Bytes(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))))
     classes = int(max(int(s.labels.max()) for s in sets)) + 1
     return sets[0], sets[1], classes
 
 
 class _Images(Dataset):
-    def __init__(self, base, size):
-        self.base, self.size = base, size
+    """A torchvision folder data set whose decoding errors name the file."""
+
+    def __init__(self, base):
+        self.base = base
 
     def __len__(self):
         return len(self.base)
@@ -157,7 +152,7 @@ class _Images(Dataset):
             path = self.base.samples[i][0]
             raise DataError(f"image {path!r} cannot be decoded ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:120]})") from None
-        return _to_images(img.unsqueeze(0), self.size)[0], label
+        return img, label
 
 
 def _image_folder(tv, folder: Path):
@@ -184,31 +179,110 @@ def _imagefolder(spec: DatasetSpec, seed: int):
         if train.classes != val.classes:
             raise DataError(f"image folder {str(root)!r}: train/ and val/ name different classes "
                             f"({len(train.classes)} vs {len(val.classes)}: {sorted(set(train.classes) ^ set(val.classes))[:3]})")
-        return _Images(train, spec.input_size), _Images(val, spec.input_size), len(train.classes)
+        return _Images(train), _Images(val), len(train.classes)
     base = _image_folder(tv, root)
-    ds = _Images(base, spec.input_size)
+    ds = _Images(base)
     tr, va = _split(len(ds), spec.val_fraction, seed)
     return Subset(ds, tr), Subset(ds, va), len(base.classes)
 
 
+class _Unlabelled(Dataset):
+    """Every image under a folder (any depth), label 0: what evaluation by agreement reads."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as img:
+                x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
+            raise DataError(f"image {str(self.paths[i])!r} cannot be decoded ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:120]})") from None
+        return x.permute(2, 0, 1).float() / 255, 0
+
+
+def _images(spec: DatasetSpec, seed: int):
+    """Any folder of images, unlabelled; ``val_fraction`` of them (seeded) evaluated on."""
+    exts = import_torchvision().datasets.folder.IMG_EXTENSIONS
+    paths = sorted(p for p in Path(spec.root).rglob("*") if p.suffix.lower() in exts and p.is_file())
+    if len(paths) < 2:
+        raise DataError(f"image folder {str(spec.root)!r} has {len(paths)} image(s) ({', '.join(exts)}); "
+                        f"need at least 2")
+    ds = _Unlabelled(paths)
+    tr, va = _split(len(ds), spec.val_fraction, seed)
+    return Subset(ds, tr), Subset(ds, va), 1
+
+
 _LOADERS = {"digits": _digits, "cifar10": _cifar10, "imagefolder": _imagefolder, "mnist": _idx,
-            "fashion-mnist": _idx}
+            "fashion-mnist": _idx, "images": _images}
+
+
+def _limit(ds, n: int | None):
+    if n is None or n >= len(ds):
+        return ds
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t[:n] for t in ds.tensors))
+    return Subset(ds, range(n))
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(spec_json: str, seed: int):
+def _raw(spec_json: str, seed: int):
+    """``(train, val, num_classes)`` of raw images in [0, 1] at their own size."""
     spec = DatasetSpec.model_validate_json(spec_json)
     train, val, n_classes = _LOADERS[spec.kind](spec, seed)
-    if spec.limit_train is not None and spec.limit_train < len(train):
-        train = Subset(train, range(spec.limit_train))
-    if spec.limit_val is not None and spec.limit_val < len(val):
-        val = Subset(val, range(spec.limit_val))
-    return train, val, n_classes
+    return _limit(train, spec.limit_train), _limit(val, spec.limit_val), n_classes
 
 
-def check_sample(spec: DatasetSpec, seed: int = 0, n: int = 16) -> None:
+@functools.lru_cache(maxsize=8)
+def _stats(spec_json: str, seed: int, resize: int, crop: int):
+    """Per-channel mean/std of up to ``STATS_SAMPLES`` training images as the model sees them."""
+    train = _raw(spec_json, seed)[0]
+    n = min(len(train), STATS_SAMPLES)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    if isinstance(train, TensorDataset):
+        return statistics(geometry(train.tensors[0][idx], resize, crop)[:, :1 if train.tensors[0].shape[1] == 1 else 3])
+    return statistics(geometry(train[i][0][None], resize, crop)[0] for i in idx)
+
+
+def complete(spec: DatasetSpec, prep: Preprocess, seed: int = 0) -> Preprocess:
+    """``prep`` with mean/std filled in from the training split where it has none of its own."""
+    if prep.mean is not None:
+        return prep
+    return prep.with_stats(*_stats(spec.model_dump_json(), seed, prep.resize, prep.crop))
+
+
+class _Viewed(Dataset):
+    def __init__(self, base, prep: Preprocess):
+        self.base, self.prep = base, prep
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return view(x, self.prep), y
+
+
+def _viewed(ds, prep: Preprocess):
+    if isinstance(ds, TensorDataset) and len(ds) * 3 * 4 * prep.crop ** 2 <= PRECOMPUTE_BYTES:
+        x, y = ds.tensors
+        return TensorDataset(view(x, prep), y)  # small and in memory: converted once
+    return _Viewed(ds, prep)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(spec_json: str, seed: int, prep: Preprocess):
+    train, val, n_classes = _raw(spec_json, seed)
+    return _viewed(train, prep), _viewed(val, prep), n_classes
+
+
+def check_sample(spec: DatasetSpec, seed: int = 0, prep: Preprocess | None = None, n: int = 16) -> None:
     """Decode ``n`` samples spread over both splits (DataError naming the first unreadable file)."""
-    train, val, _ = load_dataset(spec, seed)
+    train, val, _ = load_dataset(spec, seed, prep)
     for ds in (train, val):
         for i in sorted({int(j * (len(ds) - 1) / max(n // 2 - 1, 1)) for j in range(n // 2)}):
             x, _ = ds[i]
@@ -216,6 +290,19 @@ def check_sample(spec: DatasetSpec, seed: int = 0, n: int = 16) -> None:
                 raise DataError(f"sample {i} of the {spec.kind} data decodes to non-finite values")
 
 
-def load_dataset(spec: DatasetSpec, seed: int = 0):
-    """``(train, val, num_classes)``; cached per process (Ray workers reuse it across tasks)."""
-    return _load_cached(spec.model_dump_json(), seed)
+def load_dataset(spec: DatasetSpec, seed: int = 0, prep: Preprocess | None = None):
+    """``(train, val, num_classes)`` as a model sees them (``prep``, by default the data's own:
+    see ``preprocess.resolve``; completed from the data's statistics where needed); cached per
+    process (Ray workers reuse it across tasks)."""
+    prep = complete(spec, prep if prep is not None else resolve(spec, None), seed)
+    return _load_cached(spec.model_dump_json(), seed, prep)
+
+
+def default_workers(spec: DatasetSpec) -> int:
+    """``dataset.workers``, or for sets decoded as they are read (image folders) up to 4 worker
+    processes, one CPU left to the training loop; 0 for sets in memory."""
+    if spec.workers is not None:
+        return spec.workers
+    if spec.kind not in ("imagefolder", "images"):
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

@@ -1,5 +1,6 @@
 """Models the runner builds: the built-in small CNN, torchvision's classification models (with
-their pretrained weights by name, read from torchvision's cache), and any ``nn.Module`` a
+their pretrained weights by name, read from torchvision's cache), timm's (``timm/<arch>``, the
+optional extra; weights from the Hugging Face cache), and any ``nn.Module`` a
 ``factory: 'package.module:callable'`` of the user's own code returns.
 
 Checkpoints are state dicts loaded with ``torch.load(weights_only=True)`` only: a file that
@@ -11,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import io
+import math
 import pickle
 import socket
 from pathlib import Path
@@ -54,10 +56,65 @@ def available_models() -> tuple[str, ...]:
     return ("smallcnn", *tv.models.list_models(module=tv.models))
 
 
+def _timm():
+    import_torchvision()  # timm imports torchvision, which may need its op schemas defined first
+    try:
+        import timm  # deferred: the optional timm extra
+    except ImportError:
+        raise ModelError("timm models need the timm extra: pip install 'lowrank-runner[timm]'") from None
+    return timm
+
+
+def check_timm_name(name: str) -> str:
+    """``timm/<architecture>[.<tag>]`` naming a model timm has (ValueError otherwise)."""
+    try:
+        timm = _timm()
+    except ModelError as e:
+        raise ValueError(str(e)) from None
+    arch = name.removeprefix("timm/")
+    if not timm.is_model(arch.split(".")[0]):
+        close = timm.list_models(f"{arch.split('.')[0][:4]}*")[:6]
+        raise ValueError(f"timm has no model {arch!r}" + (f" (e.g. {', '.join(close)})" if close else ""))
+    return name
+
+
+def _timm_model(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    timm, arch = _timm(), name.removeprefix("timm/")
+    if not pretrained:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    import huggingface_hub  # deferred: the timm extra only; its weights live in the Hugging Face cache
+
+    cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
+    if cfg.get("num_classes") and cfg["num_classes"] != num_classes:
+        raise ModelError(f"{name} weights have {cfg['num_classes']} classes; set num_classes: {cfg['num_classes']}")
+    repo = cfg.get("hf_hub_id") or f"timm/{arch}"
+    cached = any(isinstance(huggingface_hub.try_to_load_from_cache(repo, f), str)
+                 for f in ("model.safetensors", "pytorch_model.bin"))
+    where = (f"{name} weights are not in the Hugging Face cache {huggingface_hub.constants.HF_HUB_CACHE!r} and "
+             f"cannot be downloaded")
+    hint = f"fetch them where there is network (hf download {repo}) and copy that cache here (HF_HOME decides it)"
+    if not cached:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=5).close()
+        except OSError as e:
+            raise ModelError(f"{where} ({type(e).__name__}); {hint}") from None
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = cached  # a cached file is read without asking the hub
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return timm.create_model(arch, pretrained=True, num_classes=num_classes)
+    except Exception as e:  # noqa: BLE001 - missing file, hub refused, corrupt file: one line naming where
+        raise ModelError(f"{where} ({_first_line(e)}); {hint}") from None
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = offline
+
+
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """A built-in or torchvision model, randomly initialised."""
+    """A built-in, timm or torchvision model, randomly initialised."""
     if name == "smallcnn":
         return SmallCNN(num_classes)
+    if name.startswith("timm/"):
+        return _timm_model(name, num_classes, pretrained=False)
     tv = import_torchvision()
     kwargs = {"weights": None, "num_classes": num_classes}
     if name.startswith(("inception", "googlenet")):
@@ -70,6 +127,8 @@ def build(m) -> nn.Module:
     """The model a ``ModelSpec`` names: factory, torchvision with pretrained weights, or plain."""
     if m.factory is not None:
         return build_factory(m.factory, dict(m.kwargs))
+    if m.name.startswith("timm/") and m.weights is not None:
+        return _timm_model(m.name, m.num_classes, pretrained=True)
     model = build_model(m.name, m.num_classes)
     if m.weights is not None:
         model.load_state_dict(pretrained_state(m.name, m.weights, m.num_classes))
@@ -187,3 +246,25 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
                               f"tensor(s), first {bad[0]!r}; accepted: finite weights")
     model.load_state_dict(state)
     return model
+
+
+def reference_preprocessing(m, model: nn.Module | None = None) -> dict | None:
+    """The preprocessing a model's pretrained weights were trained with: ``{crop, resize, mean,
+    std}`` from torchvision's weights transforms, or a timm-style ``pretrained_cfg`` on a
+    pretrained factory's model; None when its weights are trained here (or unknown)."""
+    timm_weights = m.name.startswith("timm/") and m.weights is not None
+    if m.weights is not None and m.factory is None and not timm_weights:
+        tv = import_torchvision()
+        enum = tv.models.get_model_weights(m.name)
+        t = (enum.DEFAULT if m.weights == "DEFAULT" else enum[m.weights]).transforms()
+        return {"crop": int(t.crop_size[0]), "resize": int(t.resize_size[0]), "mean": tuple(t.mean),
+                "std": tuple(t.std)}
+    cfg = ((getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None))
+           if m.pretrained or timm_weights else None)
+    if not isinstance(cfg, dict) or not {"mean", "std"} <= set(cfg):
+        return None
+    size = cfg.get("input_size")
+    crop = int(size[-1]) if isinstance(size, (tuple, list)) and size else None
+    pct = float(cfg.get("crop_pct") or 1.0)
+    return {"crop": crop, "resize": int(math.floor(crop / pct)) if crop else None,
+            "mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"])}

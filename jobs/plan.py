@@ -6,8 +6,10 @@ its kind (``oneshot``, ``staged``, ``scratch``, ``search``), its model, the per-
 its ``config_hash`` and the MLflow params derived from it. Executors read the plan, never the
 spec's rank or options again.
 
-Config hashes hash what determines a configuration's result, exactly as they always have, so
-a registry filled by an earlier version is not re-run (``tests/fixtures/config_hashes.json``).
+Config hashes hash what determines a configuration's result, so that a registry filled by an
+earlier version is not re-run (``tests/fixtures/config_hashes.json``), except where the result
+itself changed: ``PREPROCESSING`` counts the changes of what models are fed (2: per-model
+preprocessing, the data's own statistics, training augmentation).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import lowrank
 
+from . import preprocess
 from .models import build
 from .spec import (FromScratchSpec, LayerSelection, ModelSpec, RankSpec, SearchSpec, SweepSpec, file_digest,
                    stable_hash)
@@ -28,7 +31,11 @@ class ModelPlan:
 
     spec: ModelSpec
     key: str
-    input_shape: tuple[int, int, int]
+    prep: preprocess.Preprocess  # what the model is fed (mean/std None: the data's, filled in where loaded)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.prep.input_shape
 
     @property
     def name(self) -> str:
@@ -69,18 +76,23 @@ class Config:
         return f"{self.model.name}/{self.method}"
 
 
+PREPROCESSING = 2
+
+
 def model_key(spec: SweepSpec, m: ModelSpec) -> str:
     """Content hash of what determines a model's trained weights (the pre-training cache key)."""
     return stable_hash({"model": m.name, "num_classes": m.num_classes, "dataset": spec.dataset.model_dump(mode="json"),
                         "pretrain": spec.pretrain.model_dump(mode="json", exclude={"cache_dir"}),
                         "checkpoint": file_digest(m.checkpoint) if m.checkpoint else None, "seed": spec.seed,
-                        **_source(m)})
+                        **_source(spec, m)})
 
 
-def _source(m: ModelSpec) -> dict:
-    """Where a model comes from beyond its name (only when set: older hashes stay as they were)."""
+def _source(spec: SweepSpec, m: ModelSpec) -> dict:
+    """Where a model comes from beyond its name, and how it is judged (only when set)."""
     return {**({"factory": m.factory, "kwargs": m.kwargs} if m.factory else {}),
-            **({"weights": m.weights} if m.weights else {})}
+            **({"weights": m.weights} if m.weights else {}), **({"pretrained": True} if m.pretrained else {}),
+            **({"evaluation": spec.evaluation} if spec.evaluation != "accuracy" else {}),
+            "preprocessing": PREPROCESSING}
 
 
 def rank_rule(rank: RankSpec, layer: str, input_size: tuple[int, int] | None) -> lowrank.RankRule:
@@ -118,15 +130,15 @@ def _input_sizes(model, names, input_shape) -> dict[str, tuple[int, int]]:
 
 def plan_sweep(spec: SweepSpec) -> list[Config]:
     configs: list[Config] = []
-    input_shape = (3, spec.dataset.input_size, spec.dataset.input_size)
     for m in spec.models:
-        mp = ModelPlan(m, model_key(spec, m), input_shape)
+        model = build(m)
+        prep = preprocess.for_model(spec.dataset, m, model, agreement=spec.evaluation == "agreement")
+        mp = ModelPlan(m, model_key(spec, m), prep)
         common = dict(sweep=spec.name, model=mp, registered_name=spec.mlflow.registered_name(m.name), seed=spec.seed)
         if spec.from_scratch is not None:
             configs.append(_scratch(spec, m, common))
         if spec.compression is None:
             continue
-        model = build(m)
         sel = m.layers or spec.compression.layers
         if spec.compression.search is not None:
             configs += _search(spec, mp, model, sel, common)
@@ -138,7 +150,7 @@ def plan_sweep(spec: SweepSpec) -> list[Config]:
 def _scratch(spec: SweepSpec, m: ModelSpec, common: dict) -> Config:
     fs = spec.from_scratch
     content = {"model": m.name, "num_classes": m.num_classes, "dataset": spec.dataset.model_dump(mode="json"),
-               "from_scratch": fs.model_dump(mode="json"), "seed": spec.seed, **_source(m)}
+               "from_scratch": fs.model_dump(mode="json"), "seed": spec.seed, **_source(spec, m)}
     params = {"rank_strategy": "from_scratch", **{f"from_scratch.{k}": v for k, v in fs.model_dump(mode="json").items() if v is not None and k != "layers"}}
     return Config(kind="scratch", method="scratch-lowrank", config_hash=stable_hash(content), scratch=fs,
                   params=params, **common)

@@ -8,6 +8,7 @@ import torch
 
 import lowrank
 
+from . import preprocess
 from .data import check_sample, load_dataset
 from .models import build, load_checkpoint
 from .plan import Config, plan_sweep, select
@@ -32,7 +33,7 @@ def preflight(spec: SweepSpec, source: str = "spec") -> list[Config]:
                         f"(a smaller val_fraction, a larger limit_train, or more data)")
     check_sample(spec.dataset, spec.seed)
     for i, m in enumerate(spec.models):
-        if m.num_classes < classes:
+        if m.num_classes < classes and spec.evaluation == "accuracy":
             raise SpecError(f"{source}: models.{i}.num_classes: {m.name} has {m.num_classes} outputs but the data set "
                             f"has {classes} classes; accepted: num_classes >= {classes}")
     return check_models(spec, source)
@@ -48,7 +49,8 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
         model = models[m.name] = build(m)  # ModelError: a factory that fails, weights that are not there
         if m.checkpoint is not None:
             load_checkpoint(model, m.checkpoint)  # CheckpointError: truncated, corrupted, wrong architecture, NaN
-        dry_forward(model, m.num_classes, spec.dataset.input_size, f"{source}: models.{i}")
+        size = preprocess.for_model(spec.dataset, m, model).crop
+        dry_forward(model, m.num_classes, size, f"{source}: models.{i}")
         if spec.from_scratch is not None:
             _check_scratch(spec.from_scratch, model, m.name, source)
         if comp is not None:

@@ -5,8 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+def quality(figures: dict) -> str:
+    """The name of the figures' top-1: ``acc`` (accuracy on labels) or ``agree`` (agreement with
+    the dense model, whose figures carry a ``kl``)."""
+    return "agree" if "kl" in figures else "acc"
+
+
+def named(m: dict, q: str) -> dict:
+    """``acc_*`` keys named as what they measure (``agree_*`` under evaluation by agreement)."""
+    return m if q == "acc" else {(q + k[3:] if k.startswith("acc_") else k): v for k, v in m.items()}
+
+
 def config_metrics(base: dict, result) -> dict:
-    """A configuration's metrics against its dense reference (``result``: an ``EvalResult``)."""
+    """A configuration's metrics against its dense reference (``result``: an ``EvalResult``);
+    under evaluation by agreement ``agree_*`` and ``kl_*`` in place of ``acc_*``."""
     m = {
         "acc_pre": base["acc"]["top1"], "acc_post": result.acc_post["top1"], "acc_ft": result.acc_ft["top1"],
         "compression_ratio": base["params"] / result.params, "mac_ratio": base["macs"] / result.macs,
@@ -23,21 +35,28 @@ def config_metrics(base: dict, result) -> dict:
                  acc_ft_top5=result.acc_ft["top5"])
     if result.acc_bn is not None:
         m["acc_bn"] = result.acc_bn["top1"]
-    return m
+    q = quality(base["acc"])
+    if q == "agree":
+        m.update({f"kl_{k}": d["kl"] for k, d in (("pre", base["acc"]), ("post", result.acc_post),
+                                                  ("bn", result.acc_bn), ("ft", result.acc_ft)) if d is not None})
+    return named(m, q)
 
 
 def summary_row(model: str, method: str, registered_name: str, version: str, tags: dict, config_hash: str) -> dict:
-    """A registered version as a row of the sweep's summary (from its tags)."""
+    """A registered version as a row of the sweep's summary (from its tags); ``acc_*`` hold its
+    top-1 figures, ``metric`` says which (``acc`` or ``agree``)."""
+    q = "agree" if "agree_ft" in tags else "acc"
     return {"model": model, "method": method, "registered_name": registered_name, "version": version,
             "compression_ratio": float(tags["compression_ratio"]), "mac_ratio": float(tags["mac_ratio"]),
-            "speedup_b1": float(tags.get("speedup_b1", "nan")), "acc_pre": float(tags["acc_pre"]),
-            "acc_post": float(tags["acc_post"]), "acc_ft": float(tags["acc_ft"]),
+            "speedup_b1": float(tags.get("speedup_b1", "nan")), "acc_pre": float(tags[f"{q}_pre"]),
+            "acc_post": float(tags[f"{q}_post"]), "acc_ft": float(tags[f"{q}_ft"]), "metric": q,
             "degenerate_layers": int(tags["degenerate_layers"]), "config_hash": config_hash}
 
 
 def format_summary(rows: list[dict], candidates: dict[str, str] | None = None) -> str:
-    head = f"{'model':<20} {'method':<16} {'params x':>8} {'MACs x':>7} {'acc_pre':>7} {'acc_post':>8} " \
-           f"{'acc_ft':>7} {'degen':>5}  registered"
+    q = rows[0].get("metric", "acc") if rows else "acc"
+    head = f"{'model':<20} {'method':<16} {'params x':>8} {'MACs x':>7} {q + '_pre':>7} {q + '_post':>8} " \
+           f"{q + '_ft':>7} {'degen':>5}  registered"
     lines = [head, "-" * len(head)]
     for r in rows:
         star = " *candidate" if candidates and candidates.get(r["registered_name"]) == r["version"] else ""
@@ -104,7 +123,8 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
             ax.plot([p["compression_ratio"] for p in pts], [p["acc_post"] for p in pts], "x",
                     color=line[0].get_color(), label=f"{method} post")
         ax.axhline(sub[0]["acc_pre"], color="gray", ls="--", lw=1, label="dense")
-        ax.set(title=model, xlabel="parameter compression ratio", ylabel="top-1 accuracy")
+        ax.set(title=model, xlabel="parameter compression ratio",
+               ylabel="top-1 agreement with the dense model" if sub[0].get("metric") == "agree" else "top-1 accuracy")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

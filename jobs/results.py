@@ -50,7 +50,8 @@ class Baseline:
     macs: int
     latency: dict
     input_shape: tuple
-    source: str  # checkpoint | cache | trained | scratch
+    source: str  # checkpoint | cache | trained | weights | scratch
+    preprocess: dict = field(default_factory=dict)  # what the model was fed (Preprocess.describe())
     train_seconds: float = 0.0
     device: str = "cpu"
     task_seconds: float = 0.0
@@ -59,7 +60,7 @@ class Baseline:
     def reference(self) -> dict:
         """The dense figures a configuration is compared with (what is logged and spooled)."""
         return {"acc": self.acc, "params": self.params, "macs": self.macs, "latency": self.latency,
-                "input_shape": tuple(self.input_shape), "source": self.source}
+                "input_shape": tuple(self.input_shape), "source": self.source, "preprocess": self.preprocess}
 
 
 @dataclass

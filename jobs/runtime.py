@@ -168,7 +168,8 @@ class Session:
     def env(self, cfg: Config) -> TaskEnv:
         """What the tasks of ``cfg``'s model start from (starts Ray: the GPU flag depends on it)."""
         _ = self.ray
-        return TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, self.gpu)
+        return TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, self.gpu, cfg.model.prep,
+                       self.spec.evaluation == "agreement")
 
     def remote(self, fn):
         return self.ray.remote(fn).options(**self.options)
@@ -273,7 +274,8 @@ class Session:
         spool.remove(path)
         self.result.registered += 1
         bad = [s for s in result.layer_status if s["status"] != "ok"]
-        self.say(f"{cfg.label}: post {result.acc_post['top1']:.3f} ft {result.acc_ft['top1']:.3f}, "
+        q = "agreement" if "kl" in result.acc_post else "top-1"
+        self.say(f"{cfg.label}: {q} post {result.acc_post['top1']:.3f} ft {result.acc_ft['top1']:.3f}, "
                  f"{base['params'] / result.params:.2f}x params -> {cfg.registered_name} v{version}"
                  + (f" ({len(bad)} layer(s) left dense: {bad[0]['reason'][:80]})" if bad else ""))
         return True

@@ -11,7 +11,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, JsonValue, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .models import available_models
+from .models import available_models, check_timm_name
+from .spec_data import AUGMENTATIONS, DEFAULT_ROOTS, DatasetSpec, NormalizeSpec
 from .spec_compression import (STRATEGY_FIELDS, CompressionSpec, FromScratchSpec, LayerSelection, RankSpec,
                                SearchSpec, StagesSpec, TuneSpec, _Strict)
 
@@ -19,8 +20,6 @@ DEFAULT_SPEC = Path(__file__).with_name("default_sweep.yaml")
 _NAME_CHARS = r"^[A-Za-z0-9_.-]*$"  # registered model names: letters, digits, '_', '.', '-'
 MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_VALUES = 100_000
-# where a kind's data is when no root is given (digits: bundled with scikit-learn)
-DEFAULT_ROOTS = {"digits": None, "fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 
 
 class SpecError(ValueError):
@@ -29,7 +28,7 @@ class SpecError(ValueError):
 
 __all__ = ["CompressionSpec", "FromScratchSpec", "LayerSelection", "RankSpec", "SearchSpec", "StagesSpec", "TuneSpec",
            "STRATEGY_FIELDS", "DatasetSpec", "FinetuneSpec", "ModelSpec", "MlflowSpec", "PretrainSpec",
-           "ResourcesSpec", "SweepSpec", "SpecError", "load_spec", "parse_spec", "check_local_paths",
+           "NormalizeSpec", "AUGMENTATIONS", "ResourcesSpec", "SweepSpec", "SpecError", "load_spec", "parse_spec", "check_local_paths",
            "stable_hash", "file_digest", "DEFAULT_SPEC"]
 
 
@@ -37,14 +36,19 @@ class ModelSpec(_Strict):
     factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", max_length=300,
                                 description="'package.module:callable' returning an nn.Module (your own network; "
                                             "ship its code with --working-dir)")
-    name: str = Field(max_length=100, description="torchvision architecture (resnet18, vgg16, ...), 'smallcnn', or, "
-                                                  "with 'factory', your own label for the model")
+    name: str = Field(max_length=100, description="torchvision architecture (resnet18, vgg16, ...), 'smallcnn', "
+                                                  "'timm/<architecture>' (the timm extra), or, with 'factory', your "
+                                                  "own label for the model")
     kwargs: dict[str, JsonValue] = Field(default_factory=dict, description="keyword arguments of the factory")
     weights: str | None = Field(None, pattern=r"^[A-Z0-9_]+$", max_length=64,
-                                description="torchvision pretrained weights by name (DEFAULT, IMAGENET1K_V1, ...), "
-                                            "read from torchvision's cache under TORCH_HOME")
+                                description="pretrained weights by name: torchvision's (DEFAULT, IMAGENET1K_V1, ...), "
+                                            "read from its cache under TORCH_HOME; timm's: DEFAULT (the tag is in "
+                                            "the name), read from the Hugging Face cache")
     num_classes: int = Field(10, ge=2, le=100_000, description="classifier outputs")
     checkpoint: Path | None = Field(None, description="state dict file, loaded with torch.load(weights_only=True)")
+    pretrained: bool = Field(False, description="the factory's model comes with its trained weights: used as they "
+                                                "are (never pre-trained here); a timm-style pretrained_cfg on it "
+                                                "gives its preprocessing")
     layers: LayerSelection | None = Field(None, description="overrides compression.layers for this model")
 
     @field_validator("name")
@@ -54,6 +58,8 @@ class ModelSpec(_Strict):
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", v):
                 raise ValueError(f"a factory model's name is a label of letters, digits, '_', '.', '-', got {v!r}")
             return v
+        if v.startswith("timm/"):
+            return check_timm_name(v)
         names = available_models()
         if v not in names:
             close = [n for n in names if n.startswith(v[:4])][:6]
@@ -64,6 +70,8 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.pretrained and self.factory is None:
+            raise ValueError("pretrained marks a factory's own weights; torchvision models take weights: DEFAULT")
         if self.factory is not None:
             if self.weights is not None:
                 raise ValueError("weights names torchvision's pretrained weights; a factory loads its own (or give "
@@ -71,37 +79,19 @@ class ModelSpec(_Strict):
             return self
         if self.kwargs:
             raise ValueError("kwargs are the factory's; give factory: 'package.module:callable'")
+        if self.weights not in (None, "DEFAULT") and self.name.startswith("timm/"):
+            raise ValueError(f"timm weights are named by the model's tag (timm/resnet50.a1_in1k); give weights: DEFAULT, "
+                             f"got {self.weights!r}")
         if self.weights is not None and self.name == "smallcnn":
             raise ValueError("weights are torchvision's pretrained weights; smallcnn has none (give checkpoint)")
         if self.weights is not None and self.checkpoint is not None:
             raise ValueError("give weights or checkpoint, not both")
         return self
 
-
-class DatasetSpec(_Strict):
-    kind: Literal["digits", "cifar10", "imagefolder", "mnist", "fashion-mnist"] = Field(
-        "digits", description="digits: scikit-learn's bundled 8x8 digits (upscaled); cifar10: torchvision "
-                              "format in a local folder (no download); imagefolder: one folder per class; "
-                              "mnist / fashion-mnist: the standard IDX files (.gz or plain), train and t10k")
-    root: Path | None = Field(None, description="data folder for cifar10 / imagefolder / mnist; fashion-mnist "
-                                                "defaults to Debian's /usr/share/datasets/fashion-mnist")
-    input_size: int = Field(32, ge=8, le=512, description="images are resized to input_size x input_size")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="validation split (digits, imagefolder)")
-    batch_size: int = Field(64, ge=1, le=65_536, description="batch size for training and evaluation")
-    workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
-    limit_train: int | None = Field(None, ge=1, description="use at most this many training samples")
-    limit_val: int | None = Field(None, ge=1, description="use at most this many validation samples")
-
-    @model_validator(mode="after")
-    def _root_needed(self):
-        if self.kind not in DEFAULT_ROOTS and self.root is None:
-            raise ValueError(f"dataset kind {self.kind!r} needs 'root' (a local folder)")
-        return self
-
     @property
-    def folder(self) -> Path | None:
-        """The folder the data is read from (``root``, or the kind's default)."""
-        return self.root if self.root is not None else DEFAULT_ROOTS.get(self.kind)
+    def trained(self) -> bool:
+        """Its weights come with it (pretrained weights, a checkpoint, a pretrained factory)."""
+        return self.weights is not None or self.checkpoint is not None or self.pretrained
 
 
 class PretrainSpec(_Strict):
@@ -139,7 +129,7 @@ class MlflowSpec(_Strict):
         default_factory=dict, description="explicit registered names per model")
 
     def registered_name(self, model: str) -> str:
-        return self.registered_names.get(model, f"{self.registered_model_prefix}{model}")
+        return self.registered_names.get(model, f"{self.registered_model_prefix}{model.replace('/', '-')}")
 
 
 class SweepSpec(_Strict):
@@ -153,6 +143,10 @@ class SweepSpec(_Strict):
     from_scratch: FromScratchSpec | None = Field(None, description="train low-rank (Tai et al.) and dense models "
                                                                    "from scratch with one schedule")
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, description="fine-tuning after compression")
+    evaluation: Literal["accuracy", "agreement"] = Field(
+        "accuracy", description="accuracy: top-1 on the labelled validation split; agreement: top-1 agreement with "
+                                "and KL(dense || compressed) from the dense model on any images, no labels "
+                                "needed (fine-tuning distils from the dense model)")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray resources")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="where results go")
 
@@ -176,6 +170,21 @@ class SweepSpec(_Strict):
         if s is not None and "tune" in s.strategies and self.finetune.epochs < 1:
             raise ValueError("compression.search strategy 'tune' needs finetune.epochs >= 1 (ASHA stops trials "
                              "between fine-tuning epochs)")
+        return self
+
+    @model_validator(mode="after")
+    def _agreement_needs_weights(self):
+        if self.evaluation == "accuracy":
+            if self.dataset.kind == "images":
+                raise ValueError("dataset kind 'images' has no labels; it serves evaluation: agreement")
+            return self
+        untrained = [m.name for m in self.models if not m.trained]
+        if untrained:
+            raise ValueError(f"evaluation: agreement compares with a trained dense model, and {untrained[0]} has no "
+                             f"weights; give weights (torchvision), checkpoint, or pretrained: true (a factory "
+                             f"that loads its own)")
+        if self.from_scratch is not None:
+            raise ValueError("from_scratch trains on labels; it cannot run with evaluation: agreement")
         return self
 
     @model_validator(mode="after")

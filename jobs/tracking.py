@@ -49,11 +49,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def version_tags(cfg, metrics: dict, degenerate: int, run_id: str) -> dict:
-    """The tags every registered version carries: ``MODEL_TAGS`` plus the run id."""
+    """The tags every registered version carries: ``MODEL_TAGS`` plus the run id (under evaluation
+    by agreement ``agree_*`` in place of ``acc_*``, and ``kl_post``, ``kl_ft``)."""
+    q = "agree" if "agree_ft" in metrics else "acc"
+    keys = list(report.named(dict.fromkeys(MODEL_TAGS), q)) + (["kl_post", "kl_ft"] if q == "agree" else [])
     values = {"sweep": cfg.sweep, "config_hash": cfg.config_hash, "model": cfg.model.name, "method": cfg.method,
               "degenerate_layers": str(degenerate)}
-    values.update({k: f"{metrics[k]:.4f}" for k in MODEL_TAGS if k not in values})
-    return {**{k: values[k] for k in MODEL_TAGS}, "run_id": run_id}
+    values.update({k: f"{metrics[k]:.4f}" for k in keys if k not in values})
+    return {**{k: values[k] for k in keys}, "run_id": run_id}
 
 
 class Tracker:
@@ -158,7 +161,8 @@ class Tracker:
                                            "method": cfg.method})
         rid = run.info.run_id
         metrics = report.config_metrics(base, result)
-        params = {**cfg.params, **({"allocation": result.allocation} if result.allocation else {})}
+        params = {**cfg.params, **({"allocation": result.allocation} if result.allocation else {}),
+                  **{f"preprocess.{k}": v for k, v in (base.get("preprocess") or {}).items()}}
         with mlflow.start_run(run_id=rid):
             mlflow.log_params(redact({"sweep": cfg.sweep, "model": cfg.model.name, "method": cfg.method,
                                       "registered_name": cfg.registered_name, "config_hash": cfg.config_hash,
@@ -184,7 +188,7 @@ class Tracker:
             tags["stage_history"] = json.dumps([{k: (round(h[k], 4) if isinstance(h[k], float) else h[k])
                                                  for k in ("stage", "layers", "compression_ratio", "acc_post", "acc_ft",
                                                            "epochs")} for h in result.stages])
-            self._log_stages(rid, cfg, result.stages)
+            self._log_stages(rid, cfg, result.stages, report.quality(result.acc_post))
         # the version is created with its tags in one call: a driver killed here never leaves a
         # version without its config_hash (which a re-run would then duplicate)
         with contextlib.redirect_stderr(io.StringIO()):  # "Created version ..." chatter; errors still raise
@@ -193,7 +197,7 @@ class Tracker:
         self.client.set_terminated(rid, status="FINISHED")
         return version
 
-    def _log_stages(self, config_run: str, cfg, stages: list[dict]) -> None:
+    def _log_stages(self, config_run: str, cfg, stages: list[dict], q: str = "acc") -> None:
         """One child run per stage under the configuration's run."""
         for h in stages:
             run = self.client.create_run(
@@ -207,7 +211,7 @@ class Tracker:
             self.client.log_param(rid, "epochs", h["epochs"])
             for k in ("compression_ratio", "mac_ratio", "params", "macs", "acc_post", "acc_ft", "acc_bn", "seconds"):
                 if h.get(k) is not None:
-                    self.client.log_metric(rid, k, float(h[k]))
+                    self.client.log_metric(rid, next(iter(report.named({k: 0}, q))), float(h[k]))
             for step, loss in enumerate(h["losses"], start=1):
                 self.client.log_metric(rid, "ft_loss", float(loss), step=step)
             self.client.set_terminated(rid, status="FINISHED")
@@ -215,10 +219,11 @@ class Tracker:
     def set_candidate(self, name: str) -> str | None:
         """Alias ``candidate`` on the version with the best fine-tuned accuracy (then the higher
         compression ratio)."""
-        versions = [v for v in self.registered_versions(name) if "acc_ft" in v.tags]
+        versions = [v for v in self.registered_versions(name) if "acc_ft" in v.tags or "agree_ft" in v.tags]
         if not versions:
             return None
-        best = max(versions, key=lambda v: (float(v.tags["acc_ft"]), float(v.tags.get("compression_ratio", 0)),
+        best = max(versions, key=lambda v: (float(v.tags.get("acc_ft", v.tags.get("agree_ft"))),
+                                            float(v.tags.get("compression_ratio", 0)),
                                             -int(v.version)))
         self.client.set_registered_model_alias(name, "candidate", best.version)
         return best.version

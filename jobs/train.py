@@ -19,6 +19,34 @@ def loader(ds, batch_size: int, *, shuffle: bool, workers: int = 0, seed: int = 
                       drop_last=lone_last)
 
 
+class Distilled:
+    """A loader whose targets are a teacher's logits on the very batch (augmented or not):
+    evaluation by agreement and fine-tuning by distillation read them instead of labels."""
+
+    def __init__(self, dl, teacher: nn.Module, device="cpu"):
+        self.dl, self.teacher, self.device = dl, teacher, device
+
+    def __len__(self):
+        return len(self.dl)
+
+    def __iter__(self):
+        for x, _ in self.dl:
+            x = x.to(self.device)
+            with torch.no_grad():  # never around the yield: the consumer trains on the batch
+                target = self.teacher(x).float()
+            yield x, target
+
+
+def _soft(y: torch.Tensor) -> bool:
+    return y.is_floating_point() and y.dim() == 2
+
+
+def kl_to(logits: torch.Tensor, target_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(teacher || student) from both models' logits (nats)."""
+    return nn.functional.kl_div(nn.functional.log_softmax(logits.float(), 1),
+                                nn.functional.log_softmax(target_logits, 1), log_target=True, reduction=reduction)
+
+
 def make_optimizer(model: nn.Module, name: str, lr: float):
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
@@ -27,7 +55,10 @@ def make_optimizer(model: nn.Module, name: str, lr: float):
 
 def train_epochs(model: nn.Module, dl: DataLoader, *, epochs: int, lr: float, optimizer: str = "sgd",
                  device="cpu", on_epoch=None) -> list[float]:
-    """Cross-entropy training with a cosine learning-rate schedule; returns per-epoch mean loss."""
+    """Cross-entropy training with a cosine learning-rate schedule; returns per-epoch mean loss.
+    Where the loader's targets are logits (``Distilled``), the loss is KL(teacher || model) and
+    BatchNorm keeps its statistics (distillation often runs on a few unlabelled images, whose
+    batch statistics would overwrite what the pretrained network learned)."""
     if epochs <= 0:
         return []
     model.to(device).train()
@@ -40,7 +71,12 @@ def train_epochs(model: nn.Module, dl: DataLoader, *, epochs: int, lr: float, op
         total, n = 0.0, 0
         for x, y in dl:
             x, y = x.to(device), y.to(device)
-            loss = nn.functional.cross_entropy(model(x), y)
+            if _soft(y):
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+            out = model(x)
+            loss = kl_to(out, y) if _soft(y) else nn.functional.cross_entropy(out, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch + 1}")
             opt.zero_grad(set_to_none=True)
@@ -64,14 +100,20 @@ def _eval_mode(model: nn.Module) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dl: DataLoader, device="cpu") -> dict:
-    """Top-1 (and top-5 where there are more than 5 classes) accuracy in [0, 1]."""
+    """Top-1 (and top-5 where there are more than 5 classes) accuracy in [0, 1]. Where the
+    targets are a teacher's logits (``Distilled``): ``top1`` is the top-1 agreement with it and
+    ``kl`` the mean KL(teacher || model)."""
     _eval_mode(model.to(device))
     top1 = top5 = n = 0
-    n_classes = None
+    kl = 0.0
+    n_classes, soft = None, False
     for x, y in dl:
         out = model(x.to(device))
         y = y.to(device)
-        n_classes = out.shape[1]
+        n_classes, soft = out.shape[1], _soft(y)
+        if soft:
+            kl += kl_to(out, y, reduction="sum").item()
+            y = y.argmax(1)
         top1 += (out.argmax(1) == y).sum().item()
         if n_classes > 5:
             top5 += (out.topk(5, dim=1).indices == y[:, None]).any(1).sum().item()
@@ -79,6 +121,8 @@ def evaluate(model: nn.Module, dl: DataLoader, device="cpu") -> dict:
     res = {"top1": top1 / max(n, 1)}
     if n_classes and n_classes > 5:
         res["top5"] = top5 / max(n, 1)
+    if soft:
+        res["kl"] = kl / max(n, 1)
     return res
 
 

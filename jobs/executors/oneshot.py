@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 from ..tasks.compress import decompose_task, evaluate_task
+from .. import report
 from .common import queue_baselines
 
 
@@ -22,7 +23,8 @@ def run_oneshot(session, configs: list) -> None:
             session.fail(key if kind == "base" else key.label, out)
         elif kind == "base":
             bases[key] = out
-            say(f"{key}: baseline ready ({out.source}, {out.train_seconds:.1f}s) top-1 {out.acc['top1']:.3f}, "
+            say(f"{key}: baseline ready ({out.source}, {out.train_seconds:.1f}s) "
+                f"{report.quality(out.acc)}_pre {out.acc['top1']:.3f}, "
                 f"{out.params / 1e6:.2f}M params, {out.macs / 1e6:.1f}M MACs")
             cfgs = by_model[key]
             env = session.env(cfgs[0])

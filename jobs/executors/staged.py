@@ -3,6 +3,7 @@ task per configuration (its stages depend on each other), all in flight at once.
 from __future__ import annotations
 
 from ..tasks.staged import multistage_task
+from .. import report
 from .common import queue_baselines
 
 
@@ -15,7 +16,8 @@ def run_staged(session, configs: list) -> None:
             session.fail(key if kind == "base" else key.label, out)
         elif kind == "base":
             bases[key] = out
-            say(f"{key}: baseline ready ({out.source}) top-1 {out.acc['top1']:.3f}")
+            say(f"{key}: baseline ready ({out.source}) "
+                f"{report.quality(out.acc)}_pre {out.acc['top1']:.3f}")
             base_ref = session.put(out.state_dict)
             for cfg in by_model[key]:
                 session.submit(multistage_task, session.env(cfg), base_ref, spec.finetune, cfg.stages,

@@ -29,6 +29,8 @@ def baseline_task(env: TaskEnv, pretrain: PretrainSpec, cache_key: str) -> Basel
     if env.model.checkpoint is not None:
         load_checkpoint(model, env.model.checkpoint)
         source = "checkpoint"
+    elif env.model.trained:  # pretrained weights (torchvision's, a factory's own): used as they are
+        source = "weights"
     elif cache.is_file():
         load_checkpoint(model, cache)
         source = "cache"
@@ -43,10 +45,13 @@ def baseline_task(env: TaskEnv, pretrain: PretrainSpec, cache_key: str) -> Basel
         source = "trained"
     train_seconds = time.perf_counter() - t0
     model.to(env.device)
+    if env.agreement:  # the dense model against itself: agreement 1, KL 0 (what the others are measured by)
+        env.teach(model)
     acc = evaluate(model, env.val_loader(), env.device)
     params, macs = lowrank.count(model.cpu(), env.input_shape)
     return Baseline(state_dict=cpu_state(model), acc=acc, params=params, macs=macs,
                     latency=latency(model, env.input_shape, env.device), input_shape=env.input_shape, source=source,
+                    preprocess=env.preprocess.describe(),
                     train_seconds=train_seconds, device=env.device, task_seconds=time.perf_counter() - t_task,
                     node=node_id())
 
@@ -74,7 +79,7 @@ def evaluate_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, *layer
     """Assemble the compressed model from the layers' factors, evaluate it (post), recalibrate
     BN, fine-tune, evaluate (ft)."""
     t_task = time.perf_counter()
-    env.begin()
+    env.begin(base_state)
     model = env.build(base_state)
     factors = {r.name: r.factors for r in layers if r.status == "ok"}
     new, reports = lowrank.apply_factors(model, factors, input_shape=env.input_shape)
@@ -82,7 +87,7 @@ def evaluate_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, *layer
     t0 = time.perf_counter()
     acc_post = evaluate(new, val_dl, device)
     acc_bn = None
-    if finetune.bn_recalibration and recalibrate_bn(new, train_dl, finetune.bn_batches, device):
+    if finetune.bn_recalibration and recalibrate_bn(new, env.bn_loader(), finetune.bn_batches, device):
         acc_bn = evaluate(new, val_dl, device)
     losses = train_epochs(new, train_dl, epochs=finetune.epochs, lr=finetune.lr, optimizer=finetune.optimizer,
                           device=device)

@@ -1,16 +1,18 @@
 """What every model-level task starts from: the model and data specs, the seed and the device."""
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
 import ray
 import torch
 
-from ..data import load_dataset
+from ..data import complete, default_workers, load_dataset
 from ..models import build
+from ..preprocess import Augmented, Preprocess, resolve
 from ..spec import DatasetSpec, ModelSpec
-from ..train import loader, measure_latency
+from ..train import Distilled, loader, measure_latency
 
 
 def node_id() -> str:
@@ -29,26 +31,55 @@ def latency(model, input_shape, device) -> dict:
 
 @dataclass(frozen=True)
 class TaskEnv:
+    """A task's model, data and device. With ``agreement`` the loaders' targets are the dense
+    model's outputs (``begin(base_state)``), so that every evaluation measures agreement with it
+    and every fine-tuning distils from it, whatever the task."""
+
     model: ModelSpec
     dataset: DatasetSpec
     seed: int
     gpu: bool  # the task was given a GPU (asked for and present in the cluster)
+    prep: Preprocess | None = None  # None: the data's own (a torchvision model without weights)
+    agreement: bool = False
 
     @property
     def device(self) -> str:
         return "cuda" if self.gpu and torch.cuda.is_available() else "cpu"
 
-    def begin(self) -> "TaskEnv":
-        """Every task's first step: seed the RNG (model initialisation, data order), load the data."""
+    def begin(self, base_state: dict | None = None) -> "TaskEnv":
+        """Every task's first step: seed the RNG (model initialisation, data order), load the
+        data; with ``agreement``, the dense model of ``base_state`` becomes the loaders' teacher."""
         torch.manual_seed(self.seed)
         _ = self.data
+        if self.agreement and base_state is not None:
+            self.teach(self.build(base_state))
         return self
+
+    def teach(self, dense) -> None:
+        """The dense model whose outputs are the targets (agreement); a frozen copy."""
+        teacher = copy.deepcopy(dense).to(self.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        object.__setattr__(self, "_teacher", teacher)
+
+    def _targets(self, dl):
+        if not self.agreement:
+            return dl
+        teacher = getattr(self, "_teacher", None)
+        if teacher is None:
+            raise RuntimeError("evaluation by agreement needs the dense model first (TaskEnv.begin(base_state))")
+        return Distilled(dl, teacher, self.device)
 
     @functools.cached_property
     def data(self):
         """``(train, val)``, loaded once per task (and cached per worker process)."""
-        train, val, _ = load_dataset(self.dataset, self.seed)
+        train, val, _ = load_dataset(self.dataset, self.seed, self.prep)
         return train, val
+
+    @functools.cached_property
+    def preprocess(self) -> Preprocess:
+        """What the model is fed, mean/std filled in."""
+        return complete(self.dataset, self.prep or resolve(self.dataset, None), self.seed)
 
     @property
     def input_shape(self) -> tuple:
@@ -61,12 +92,25 @@ class TaskEnv:
             model.load_state_dict(state)
         return model
 
+    @property
+    def workers(self) -> int:
+        return default_workers(self.dataset)
+
     def val_loader(self, subset: int | None = None):
         val = self.data[1]
         if subset is not None:
             val = torch.utils.data.Subset(val, range(min(len(val), subset)))
-        return loader(val, self.dataset.batch_size, shuffle=False)
+        return self._targets(loader(val, self.dataset.batch_size, shuffle=False, workers=self.workers))
 
     def train_loader(self, workers: bool = True):
-        return loader(self.data[0], self.dataset.batch_size, shuffle=True,
-                      workers=self.dataset.workers if workers else 0, seed=self.seed)
+        """Shuffled, augmented (``prep.augment``), with the teacher's targets under agreement."""
+        dl = loader(self.data[0], self.dataset.batch_size, shuffle=True, workers=self.workers if workers else 0,
+                    seed=self.seed)
+        if self.prep is not None and self.prep.augment != "none":
+            dl = Augmented(dl, self.prep.augment, self.seed)
+        return self._targets(dl)
+
+    def bn_loader(self, workers: bool = True):
+        """Training images as evaluated (no augmentation, no targets): BatchNorm recalibration."""
+        return loader(self.data[0], self.dataset.batch_size, shuffle=True, workers=self.workers if workers else 0,
+                      seed=self.seed)

@@ -30,7 +30,7 @@ def sensitivity_task(env: TaskEnv, base_state: dict, layer: str | None, factors,
     recalibrated); ``layer=None`` measures the dense model on the same subset. ``factors`` may
     be a ``LayerPlan`` instead: the layer is factorized here (the tolerance bisection)."""
     t0 = time.perf_counter()
-    env.begin()
+    env.begin(base_state)
     model = env.build(base_state)
     out = {"layer": layer}
     if isinstance(factors, lowrank.LayerPlan):
@@ -41,7 +41,7 @@ def sensitivity_task(env: TaskEnv, base_state: dict, layer: str | None, factors,
     if layer is not None:
         model, reports = lowrank.apply_factors(model, {layer: factors}, input_shape=env.input_shape, inplace=True)
         out.update(params=reports[0].params_after, macs=reports[0].macs_after)
-        recalibrate_bn(model, env.train_loader(workers=False), bn_batches, env.device)
+        recalibrate_bn(model, env.bn_loader(workers=False), bn_batches, env.device)
     out["acc"] = evaluate(model, env.val_loader(val_batches * env.dataset.batch_size), env.device)["top1"]
     return {**out, "task_seconds": time.perf_counter() - t0, "node": node_id()}
 
@@ -53,11 +53,11 @@ def tune_trial(config: dict, *, env: TaskEnv, base_state: dict, finetune: Finetu
     ASHA can stop it early. Reports only metrics; the driver logs the trials to MLflow."""
     from ray import tune  # deferred: only Tune's trial processes need ray.tune
 
-    env.begin()
+    env.begin(base_state)
     new, _ = lowrank.apply_factors(env.build(base_state), allocations[config["trial"]], input_shape=env.input_shape)
     device, val_dl, train_dl = env.device, env.val_loader(), env.train_loader()
     if finetune.bn_recalibration:
-        recalibrate_bn(new, train_dl, finetune.bn_batches, device)
+        recalibrate_bn(new, env.bn_loader(), finetune.bn_batches, device)
     params, macs = lowrank.count(new, env.input_shape)
 
     def report(epoch: int, loss: float) -> None:

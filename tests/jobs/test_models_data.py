@@ -165,7 +165,7 @@ def test_a_folder_without_the_idx_files_is_one_line(tmp_path, make_spec, capsys)
 def test_fashion_mnist_from_the_debian_package():
     train, val, classes = load_dataset(DatasetSpec(kind="fashion-mnist", input_size=32))
     assert (len(train), len(val), classes) == (60000, 10000, 10)
-    assert torch.bincount(train.labels).tolist() == [6000] * 10
+    assert torch.bincount(train.base.labels).tolist() == [6000] * 10
     assert train[0][0].shape == (3, 32, 32)
 
 

@@ -47,7 +47,7 @@ def test_every_spec_the_readme_and_tests_run_validates_against_its_models(path, 
     (lambda d: d["compression"]["options"].update({"cp3-epc": {"epc_sweeps": 3}}), "unknown option(s) ['epc_sweeps']"),
     (lambda d: d["dataset"].update(kind="cifar10"), "dataset kind 'cifar10' needs 'root'"),
     (lambda d: d["dataset"].update(kind="svhn"),
-     "dataset.kind: Input should be 'digits', 'cifar10', 'imagefolder', 'mnist' or 'fashion-mnist'"),
+     "dataset.kind: Input should be 'digits', 'cifar10', 'imagefolder', 'mnist', 'fashion-mnist' or 'images'"),
 ])
 def test_invalid_specs_exit_2_with_one_line_naming_the_key(tmp_path, capsys, mutate, expected):
     data = _base()

@@ -10,6 +10,7 @@ import random
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -73,6 +74,23 @@ def _base_models(folder: Path) -> dict:
     d["models"] = [{"name": "mine", "factory": "tests.jobs.factories:tiny_net", "kwargs": {"width": 8},
                     "num_classes": 10},
                    {"name": "squeezenet1_1", "weights": "IMAGENET1K_V1", "num_classes": 1000}]
+    return d
+
+
+def _base_agreement(folder: Path) -> dict:
+    """Evaluation by agreement on a folder of unlabelled images, every preprocessing setting given."""
+    from PIL import Image
+
+    photos = folder / "photos"
+    photos.mkdir(exist_ok=True)
+    for i in range(6):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    d = _base_models(folder)
+    d["evaluation"] = "agreement"
+    d["models"] = [{"name": "mine", "factory": "tests.jobs.factories:tiny_net", "kwargs": {"width": 8},
+                    "num_classes": 10, "pretrained": True}]
+    d["dataset"] = {"kind": "images", "root": str(photos), "crop": 24, "resize": 28, "val_fraction": 0.5,
+                    "normalize": {"mean": [0.5, 0.4, 0.3], "std": [0.25]}, "augment": "crop+flip", "batch_size": 4}
     return d
 
 
@@ -152,16 +170,19 @@ def _cases(base: dict):
                 yield path, v
 
 
-@pytest.mark.parametrize("which", ["search", "stages", "models"])
+BASES = {"search": _base_search, "stages": _base_stages, "models": _base_models, "agreement": _base_agreement}
+
+
+@pytest.mark.parametrize("which", list(BASES))
 def test_every_field_fuzzed_answers_in_one_line(tmp_path, capsys, torch_home, which):
-    base = {"search": _base_search, "stages": _base_stages, "models": _base_models}[which](tmp_path)
+    base = BASES[which](tmp_path)
     p = tmp_path / "spec.yaml"
     _dump(p, base)
     rc, text = _answer(capsys, p)
     assert rc == 0, text  # the base itself is valid
     seen = 0
     for path, value in _cases(base):
-        if which == "models" and path[0] != "models":
+        if (which == "models" and path[0] != "models") or (which == "agreement" and path[0] != "dataset"):
             continue  # the other fields are fuzzed with the other bases
         data = copy.deepcopy(base)
         _set(data, path, value)
@@ -175,7 +196,7 @@ def test_every_field_fuzzed_answers_in_one_line(tmp_path, capsys, torch_home, wh
         if isinstance(value, float) and (value != value or value == float("inf")):
             assert rc == 2, f"{where}={value}: a non-finite number was accepted"
         seen += 1
-    assert seen > (20 if which == "models" else 150)
+    assert seen > (20 if which in ("models", "agreement") else 150)
 
 
 def test_random_key_deletions_answer_in_one_line(tmp_path, capsys):
@@ -198,7 +219,7 @@ def test_random_key_deletions_answer_in_one_line(tmp_path, capsys):
 
 def test_the_bases_hold_every_field_of_the_schema(tmp_path):
     fuzzed = set()
-    for base in (_base_search(tmp_path), _base_stages(tmp_path), _base_models(tmp_path)):
+    for base in (make(tmp_path) for make in BASES.values()):
         for path, _ in _leaves(base):
             fuzzed |= {tuple(p for p in path[:i] if isinstance(p, str)) for i in range(1, len(path) + 1)}
     missing = {p for p in _schema_fields(SweepSpec)
