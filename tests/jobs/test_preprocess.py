@@ -175,17 +175,10 @@ def test_agreement_needs_weights_and_images_need_agreement():
 
 def _skimage_photos(folder: Path) -> Path:
     """scikit-image's bundled photographs (no download), as PNG files in one folder."""
-    data = pytest.importorskip("skimage.data")
-    from PIL import Image
+    pytest.importorskip("skimage")
+    from examples.pretrained import write_photos
 
-    folder.mkdir()
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "moon", "page", "text", "coins", "clock"):
-        try:
-            img = getattr(data, name)()
-        except Exception:  # noqa: BLE001 - an image scikit-image would have to download
-            continue
-        Image.fromarray(img).save(folder / f"{name}.png")
-    assert len(list(folder.iterdir())) >= 8
+    assert write_photos(folder) >= 8
     return folder
 
 

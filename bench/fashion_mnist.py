@@ -1,0 +1,126 @@
+"""Methods on data harder than digits: Fashion-MNIST (``apt-get install dataset-fashion-mnist``),
+28 px upscaled to 32, each model pre-trained here (augmented, cosine schedule) and cached.
+
+For each model and seed: every method at 2x and 3x parameters per layer (first conv left dense,
+ResNet-18's 1x1 shortcuts and the classifier by SVD), top-1 before fine-tuning (``post``), after
+BatchNorm recalibration (``bn``), after 1 and after 3 fine-tuning epochs; and whole-model
+Tucker-2 at plain VBMF ranks (Kim et al.), every conv and linear.
+
+    .venv/bin/python bench/fashion_mnist.py                       # the full table (GPU: minutes)
+    .venv/bin/python bench/fashion_mnist.py --models smallcnn --limit-train 12000 --epochs 6   # 2-core CPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lowrank  # noqa: E402
+from jobs.data import load_dataset  # noqa: E402
+from jobs.models import build_model  # noqa: E402
+from jobs.preprocess import Augmented, resolve  # noqa: E402
+from jobs.spec import DatasetSpec  # noqa: E402
+from jobs.train import evaluate, loader, recalibrate_bn, train_epochs  # noqa: E402
+
+METHODS = ("spatial-svd", "tucker2", "cp3", "cp3-epc")
+OPTIONS = {"cp3": {"n_iter_max": 300}, "cp3-epc": {"n_iter_max": 300, "epc_max_sweeps": 200}}
+
+
+def pretrained(name: str, data, args, seed: int, device: str):
+    cache = ROOT / ".cache" / "bench" / f"fashion-{name}-s{seed}-e{args.epochs}-n{args.limit_train}.pt"
+    model = build_model(name, 10)
+    if cache.is_file():
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model, 0.0
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    train_epochs(model, data["aug"], epochs=args.epochs, lr=args.lr, device=device)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), cache)
+    return model, time.perf_counter() - t0
+
+
+def finetune_curve(model, data, args, device: str) -> dict:
+    """post, bn, and top-1 after each fine-tuning epoch (one cosine schedule over them all)."""
+    out = {"post": evaluate(model, data["val"], device)["top1"]}
+    recalibrate_bn(model, data["plain"], 20, device)
+    out["bn"] = evaluate(model, data["val"], device)["top1"]
+    curve = []
+    train_epochs(model, data["aug"], epochs=max(args.ft_epochs), lr=args.ft_lr, device=device,
+                 on_epoch=lambda e, loss: curve.append(evaluate(model, data["val"], device)["top1"]))
+    out.update({f"ft{e}": curve[e - 1] for e in args.ft_epochs})
+    return out
+
+
+def plan_for(model, method: str, rank, options: dict, whole: bool) -> dict:
+    return lowrank.plan_layers(model, method, rank, skip_first=not whole, pointwise_method="svd", options=options)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["smallcnn", "resnet18"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--ratios", nargs="+", type=float, default=[2.0, 3.0])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--epochs", type=int, default=12, help="pre-training epochs")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--ft-epochs", nargs="+", type=int, default=[1, 3])
+    ap.add_argument("--ft-lr", type=float, default=0.005)
+    ap.add_argument("--limit-train", type=int, default=None, help="training images (default: all 60,000)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "fashion_mnist.out.txt"))
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    spec = DatasetSpec(kind="fashion-mnist", input_size=32, batch_size=128, limit_train=args.limit_train)
+    lines = [f"# {' '.join(['bench/fashion_mnist.py', *sys.argv[1:]])}",
+             f"# device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
+             f"torch {torch.__version__}, {spec.limit_train or 60000} training / 10000 test images",
+             f"{'model':<9} {'seed':>4} {'method':<13} {'rank':<9} {'params x':>8} {'MACs x':>7} {'pre':>6} {'post':>6} "
+             f"{'bn':>6} " + " ".join(f"{'ft' + str(e):>6}" for e in args.ft_epochs) + f" {'s':>6}"]
+    print("\n".join(lines), flush=True)
+    for seed in args.seeds:
+        prep = resolve(spec, None)
+        train, val, _ = load_dataset(spec, seed, prep)
+        data = {"plain": loader(train, spec.batch_size, shuffle=True, seed=seed),
+                "val": loader(val, 512, shuffle=False)}
+        data["aug"] = Augmented(data["plain"], prep.augment, seed)
+        for name in args.models:
+            dense, train_s = pretrained(name, data, args, seed, args.device)
+            pre = evaluate(dense, data["val"], args.device)["top1"]
+            shape = (3, 32, 32)
+            p0, m0 = lowrank.count(dense.cpu(), shape)
+            lines.append(f"# {name} seed {seed}: dense top-1 {pre:.4f}, {p0 / 1e6:.2f}M params, {m0 / 1e6:.1f}M MACs "
+                         f"(pre-trained {args.epochs} epochs, {train_s:.0f}s{'' if train_s else ': cached'})")
+            print(lines[-1], flush=True)
+            runs = [(m, "ratio", {"ratio": r, **OPTIONS.get(m, {})}, f"{r:g}x", False)
+                    for m in args.methods for r in args.ratios]
+            runs.append(("tucker2", "vbmf", {}, "vbmf", True))
+            for method, rank, options, label, whole in runs:
+                torch.manual_seed(seed)
+                t0 = time.perf_counter()
+                small, reports = lowrank.compress_model(copy.deepcopy(dense).cpu(),
+                                                        plan_for(dense, method, rank, options, whole),
+                                                        input_shape=shape, on_error="record")
+                p, m = lowrank.count(small, shape)
+                curve = finetune_curve(small, data, args, args.device)
+                line = (f"{name:<9} {seed:>4} {method + (' all' if whole else ''):<13} {label:<9} {p0 / p:>8.2f} "
+                        f"{m0 / m:>7.2f} {pre:>6.3f} {curve['post']:>6.3f} {curve['bn']:>6.3f} "
+                        + " ".join(f"{curve[f'ft{e}']:>6.3f}" for e in args.ft_epochs)
+                        + f" {time.perf_counter() - t0:>6.0f}")
+                if whole:
+                    ranks = [r.rank for r in reports if r.status == "ok"]
+                    line += f"  ranks {ranks}"
+                lines.append(line)
+                print(line, flush=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
