@@ -112,6 +112,15 @@ def main() -> None:
         lines.append(f"{method:<12} {ratio:>5g} {ok:>6} {p0 / p:>8.2f} {m0 / m:>7.2f} {a['top1']:>6.3f} {a['top5']:>6.3f} "
                      f"{a['kl']:>7.3f} {seconds:>6.1f}")
         print(lines[-1], flush=True)
+    layer = "_blocks.5._project_conv"  # why: one 1x1 conv's spectrum, and that layer alone at half / full rank
+    sv = torch.linalg.svdvals(dense.get_submodule(layer).weight.detach().flatten(1))
+    lines.append(f"# {layer} {tuple(dense.get_submodule(layer).weight.shape)}: singular values {sv[0]:.2f} .. "
+                 f"{sv[-1]:.2f}; only this layer by SVD:")
+    for r in (len(sv), len(sv) // 2):
+        small, [rep] = lowrank.compress_model(dense, {layer: ("svd", r, {"allow_larger": True})}, input_shape=shape)
+        a = agreement(dense, small.eval(), images)
+        lines.append(f"#   rank {r:>3}: relative error {rep.rel_error:.3f}, agreement {a['top1']:.3f}, KL {a['kl']:.3f}")
+    print("\n".join(lines[-3:]), flush=True)
     lines.append("# VBMF ranks as a share of the full rank (mean / median / layers at rank 1), stem and 1x1 convs")
     lines.append(f"{'network':<32} {'k':>4} {'mean':>6} {'median':>6} {'rank-1':>7}")
     nets = [("EfficientNet-Lite0 (ImageNet)", dense, "tucker2"),

@@ -77,7 +77,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "fashion_mnist.out.txt"))
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = DatasetSpec(kind="fashion-mnist", input_size=32, batch_size=128, limit_train=args.limit_train)
     lines = [f"# {' '.join(['bench/fashion_mnist.py', *sys.argv[1:]])}",
              f"# device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "

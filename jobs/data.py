@@ -136,6 +136,11 @@ def _idx(spec: DatasetSpec, seed: int):
     return sets[0], sets[1], classes
 
 
+def _undecodable(path, e: Exception) -> DataError:
+    return DataError(f"image {str(path)!r} cannot be decoded ({type(e).__name__}: "
+                     f"{(str(e).splitlines() or [''])[0][:120]})")
+
+
 class _Images(Dataset):
     """A torchvision folder data set whose decoding errors name the file."""
 
@@ -149,9 +154,7 @@ class _Images(Dataset):
         try:
             img, label = self.base[i]
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
-            path = self.base.samples[i][0]
-            raise DataError(f"image {path!r} cannot be decoded ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:120]})") from None
+            raise _undecodable(self.base.samples[i][0], e) from None
         return img, label
 
 
@@ -200,8 +203,7 @@ class _Unlabelled(Dataset):
             with Image.open(self.paths[i]) as img:
                 x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
-            raise DataError(f"image {str(self.paths[i])!r} cannot be decoded ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:120]})") from None
+            raise _undecodable(self.paths[i], e) from None
         return x.permute(2, 0, 1).float() / 255, 0
 
 
@@ -244,7 +246,7 @@ def _stats(spec_json: str, seed: int, resize: int, crop: int):
     n = min(len(train), STATS_SAMPLES)
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     if isinstance(train, TensorDataset):
-        return statistics(geometry(train.tensors[0][idx], resize, crop)[:, :1 if train.tensors[0].shape[1] == 1 else 3])
+        return statistics(geometry(train.tensors[0][idx], resize, crop))
     return statistics(geometry(train[i][0][None], resize, crop)[0] for i in idx)
 
 
@@ -280,9 +282,9 @@ def _load_cached(spec_json: str, seed: int, prep: Preprocess):
     return _viewed(train, prep), _viewed(val, prep), n_classes
 
 
-def check_sample(spec: DatasetSpec, seed: int = 0, prep: Preprocess | None = None, n: int = 16) -> None:
+def check_sample(spec: DatasetSpec, seed: int = 0, n: int = 16) -> None:
     """Decode ``n`` samples spread over both splits (DataError naming the first unreadable file)."""
-    train, val, _ = load_dataset(spec, seed, prep)
+    train, val, _ = load_dataset(spec, seed)
     for ds in (train, val):
         for i in sorted({int(j * (len(ds) - 1) / max(n // 2 - 1, 1)) for j in range(n // 2)}):
             x, _ = ds[i]

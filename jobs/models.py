@@ -84,10 +84,10 @@ def _timm_model(name: str, num_classes: int, pretrained: bool) -> nn.Module:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes)
     import huggingface_hub  # deferred: the timm extra only; its weights live in the Hugging Face cache
 
-    cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
-    if cfg.get("num_classes") and cfg["num_classes"] != num_classes:
-        raise ModelError(f"{name} weights have {cfg['num_classes']} classes; set num_classes: {cfg['num_classes']}")
-    repo = cfg.get("hf_hub_id") or f"timm/{arch}"
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is not None and cfg.num_classes and cfg.num_classes != num_classes:
+        raise ModelError(f"{name} weights have {cfg.num_classes} classes; set num_classes: {cfg.num_classes}")
+    repo = (cfg.hf_hub_id if cfg is not None else None) or f"timm/{arch}"
     cached = any(isinstance(huggingface_hub.try_to_load_from_cache(repo, f), str)
                  for f in ("model.safetensors", "pytorch_model.bin"))
     where = (f"{name} weights are not in the Hugging Face cache {huggingface_hub.constants.HF_HUB_CACHE!r} and "

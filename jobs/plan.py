@@ -88,7 +88,8 @@ def model_key(spec: SweepSpec, m: ModelSpec) -> str:
 
 
 def _source(spec: SweepSpec, m: ModelSpec) -> dict:
-    """Where a model comes from beyond its name, and how it is judged (only when set)."""
+    """Where a model comes from beyond its name and how it is judged (each only when set), and the
+    preprocessing version."""
     return {**({"factory": m.factory, "kwargs": m.kwargs} if m.factory else {}),
             **({"weights": m.weights} if m.weights else {}), **({"pretrained": True} if m.pretrained else {}),
             **({"evaluation": spec.evaluation} if spec.evaluation != "accuracy" else {}),

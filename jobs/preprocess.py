@@ -40,8 +40,9 @@ class Preprocess:
 
     def describe(self) -> dict:
         """Flat, loggable: what each model of a run was fed."""
-        r = (lambda v: [round(float(x), 4) for x in v]) if self.mean is not None else (lambda v: None)
-        return {"resize": self.resize, "crop": self.crop, "mean": r(self.mean), "std": r(self.std or ()),
+        def r(v):
+            return None if v is None else [round(float(x), 4) for x in v]
+        return {"resize": self.resize, "crop": self.crop, "mean": r(self.mean), "std": r(self.std),
                 "augment": self.augment, "normalize_from": self.source}
 
 

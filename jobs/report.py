@@ -11,9 +11,13 @@ def quality(figures: dict) -> str:
     return "agree" if "kl" in figures else "acc"
 
 
+def metric_name(key: str, q: str) -> str:
+    """``acc_*`` named as what it measures (``agree_*`` under evaluation by agreement)."""
+    return q + key[3:] if key.startswith("acc_") else key
+
+
 def named(m: dict, q: str) -> dict:
-    """``acc_*`` keys named as what they measure (``agree_*`` under evaluation by agreement)."""
-    return m if q == "acc" else {(q + k[3:] if k.startswith("acc_") else k): v for k, v in m.items()}
+    return {metric_name(k, q): v for k, v in m.items()}
 
 
 def config_metrics(base: dict, result) -> dict:

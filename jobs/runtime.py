@@ -15,7 +15,7 @@ import torch
 
 import lowrank
 
-from . import spool
+from . import report, spool
 from .errors import SchedulingTimeoutError
 from .plan import Config
 from .results import Baseline, EvalResult
@@ -274,7 +274,7 @@ class Session:
         spool.remove(path)
         self.result.registered += 1
         bad = [s for s in result.layer_status if s["status"] != "ok"]
-        q = "agreement" if "kl" in result.acc_post else "top-1"
+        q = report.quality(result.acc_post)
         self.say(f"{cfg.label}: {q} post {result.acc_post['top1']:.3f} ft {result.acc_ft['top1']:.3f}, "
                  f"{base['params'] / result.params:.2f}x params -> {cfg.registered_name} v{version}"
                  + (f" ({len(bad)} layer(s) left dense: {bad[0]['reason'][:80]})" if bad else ""))

@@ -12,7 +12,7 @@ import yaml
 from pydantic import Field, JsonValue, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .models import available_models, check_timm_name
-from .spec_data import AUGMENTATIONS, DEFAULT_ROOTS, DatasetSpec, NormalizeSpec
+from .spec_data import DatasetSpec, NormalizeSpec
 from .spec_compression import (STRATEGY_FIELDS, CompressionSpec, FromScratchSpec, LayerSelection, RankSpec,
                                SearchSpec, StagesSpec, TuneSpec, _Strict)
 
@@ -28,8 +28,8 @@ class SpecError(ValueError):
 
 __all__ = ["CompressionSpec", "FromScratchSpec", "LayerSelection", "RankSpec", "SearchSpec", "StagesSpec", "TuneSpec",
            "STRATEGY_FIELDS", "DatasetSpec", "FinetuneSpec", "ModelSpec", "MlflowSpec", "PretrainSpec",
-           "NormalizeSpec", "AUGMENTATIONS", "ResourcesSpec", "SweepSpec", "SpecError", "load_spec", "parse_spec", "check_local_paths",
-           "stable_hash", "file_digest", "DEFAULT_SPEC"]
+           "NormalizeSpec", "ResourcesSpec", "SweepSpec", "SpecError", "load_spec", "parse_spec",
+           "check_local_paths", "stable_hash", "file_digest", "DEFAULT_SPEC"]
 
 
 class ModelSpec(_Strict):

@@ -27,9 +27,6 @@ class NormalizeSpec(_Strict):
         return self
 
 
-AUGMENTATIONS = ("none", "crop", "crop+flip")
-
-
 class DatasetSpec(_Strict):
     kind: Literal["digits", "cifar10", "imagefolder", "mnist", "fashion-mnist", "images"] = Field(
         "digits", description="digits: scikit-learn's bundled 8x8 digits (upscaled); cifar10: torchvision "
@@ -62,7 +59,7 @@ class DatasetSpec(_Strict):
     limit_val: int | None = Field(None, ge=1, description="use at most this many validation samples")
 
     @model_validator(mode="after")
-    def _root_needed(self):
+    def _consistent(self):
         if self.kind not in DEFAULT_ROOTS and self.root is None:
             raise ValueError(f"dataset kind {self.kind!r} needs 'root' (a local folder)")
         if self.crop is not None and self.input_size is not None and self.crop != self.input_size:

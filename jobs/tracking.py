@@ -51,8 +51,8 @@ def _pid_alive(pid: int) -> bool:
 def version_tags(cfg, metrics: dict, degenerate: int, run_id: str) -> dict:
     """The tags every registered version carries: ``MODEL_TAGS`` plus the run id (under evaluation
     by agreement ``agree_*`` in place of ``acc_*``, and ``kl_post``, ``kl_ft``)."""
-    q = "agree" if "agree_ft" in metrics else "acc"
-    keys = list(report.named(dict.fromkeys(MODEL_TAGS), q)) + (["kl_post", "kl_ft"] if q == "agree" else [])
+    q = "agree" if "agree_ft" in metrics else "acc"  # config_metrics named them
+    keys = [report.metric_name(k, q) for k in MODEL_TAGS] + (["kl_post", "kl_ft"] if q == "agree" else [])
     values = {"sweep": cfg.sweep, "config_hash": cfg.config_hash, "model": cfg.model.name, "method": cfg.method,
               "degenerate_layers": str(degenerate)}
     values.update({k: f"{metrics[k]:.4f}" for k in keys if k not in values})
@@ -211,7 +211,7 @@ class Tracker:
             self.client.log_param(rid, "epochs", h["epochs"])
             for k in ("compression_ratio", "mac_ratio", "params", "macs", "acc_post", "acc_ft", "acc_bn", "seconds"):
                 if h.get(k) is not None:
-                    self.client.log_metric(rid, next(iter(report.named({k: 0}, q))), float(h[k]))
+                    self.client.log_metric(rid, report.metric_name(k, q), float(h[k]))
             for step, loss in enumerate(h["losses"], start=1):
                 self.client.log_metric(rid, "ft_loss", float(loss), step=step)
             self.client.set_terminated(rid, status="FINISHED")

@@ -79,8 +79,8 @@ def evaluate_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, *layer
     """Assemble the compressed model from the layers' factors, evaluate it (post), recalibrate
     BN, fine-tune, evaluate (ft)."""
     t_task = time.perf_counter()
-    env.begin(base_state)
-    model = env.build(base_state)
+    env.begin()
+    model = env.dense(base_state)
     factors = {r.name: r.factors for r in layers if r.status == "ok"}
     new, reports = lowrank.apply_factors(model, factors, input_shape=env.input_shape)
     device, val_dl, train_dl = env.device, env.val_loader(), env.train_loader()

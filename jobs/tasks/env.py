@@ -32,28 +32,32 @@ def latency(model, input_shape, device) -> dict:
 @dataclass(frozen=True)
 class TaskEnv:
     """A task's model, data and device. With ``agreement`` the loaders' targets are the dense
-    model's outputs (``begin(base_state)``), so that every evaluation measures agreement with it
-    and every fine-tuning distils from it, whatever the task."""
+    model's outputs (``dense(base_state)``, ``teach``), so that every evaluation measures agreement
+    with it and every fine-tuning distils from it, whatever the task."""
 
     model: ModelSpec
     dataset: DatasetSpec
     seed: int
     gpu: bool  # the task was given a GPU (asked for and present in the cluster)
-    prep: Preprocess | None = None  # None: the data's own (a torchvision model without weights)
+    prep: Preprocess | None = None  # None: the data's own defaults (preprocess.resolve without weights)
     agreement: bool = False
 
     @property
     def device(self) -> str:
         return "cuda" if self.gpu and torch.cuda.is_available() else "cpu"
 
-    def begin(self, base_state: dict | None = None) -> "TaskEnv":
-        """Every task's first step: seed the RNG (model initialisation, data order), load the
-        data; with ``agreement``, the dense model of ``base_state`` becomes the loaders' teacher."""
+    def begin(self) -> "TaskEnv":
+        """Every task's first step: seed the RNG (model initialisation, data order), load the data."""
         torch.manual_seed(self.seed)
         _ = self.data
-        if self.agreement and base_state is not None:
-            self.teach(self.build(base_state))
         return self
+
+    def dense(self, base_state: dict):
+        """The dense model of ``base_state``; with ``agreement`` also the loaders' teacher."""
+        model = self.build(base_state)
+        if self.agreement:
+            self.teach(model)
+        return model
 
     def teach(self, dense) -> None:
         """The dense model whose outputs are the targets (agreement); a frozen copy."""

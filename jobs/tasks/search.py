@@ -30,8 +30,8 @@ def sensitivity_task(env: TaskEnv, base_state: dict, layer: str | None, factors,
     recalibrated); ``layer=None`` measures the dense model on the same subset. ``factors`` may
     be a ``LayerPlan`` instead: the layer is factorized here (the tolerance bisection)."""
     t0 = time.perf_counter()
-    env.begin(base_state)
-    model = env.build(base_state)
+    env.begin()
+    model = env.dense(base_state)
     out = {"layer": layer}
     if isinstance(factors, lowrank.LayerPlan):
         dense = model.get_submodule(layer)
@@ -53,8 +53,8 @@ def tune_trial(config: dict, *, env: TaskEnv, base_state: dict, finetune: Finetu
     ASHA can stop it early. Reports only metrics; the driver logs the trials to MLflow."""
     from ray import tune  # deferred: only Tune's trial processes need ray.tune
 
-    env.begin(base_state)
-    new, _ = lowrank.apply_factors(env.build(base_state), allocations[config["trial"]], input_shape=env.input_shape)
+    env.begin()
+    new, _ = lowrank.apply_factors(env.dense(base_state), allocations[config["trial"]], input_shape=env.input_shape)
     device, val_dl, train_dl = env.device, env.val_loader(), env.train_loader()
     if finetune.bn_recalibration:
         recalibrate_bn(new, env.bn_loader(), finetune.bn_batches, device)

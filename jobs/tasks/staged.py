@@ -20,8 +20,8 @@ def multistage_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, stag
     kernel, trained factors included), recalibrate BN, fine-tune; the last stage fine-tunes
     ``finetune.epochs``."""
     t_task = time.perf_counter()
-    env.begin(base_state)
-    model = env.build(base_state)
+    env.begin()
+    model = env.dense(base_state)
     dense_params, dense_macs = lowrank.count(model, env.input_shape)
     names = list(dict.fromkeys(lp.name for st in stages for lp in st.layers))
     original = {n: model.get_submodule(n).weight.detach().clone() for n in names}
