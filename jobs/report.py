@@ -20,6 +20,30 @@ def named(m: dict, q: str) -> dict:
     return {metric_name(k, q): v for k, v in m.items()}
 
 
+def latency_metrics(dense: dict, lat: dict) -> dict:
+    """Latency and speedup at batch 1 and the large batch: from the paired timing step where it
+    ran (``lat['b1_dense']``, the dense model timed beside the compressed one), else against the
+    baseline's own in-task figures; plus one figure per timed (batch, threads) pair."""
+    m = {}
+    for key in ("b1", "b32"):
+        d = lat.get(f"{key}_dense", dense[key])
+        m.update({f"latency_{key}_dense_ms": 1e3 * d, f"latency_{key}_ms": 1e3 * lat[key], f"speedup_{key}": d / lat[key]})
+    for r in lat.get("rows", []):
+        m[f"speedup_b{r['batch']}_t{r['threads']}"] = r["speedup"]
+        m[f"latency_b{r['batch']}_t{r['threads']}_ms"] = r["compressed_ms"]
+        m[f"latency_b{r['batch']}_t{r['threads']}_dense_ms"] = r["dense_ms"]
+    return m
+
+
+def latency_tags(lat: dict) -> dict:
+    """Where the speedup tags were taken: runtime, input, threads, the large batch."""
+    if "runtime" not in lat:
+        return {"latency_runtime": "torch (in the evaluation task)"}
+    return {"latency_runtime": lat["runtime"] + (f" ({lat['note']})" if lat.get("note") else ""),
+            "latency_input": lat["input"], "latency_threads": str(lat["threads"]),
+            "latency_big_batch": str(lat["big_batch"])}
+
+
 def config_metrics(base: dict, result) -> dict:
     """A configuration's metrics against its dense reference (``result``: an ``EvalResult``);
     under evaluation by agreement ``agree_*`` and ``kl_*`` in place of ``acc_*``."""
@@ -27,10 +51,7 @@ def config_metrics(base: dict, result) -> dict:
         "acc_pre": base["acc"]["top1"], "acc_post": result.acc_post["top1"], "acc_ft": result.acc_ft["top1"],
         "compression_ratio": base["params"] / result.params, "mac_ratio": base["macs"] / result.macs,
         "params": result.params, "macs": result.macs, "params_dense": base["params"], "macs_dense": base["macs"],
-        "latency_b1_dense_ms": 1e3 * base["latency"]["b1"], "latency_b1_ms": 1e3 * result.latency["b1"],
-        "latency_b32_dense_ms": 1e3 * base["latency"]["b32"], "latency_b32_ms": 1e3 * result.latency["b32"],
-        "speedup_b1": base["latency"]["b1"] / result.latency["b1"],
-        "speedup_b32": base["latency"]["b32"] / result.latency["b32"],
+        **latency_metrics(base["latency"], result.latency),
         "decompose_seconds": result.decompose_seconds(),
         "finetune_seconds": result.ft_seconds,
     }
@@ -54,19 +75,23 @@ def summary_row(model: str, method: str, registered_name: str, version: str, tag
             "compression_ratio": float(tags["compression_ratio"]), "mac_ratio": float(tags["mac_ratio"]),
             "speedup_b1": float(tags.get("speedup_b1", "nan")), "acc_pre": float(tags[f"{q}_pre"]),
             "acc_post": float(tags[f"{q}_post"]), "acc_ft": float(tags[f"{q}_ft"]), "metric": q,
-            "degenerate_layers": int(tags["degenerate_layers"]), "config_hash": config_hash}
+            "degenerate_layers": int(tags["degenerate_layers"]), "config_hash": config_hash,
+            "timed_on": " ".join(tags[k] for k in ("latency_runtime", "latency_input") if k in tags)}
 
 
 def format_summary(rows: list[dict], candidates: dict[str, str] | None = None) -> str:
     q = rows[0].get("metric", "acc") if rows else "acc"
-    head = f"{'model':<20} {'method':<16} {'params x':>8} {'MACs x':>7} {q + '_pre':>7} {q + '_post':>8} " \
-           f"{q + '_ft':>7} {'degen':>5}  registered"
+    head = f"{'model':<20} {'method':<16} {'params x':>8} {'MACs x':>7} {'speedup':>7} {q + '_pre':>7} " \
+           f"{q + '_post':>8} {q + '_ft':>7} {'degen':>5}  registered"
     lines = [head, "-" * len(head)]
     for r in rows:
         star = " *candidate" if candidates and candidates.get(r["registered_name"]) == r["version"] else ""
         lines.append(f"{r['model']:<20} {r['method']:<16} {r['compression_ratio']:>8.2f} {r['mac_ratio']:>7.2f} "
-                     f"{r['acc_pre']:>7.3f} {r['acc_post']:>8.3f} {r['acc_ft']:>7.3f} {r['degenerate_layers']:>5}  "
-                     f"{r['registered_name']} v{r['version']}{star}")
+                     f"{r.get('speedup_b1', float('nan')):>7.2f} {r['acc_pre']:>7.3f} {r['acc_post']:>8.3f} "
+                     f"{r['acc_ft']:>7.3f} {r['degenerate_layers']:>5}  {r['registered_name']} v{r['version']}{star}")
+    where = sorted({r["timed_on"] for r in rows if r.get("timed_on")})
+    if where:
+        lines.append(f"(speedup: the compressed model against the dense one, batch 1, one thread, on {'; '.join(where)})")
     return "\n".join(lines)
 
 
@@ -81,8 +106,11 @@ def _flat(prefix: str, d: dict, out: dict) -> None:
             out[key] = str(v)
 
 
-def layer_rows(reports: list[dict], statuses: list[dict]) -> list[dict]:
-    """Per-layer table: the built layers plus layers that were skipped or failed (with reasons)."""
+def layer_rows(reports: list[dict], statuses: list[dict], timing: dict | None = None) -> list[dict]:
+    """Per-layer table: the built layers plus layers that were skipped or failed (with reasons);
+    with ``timing`` (``deploy.per_layer``) each built layer's latency alone against dense and
+    ``slower_than_dense`` where the factorized layer loses on that runtime."""
+    timing = timing or {}
     rows = []
     for r in reports:
         row = {"layer": r["name"], "method": r["method"], "status": "ok", "reason": "",
@@ -91,6 +119,10 @@ def layer_rows(reports: list[dict], statuses: list[dict]) -> list[dict]:
         st = next((s for s in statuses if s["name"] == r["name"]), None)
         row["seconds"] = st["seconds"] if st else r["seconds"]
         _flat("diag.", r.get("diagnostics", {}), row)
+        if r["name"] in timing:
+            t = timing[r["name"]]
+            row.update(latency_dense_ms=t["dense_ms"], latency_ms=t["compressed_ms"], speedup_b1=t["speedup"],
+                       slower_than_dense=bool(t["speedup"] < 1))
         rows.append(row)
     for s in statuses:
         if s["status"] != "ok":

@@ -22,6 +22,7 @@ from .results import Baseline, EvalResult
 from .spec import SpecError, SweepSpec
 from .store import with_retries
 from .tasks.env import TaskEnv
+from .tasks.timing import timing_task
 from .tracking import HEARTBEAT_SECONDS, Tracker
 
 POLL_SECONDS = 5.0
@@ -169,7 +170,7 @@ class Session:
         """What the tasks of ``cfg``'s model start from (starts Ray: the GPU flag depends on it)."""
         _ = self.ray
         return TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, self.gpu, cfg.model.prep,
-                       self.spec.evaluation == "agreement")
+                       self.spec.evaluation == "agreement", self.spec.latency.runtime)
 
     def remote(self, fn):
         return self.ray.remote(fn).options(**self.options)
@@ -244,12 +245,35 @@ class Session:
         self.say(f"FAILED {self.result.failed[-1]}")
 
     # ------------------------------------------------------------------ results
+    def timing_options(self) -> dict:
+        """The timing task's request: a whole node's CPUs (the largest node's) with
+        ``latency.exclusive``, else the other tasks' CPUs; never a GPU (CPU runtimes)."""
+        cpus = self.options["num_cpus"]
+        if self.spec.latency.exclusive:
+            cpus = max([n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")] or [cpus])
+        return {"num_cpus": cpus, "num_gpus": 0, "max_retries": 1}
+
+    def timed(self, cfg: Config, dense_state: dict, model, input_shape, fallback: dict, layers=()) -> dict:
+        """The dedicated timing step (``tasks.timing``) for one result; the in-task figures, with
+        the reason, if it fails."""
+        dense = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build(dense_state)
+        ref = self.ray.remote(timing_task).options(**self.timing_options()).remote(
+            dense, model, tuple(input_shape), self.spec.latency, layers)
+        while not self.ray.wait([ref], timeout=POLL_SECONDS)[0]:
+            self.beat()
+        try:
+            return self.ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - the version is still registered, with eager in-task figures
+            self.say(f"{cfg.label}: timing failed ({task_error(e)}); tagged with the in-task eager figures")
+            return {**fallback, "note": f"timing failed: {task_error(e)}"}
+
     def spool_root(self):
         return self.spec.pretrain.cache_dir.parent
 
     def log(self, cfg: Config, base: Baseline | dict, result: EvalResult) -> bool:
         """Spool the result, log it with retries, then drop the spool entry. False if MLflow
         stayed away: the result stays on disk and the next run logs it without recomputing."""
+        dense_state = base.state_dict if isinstance(base, Baseline) else None
         base = base.reference() if isinstance(base, Baseline) else base
         path = spool.spool_dir(self.spool_root(), self.spec.name, cfg.config_hash)
         model = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build()
@@ -262,6 +286,10 @@ class Session:
             return False
         if not path.exists():
             spool.save(path, base, result)
+            if isinstance(dense_state, dict):  # a live result (a replayed one was timed before it was spooled)
+                result.latency = self.timed(cfg, dense_state, model, base["input_shape"], result.latency,
+                                            [s["name"] for s in result.layer_status if s["status"] == "ok"])
+                spool.save(path, base, result)
         t_log = time.perf_counter()
         try:
             version = with_retries(lambda: self.tracker.log_config(self.parent, cfg, base, result, model),
@@ -274,6 +302,10 @@ class Session:
         spool.remove(path)
         self.result.registered += 1
         bad = [s for s in result.layer_status if s["status"] != "ok"]
+        slower = [n for n, t in result.latency.get("layers", {}).items() if t["speedup"] < 1]
+        if slower:
+            self.say(f"{cfg.label}: {len(slower)} factorized layer(s) slower than dense on "
+                     f"{result.latency['runtime']} (batch 1, one thread), first {slower[0]}")
         q = report.quality(result.acc_post)
         self.say(f"{cfg.label}: {q} post {result.acc_post['top1']:.3f} ft {result.acc_ft['top1']:.3f}, "
                  f"{base['params'] / result.params:.2f}x params -> {cfg.registered_name} v{version}"

@@ -28,7 +28,7 @@ class SpecError(ValueError):
 
 __all__ = ["CompressionSpec", "FromScratchSpec", "LayerSelection", "RankSpec", "SearchSpec", "StagesSpec", "TuneSpec",
            "STRATEGY_FIELDS", "DatasetSpec", "FinetuneSpec", "ModelSpec", "MlflowSpec", "PretrainSpec",
-           "NormalizeSpec", "ResourcesSpec", "SweepSpec", "SpecError", "load_spec", "parse_spec",
+           "NormalizeSpec", "LatencySpec", "ResourcesSpec", "SweepSpec", "SpecError", "load_spec", "parse_spec",
            "check_local_paths", "stable_hash", "file_digest", "DEFAULT_SPEC"]
 
 
@@ -120,6 +120,21 @@ class ResourcesSpec(_Strict):
                                                                         "that can run a task, then exit 1")
 
 
+class LatencySpec(_Strict):
+    runtime: Literal["onnxruntime", "torch", "torch-compile"] = Field(
+        "onnxruntime", description="where the dense and the compressed model are timed for the tags (speedup_b1): "
+                                   "ONNX Runtime on CPU (the exported ONNX model), PyTorch eager, or torch.compile")
+    batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        [1, 32], min_length=1, max_length=8, description="batch sizes timed (tags: the smallest and the largest)")
+    threads: list[Annotated[int, Field(ge=0, le=1024)]] = Field(
+        [1, 0], min_length=1, max_length=4, description="intra-op threads timed; 0 = all of the timing task's CPUs "
+                                                        "(tags: the fewest)")
+    input_size: int | None = Field(None, ge=8, le=4096, description="square input size timed (default: the data's)")
+    repeats: int = Field(20, ge=1, le=10_000, description="interleaved repetitions per model (medians compared)")
+    exclusive: bool = Field(True, description="the timing task takes a whole node's CPUs, so that no other task "
+                                              "runs beside it; false: resources.cpus_per_task")
+
+
 class MlflowSpec(_Strict):
     tracking_uri: str = Field("sqlite:///mlflow.db", min_length=1, max_length=2048, description="MLflow tracking URI (also the registry)")
     experiment: str = Field("lowrank-sweeps", min_length=1, max_length=256, description="experiment name")
@@ -148,6 +163,7 @@ class SweepSpec(_Strict):
                                 "and KL(dense || compressed) from the dense model on any images, no labels "
                                 "needed (fine-tuning distils from the dense model)")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray resources")
+    latency: LatencySpec = Field(default_factory=LatencySpec, description="how registered versions are timed")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="where results go")
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ The sweep lock: a RUNNING parent run with a fresh ``heartbeat`` tag means the sw
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
+from . import deploy, report
 from .store import redact, sqlite_init_lock
 
 PIP_REQUIREMENTS = ["torch==2.13.0"]
@@ -168,7 +169,7 @@ class Tracker:
                                       "registered_name": cfg.registered_name, "config_hash": cfg.config_hash,
                                       "seed": cfg.seed, **params}))
             mlflow.log_metrics(metrics)
-            rows = report.layer_rows(result.reports, result.layer_status)
+            rows = report.layer_rows(result.reports, result.layer_status, result.latency.get("layers"))
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "layers.parquet"
                 report.write_parquet(rows, path)
@@ -182,8 +183,10 @@ class Tracker:
             example = np.zeros((2, *base["input_shape"]), dtype=np.float32)
             info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pt2",
                                             input_example=example, pip_requirements=PIP_REQUIREMENTS)
+            onnx_note = self._log_onnx(model, tuple(base["input_shape"]), rid)
         degenerate = sum(bool(r.get("diagnostics", {}).get("degenerate")) for r in result.reports)
-        tags = version_tags(cfg, metrics, degenerate, rid)
+        tags = {**version_tags(cfg, metrics, degenerate, rid), **report.latency_tags(result.latency),
+                "onnx": onnx_note}
         if result.stages:  # the per-stage history, on the version itself
             tags["stage_history"] = json.dumps([{k: (round(h[k], 4) if isinstance(h[k], float) else h[k])
                                                  for k in ("stage", "layers", "compression_ratio", "acc_post", "acc_ft",
@@ -196,6 +199,20 @@ class Tracker:
         version = str(mv.version)
         self.client.set_terminated(rid, status="FINISHED")
         return version
+
+    def _log_onnx(self, model, input_shape: tuple, rid: str) -> str:
+        """The same model as ONNX (``runs:/<run>/onnx``, loadable by ``mlflow.onnx.load_model``),
+        checked against PyTorch's output; what happened, for the version's ``onnx`` tag."""
+        import mlflow.onnx  # noqa: F401 - deferred: MLflow's ONNX flavour, only on the driver's side
+        import onnx  # deferred: only the driver's logging needs the ONNX package
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = deploy.export_onnx(copy.deepcopy(model).float(), input_shape, Path(tmp) / "model.onnx")
+            except Exception as e:  # noqa: BLE001 - a user's model the exporter cannot take: pt2 only
+                return f"not exported ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            self.mlflow.onnx.log_model(onnx.load(str(path)), name="onnx")
+        return f"runs:/{rid}/onnx"
 
     def _log_stages(self, config_run: str, cfg, stages: list[dict], q: str = "acc") -> None:
         """One child run per stage under the configuration's run."""

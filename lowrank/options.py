@@ -43,6 +43,7 @@ class CPEPCOptions(CPOptions):
     epc_max_sweeps: int = _opt(3000, min=1)
     epc_tol: float = _opt(1e-7, min=0.0)
     epc_target: float | None = _opt(None, min=0.0, max=1.0, optional=True)  # relative error bound; None = ALS's
+    epc_rescale: bool = _opt(False)  # multiply by the least-squares scalar after EPC (lowrank.decompositions.cp)
 
 
 def option_names(cls) -> list[str]:
@@ -54,6 +55,10 @@ def _check_value(method: str, f: dataclasses.Field, value):
     if value is None and rules.get("optional"):
         return None
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise LowRankError(f"{where} must be true or false, got {value!r}")
+        return value
     if "choices" in rules:
         if value not in rules["choices"]:
             raise LowRankError(f"{where} must be one of {', '.join(map(repr, rules['choices']))}, got {value!r}")

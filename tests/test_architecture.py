@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for pkg in ("jobs", "lowrank") for p in (ROOT / pkg).rglob("*.py"))
 MAX_LINES = 350
 # what may be imported inside a function, because it is heavy and not always needed
-DEFERRABLE = ("ray", "mlflow", "matplotlib", "pyarrow", "sklearn", "torchvision", "jobs.driver", "timm", "huggingface_hub")
+DEFERRABLE = ("ray", "mlflow", "matplotlib", "pyarrow", "sklearn", "torchvision", "jobs.driver", "timm", "huggingface_hub",
+              "onnx", "onnxruntime")
 
 
 def test_import_contracts_hold():

@@ -116,13 +116,16 @@ def run_search(session, configs: list) -> None:
 def _screen_all(session, ms: list[SearchedModel], search) -> None:
     say = session.say
     vbmf = search.vbmf_weakening if "vbmf" in search.strategies else None
+    # a latency target is timed on the deployment runtime; otherwise latency is only reported (eager)
+    runtime = session.spec.latency.runtime if search.target == "latency" and not session.gpu else "torch"
     jobs = []  # (model, layer name) per screening task
     for m in ms:
         cfg = m.plan
         key = stable_hash({"model_key": cfg.model.key, "layers": list(cfg.candidates), "methods": list(cfg.methods),
                            "ratios": search.candidate_ratios, "vbmf": vbmf, "options": cfg.options,
                            "loss": search.loss, "val": search.val_batches, "bn": search.bn_batches,
-                           "device": "cuda" if session.gpu else "cpu", "batch": session.spec.dataset.batch_size})
+                           "device": "cuda" if session.gpu else "cpu", "batch": session.spec.dataset.batch_size,
+                           **({"runtime": runtime} if runtime != "torch" else {})})
         m.cache_path = session.spool_root() / "screening" / f"{m.name}-{key}"
         hit = cache.load(m.cache_path)
         if hit is not None:
@@ -135,7 +138,7 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
         say(f"{m.name}: screening {len(cfg.candidates)} layers x {len(cfg.methods)} methods x "
             f"{len(search.candidate_ratios)} ratios{' + VBMF ranks' if vbmf is not None else ''}")
         jobs += [(m, (screen_task, n, copy.deepcopy(model.get_submodule(n)), shapes[n], cfg.methods,
-                      search.candidate_ratios, cfg.options, session.gpu, vbmf)) for n in cfg.candidates]
+                      search.candidate_ratios, cfg.options, session.gpu, vbmf, runtime)) for n in cfg.candidates]
     for (m, call), s in zip(jobs, session.gather([call for _, call in jobs])):
         if isinstance(s, Exception):
             if not m.failed:

@@ -1,9 +1,12 @@
 """Screening: for one layer, every (method, candidate rank) with its relative error, CP
 diagnostics, parameters, MACs and the measured latency of the factorized layer against the
-dense one on this device, at the layer's real input shape."""
+dense one (on the sweep's ``latency.runtime``, or eagerly on the worker's GPU), at the layer's
+real input shape. A latency target never picks an option slower than its dense layer: the dense
+option costs less and loses nothing."""
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 
 import torch
@@ -11,25 +14,47 @@ import torch
 import lowrank
 from lowrank.errors import LowRankError
 
+from .. import deploy
 
-@torch.no_grad()
-def _latency(module, x, repeats: int = 7) -> float:
-    module.eval()
-    module(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        module(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+class _Timer:
+    """Median batch time of a layer on ``runtime`` (``jobs.deploy``; one thread) or, on a GPU,
+    eagerly there."""
+
+    def __init__(self, runtime: str, device, workdir: str):
+        self.runtime, self.device, self.workdir = runtime, str(device), workdir
+
+    @torch.no_grad()
+    def __call__(self, module, x, repeats: int = 7) -> float:
+        module.eval()
+        if self.device.startswith("cuda") or self.runtime == "torch":
+            run, arg = module, x
+        else:
+            run = deploy.RUNTIMES[self.runtime].prepare(module.cpu(), tuple(x.shape[1:]), 1, self.workdir)
+            arg = x.cpu().numpy()
+        run(arg)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(arg)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
 
 
 def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratios=(1.5, 2, 3, 4, 6, 8),
                  *, options: dict | None = None, batch: int = 1, device="cpu", keep_factors: bool = False,
-                 vbmf_weakening: float | None = None) -> list[dict]:
+                 vbmf_weakening: float | None = None, runtime: str = "torch") -> list[dict]:
     """One row per (method, ratio) that applies, plus the dense row (``method=None``), plus one
     row per VBMF-capable method at its VBMF rank when ``vbmf_weakening`` is given (``source``
-    says which). ``keep_factors`` adds each option's factors (``row['factors']``, CPU)."""
+    says which). ``keep_factors`` adds each option's factors (``row['factors']``, CPU). Latency
+    is timed on ``runtime`` (``latency.runtime``; eagerly on a GPU)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _screen(name, module, input_shape, methods, ratios, options, batch, device, keep_factors,
+                       vbmf_weakening, _Timer(runtime, device, tmp))
+
+
+def _screen(name, module, input_shape, methods, ratios, options, batch, device, keep_factors, vbmf_weakening,
+            _latency) -> list[dict]:
     module = module.to(device).eval()
     x = torch.randn(batch, *input_shape[1:], device=device)
     params_dense, macs_dense = lowrank.count(module, input_shape)

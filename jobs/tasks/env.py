@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import tempfile
 from dataclasses import dataclass
 
 import ray
 import torch
 
+from .. import deploy
 from ..data import complete, default_workers, load_dataset
 from ..models import build
 from ..preprocess import Augmented, Preprocess, resolve
@@ -19,14 +21,28 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
+def assigned_cpus() -> int | None:
+    """The CPUs Ray gave this task (None outside a task)."""
+    if not ray.is_initialized():
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return max(1, int(cpus)) if cpus else None
+
+
 def cpu_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def latency(model, input_shape, device) -> dict:
-    """Median forward time at batch 1 and batch 32 (seconds)."""
-    return {"b1": measure_latency(model, input_shape, 1, device=device, repeats=10),
-            "b32": measure_latency(model, input_shape, 32, device=device, repeats=3, warmup=1)}
+def latency(model, input_shape, device, runtime: str = "torch") -> dict:
+    """Median forward time at batch 1 and batch 32 (seconds), in the task: eagerly on a GPU or
+    for ``torch``/``torch-compile`` (compiling in every task would cost more than it tells), else
+    on ``runtime`` at one thread. The registered figures come from the timing step."""
+    if str(device).startswith("cuda") or runtime != "onnxruntime":
+        return {"b1": measure_latency(model, input_shape, 1, device=device, repeats=10),
+                "b32": measure_latency(model, input_shape, 32, device=device, repeats=3, warmup=1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        return {f"b{b}": deploy.timed([model], tuple(input_shape), runtime=runtime, batch=b, threads=1, repeats=r,
+                                      workdir=tmp)[0] for b, r in ((1, 10), (32, 3))}
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,7 @@ class TaskEnv:
     gpu: bool  # the task was given a GPU (asked for and present in the cluster)
     prep: Preprocess | None = None  # None: the data's own defaults (preprocess.resolve without weights)
     agreement: bool = False
+    runtime: str = "torch"  # latency.runtime: where the in-task latency is measured
 
     @property
     def device(self) -> str:

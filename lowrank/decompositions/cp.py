@@ -7,7 +7,14 @@
   (Lebedev et al. 2015).
 
 Factor containers carry diagnostics: ``{'als': {...}}`` and, for EPC methods,
-``{'epc': {...}, 'epc_sweeps': n, ...}``; ``degenerate`` is the final model's flag.
+``{'epc': {...}, 'epc_sweeps': n, 'epc_scale': a, ...}``; ``degenerate`` is the final model's flag.
+
+EPC returns the smallest-norm model on the sphere ``||X - M|| = delta``: like a ridge estimate it
+is shrunk towards zero. ``epc_scale`` reports by how much: the least-squares scalar
+``<X, M> / ||M||^2`` of the corrected model (exactly 1 for a least-squares fit, 1.05-1.11 on
+trained kernels; docs/algorithms.md, section 1.5). ``epc_rescale: true`` multiplies the model by
+it (the error drops below ``delta``; congruences are unchanged); off by default, because on our
+networks it helped one and hurt the other before BatchNorm recalibration (bench/epc_shrinkage.py).
 """
 from __future__ import annotations
 
@@ -18,12 +25,26 @@ import torch
 from .diagnostics import cp_diagnostics
 from ..factors import CPFactors
 from ._common import kernel_groups
-from .cp_als import cp_als
+from .cp_als import cp_als, reconstruct
 from .epc import epc
 
 
+def ls_scale(x: torch.Tensor, factors: list[torch.Tensor]) -> float:
+    """``a = <X, M> / ||M||^2``, the scalar that minimises ``||X - a M||`` (1 for a least-squares fit)."""
+    m = reconstruct(factors)
+    mm = float((m * m).sum())
+    return float((x * m).sum()) / mm if mm > 0 else 1.0
+
+
+def rescale(factors: list[torch.Tensor], a: float) -> None:
+    """Multiply the model by ``a > 0``, spread evenly over the factors (in place)."""
+    step = a ** (1.0 / len(factors))
+    for n in range(len(factors)):
+        factors[n] = factors[n] * step
+
+
 def _fit(tensors: list[torch.Tensor], rank: int, method: str, shape, *, use_epc: bool, init, seed, n_iter_max,
-         tol, callback, epc_objective, epc_max_sweeps, epc_tol, epc_target, epc_callback) -> CPFactors:
+         tol, callback, epc_objective, epc_max_sweeps, epc_tol, epc_target, epc_rescale, epc_callback) -> CPFactors:
     per_group, diags = [], []
     for x in tensors:
         t0 = time.perf_counter()
@@ -35,6 +56,10 @@ def _fit(tensors: list[torch.Tensor], rank: int, method: str, shape, *, use_epc:
             delta = None if epc_target is None else float(epc_target) * float(x.norm())
             factors, info = epc(x, factors, delta=delta, objective=epc_objective, max_sweeps=epc_max_sweeps,
                                 tol=epc_tol, callback=epc_callback)
+            d["epc_rel_error_at_bound"] = info["rel_error"]
+            d["epc_scale"] = ls_scale(x, factors)
+            if epc_rescale and d["epc_scale"] > 0:
+                rescale(factors, d["epc_scale"])
             d["epc"] = cp_diagnostics(factors, x)
             d.update(epc_sweeps=info["sweeps"], epc_converged=info["converged"],
                      epc_objective_start=info["objective_start"], epc_objective_end=info["objective_end"],
@@ -60,7 +85,7 @@ def _worst(diags: list[dict]) -> dict:
 def decompose_cp(weight: torch.Tensor, rank: int, *, order: int, use_epc: bool, groups: int = 1, init="svd",
                  seed: int = 0, n_iter_max: int = 500, tol: float = 1e-8, callback=None, epc_objective: str = "norm",
                  epc_max_sweeps: int = 3000, epc_tol: float = 1e-7, epc_target: float | None = None,
-                 epc_callback=None) -> CPFactors:
+                 epc_rescale: bool = False, epc_callback=None) -> CPFactors:
     """CP of each group's kernel as an order-3 ``(T_g, S, kh*kw)`` (``order=3``) or order-4
     ``(T_g, S, kh, kw)`` tensor, by ALS and, with ``use_epc``, Error Preserving Correction."""
     t, s, kh, kw = weight.shape
@@ -69,4 +94,4 @@ def decompose_cp(weight: torch.Tensor, rank: int, *, order: int, use_epc: bool, 
     name = f"cp{order}" + ("-epc" if use_epc else "")
     return _fit(tensors, rank, name, weight.shape, use_epc=use_epc, init=init, seed=seed, n_iter_max=n_iter_max,
                 tol=tol, callback=callback, epc_objective=epc_objective, epc_max_sweeps=epc_max_sweeps,
-                epc_tol=epc_tol, epc_target=epc_target, epc_callback=epc_callback)
+                epc_tol=epc_tol, epc_target=epc_target, epc_rescale=epc_rescale, epc_callback=epc_callback)

@@ -133,3 +133,13 @@ def test_tolerance_bisection(passes, expected):
         assert best == 4.0 and probes == 1
     else:
         assert expected / 1.02 <= best <= expected and probes <= 8
+
+
+def test_a_latency_budget_leaves_a_layer_dense_whose_factorized_options_are_slower():
+    """On a runtime where factorizing layer 'slow' only adds time (per-operation overhead), the
+    latency allocation keeps it dense and takes the whole saving from the layer that does speed up."""
+    layers = {"slow": [Option(None, None, 10.0, 0.0), Option("tucker2", 4, 14.0, 0.001), Option("cp3", 8, 12.0, 0.0)],
+              "fast": [Option(None, None, 10.0, 0.0), Option("tucker2", 4, 5.0, 0.2), Option("tucker2", 8, 7.0, 0.1)]}
+    choice = allocate_budget(layers, ratio=20 / 16).choice
+    assert choice["slow"].method is None
+    assert choice["fast"].rank == 4

@@ -61,9 +61,26 @@ def test_sweep_registers_versions_with_tags_aliases_and_loadable_models(sweep, c
     acc = evaluate(model, loader(val, 64, shuffle=False))["top1"]
     assert acc == pytest.approx(float(best.tags["acc_ft"]), abs=1e-4)
 
+    # the same version as ONNX, loadable through MLflow, gives the pt2 model's outputs in ONNX Runtime;
+    # its speedup was taken there, beside the dense model, at the data's size
+    import mlflow.onnx
+    import onnxruntime as ort
+    import torch
+
+    onnx_model = mlflow.onnx.load_model(best.tags["onnx"])
+    sess = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert abs(sess.run(None, {"input": x.numpy()})[0] - want).max() < 1e-4
+    assert best.tags["latency_runtime"] == "onnxruntime" and best.tags["latency_input"] == "3x16x16"
+    assert best.tags["latency_threads"] == "1" and best.tags["latency_big_batch"] == "8"
+
     # the child run holds metrics, the per-layer Parquet table and the parent holds the plot
     run = client.get_run(best.tags["run_id"])
     assert {"acc_pre", "acc_post", "acc_ft", "acc_pre_top5", "mac_ratio", "speedup_b1"} <= set(run.data.metrics)
+    assert {"speedup_b1_t1", "speedup_b8_t1", "speedup_b1_t2", "latency_b8_t2_dense_ms"} <= set(run.data.metrics)
+    assert float(best.tags["speedup_b1"]) == pytest.approx(run.data.metrics["speedup_b1_t1"], rel=1e-3)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "layers")}
     assert "layers/layers.parquet" in arts
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -75,6 +92,9 @@ def test_sweep_registers_versions_with_tags_aliases_and_loadable_models(sweep, c
     local = client.download_artifacts(run.info.run_id, "layers/layers.parquet", str(tmp))
     table = pq.read_table(local).to_pydict()
     assert len(table["layer"]) == 4 and all(0 < e < 1 for e in table["rel_error"])
+    # each factorized layer timed alone against its dense layer on the deployment runtime
+    assert all(s > 0 for s in table["speedup_b1"])
+    assert table["slower_than_dense"] == [s < 1 for s in table["speedup_b1"]]
 
 
 def test_rerun_is_idempotent_and_restores_a_deleted_version(sweep, capsys):

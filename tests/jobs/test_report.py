@@ -30,3 +30,6 @@ def test_summary_marks_the_candidate():
            "acc_ft": 0.88, "degenerate_layers": 1, "registered_name": "lowrank-m", "version": "3"}
     text = format_summary([row], {"lowrank-m": "3"})
     assert "lowrank-m v3 *candidate" in text and "2.00" in text
+    row.update(speedup_b1=1.37, timed_on="onnxruntime 3x32x32")
+    text = format_summary([row])
+    assert "   1.37 " in text and text.endswith("batch 1, one thread, on onnxruntime 3x32x32)")

@@ -38,7 +38,8 @@ def _base_search(folder: Path) -> dict:
             "layers": {"include": ["*"], "exclude": ["fc*"], "skip_first": True, "pointwise_method": None},
             "options": {"tucker2": {"n_iter_max": 5, "tol": 1e-4},
                         "cp3-epc": {"init": "svd", "seed": 0, "n_iter_max": 10, "tol": 1e-8, "epc_objective": "norm",
-                                    "epc_max_sweeps": 5, "epc_tol": 1e-7, "epc_target": 0.5}},
+                                    "epc_max_sweeps": 5, "epc_tol": 1e-7, "epc_target": 0.5,
+                                    "epc_rescale": True}},
             "search": {"strategies": ["budget", "uniform", "vbmf", "tolerance", "tune"], "target": "params",
                        "ratio": 2.0, "candidate_ratios": [1.5, 2.0, 3.0], "loss": "sensitivity",
                        "latency_device": "cpu", "val_batches": 2, "bn_batches": 2, "epsilon": 0.02,
@@ -48,6 +49,8 @@ def _base_search(folder: Path) -> dict:
         "finetune": {"epochs": 1, "optimizer": "sgd", "lr": 0.005, "bn_recalibration": True, "bn_batches": 5},
         "resources": {"cpus_per_task": 1, "gpus_per_task": 0, "memory_per_task_gb": 1.0, "max_concurrent": 4,
                       "autoscaling": False, "schedule_timeout_s": 60},
+        "latency": {"runtime": "onnxruntime", "batches": [1, 8], "threads": [1, 0], "input_size": 32, "repeats": 5,
+                    "exclusive": True},
         "mlflow": {"tracking_uri": f"sqlite:///{folder}/mlflow.db", "experiment": "fuzz",
                    "registered_model_prefix": "lowrank-", "registered_names": {"smallcnn": "fuzz-small"}},
     }

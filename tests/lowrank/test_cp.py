@@ -111,9 +111,47 @@ def test_cp_epc_layer_reports_diagnostics_before_and_after():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), conv)
     new, [rep] = lowrank.compress_model(model, {"1": ("cp3-epc", 12, {"epc_max_sweeps": 50})}, input_shape=(3, 12, 12))
     d = rep.diagnostics
-    assert {"als", "epc", "epc_sweeps", "degenerate"} <= set(d)
-    assert d["epc"]["rel_error"] == pytest.approx(d["als"]["rel_error"], rel=1e-6)
+    assert {"als", "epc", "epc_sweeps", "epc_scale", "epc_rel_error_at_bound", "degenerate"} <= set(d)
+    assert d["epc"]["rel_error"] == pytest.approx(d["als"]["rel_error"], rel=1e-6)  # EPC keeps ALS's error
+    assert d["epc_rel_error_at_bound"] == pytest.approx(d["epc"]["rel_error"], rel=1e-9)
     assert rep.rel_error == pytest.approx(d["epc"]["rel_error"], rel=1e-9)
+
+
+def _trained_like_kernel():
+    """A kernel with decaying spectra in every mode (as trained kernels have), at a rank where
+    ALS leaves cancelling terms for EPC to remove."""
+    g = torch.Generator().manual_seed(3)
+    fs = [torch.randn(n, 48, generator=g, dtype=torch.float64) * torch.linspace(1, 0.05, 48, dtype=torch.float64)
+          for n in (32, 32, 9)]
+    x = reconstruct(fs) + 0.3 * torch.randn(32, 32, 9, generator=g, dtype=torch.float64) / 3
+    return x.reshape(32, 32, 3, 3).float()
+
+
+def test_epc_shrinks_the_model_and_the_optional_rescaling_undoes_it_exactly():
+    w = _trained_like_kernel()
+    x = w.double().reshape(32, 32, 9)
+    kept = lowrank.decompose(w, "cp3-epc", 20, n_iter_max=60, epc_max_sweeps=200)  # Phan et al.'s model, as is
+    fixed = lowrank.decompose(w, "cp3-epc", 20, n_iter_max=60, epc_max_sweeps=200, epc_rescale=True)
+    als = lowrank.decompose(w, "cp3", 20, n_iter_max=60)
+
+    def scale(f):
+        m = f.to_weight().double().reshape(x.shape)
+        return float((x * m).sum() / (m * m).sum())
+
+    assert scale(als) == pytest.approx(1.0, abs=1e-6)  # least squares: no shrinkage
+    assert scale(kept) > 1.01  # the minimum-norm model on the error sphere is shrunk
+    assert kept.diagnostics["epc_scale"] == pytest.approx(scale(kept), rel=1e-6)  # and says by how much
+    assert fixed.diagnostics["epc_scale"] == pytest.approx(scale(kept), rel=1e-6)
+    assert scale(fixed) == pytest.approx(1.0, abs=1e-9)
+    assert fixed.diagnostics["epc"]["rel_error"] < kept.diagnostics["epc"]["rel_error"]
+    # the same corrected terms: congruence is scale-free, J grows by the scale squared
+    assert fixed.diagnostics["epc"]["min_congruence"] == pytest.approx(kept.diagnostics["epc"]["min_congruence"], rel=1e-6)
+    assert kept.diagnostics["epc"]["degenerate"] == fixed.diagnostics["epc"]["degenerate"]
+
+
+def test_epc_rescale_option_is_checked():
+    with pytest.raises(lowrank.LowRankError, match="option 'epc_rescale' of method 'cp3-epc' must be true or false"):
+        lowrank.decompose(torch.randn(8, 8, 3, 3), "cp3-epc", 4, epc_rescale="yes")
 
 
 def test_cp_rank_larger_than_allowed():

@@ -1,0 +1,184 @@
+"""What a model costs where it is deployed: ONNX export (checked against PyTorch's own output)
+and paired timing of the dense and the compressed model on one runtime.
+
+Runtimes are registered in ``RUNTIMES``: ``onnxruntime`` (ONNX Runtime, CPU execution provider,
+all graph optimisations: it folds BatchNorm into the convs before it and fuses conv + ReLU by
+itself), ``torch`` (eager) and ``torch-compile`` (inductor). The two models are timed in one
+process, interleaved (the order alternates every repetition), and the medians are compared: the
+machines are shared and noisy, so only the ratio is trusted.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import lowrank
+
+OPSET = 17
+
+
+class RuntimeUnavailable(RuntimeError):
+    """A runtime cannot run this model here (the reason is the message)."""
+
+
+def export_onnx(model: nn.Module, input_shape, path: str | Path, *, check: bool = True) -> Path:
+    """Export ``model`` (eval mode, float32) to ONNX with a dynamic batch dimension; with
+    ``check`` the file is run once in ONNX Runtime and compared with PyTorch's output."""
+    model = model.eval()
+    path = Path(path)
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and graph dumps
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=OPSET, input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    if check:
+        with torch.no_grad():
+            want = model(x).numpy()
+        got = _session(path, 1).run(None, {"input": x.numpy()})[0]
+        err = float(np.abs(got - want).max())
+        if not err <= 1e-4 * max(1.0, float(np.abs(want).max())):
+            raise RuntimeUnavailable(f"the ONNX export differs from the PyTorch model by {err:.3g}")
+    return path
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort  # deferred: only timing and export checks need ONNX Runtime
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """``prepare(model, input_shape, threads, workdir)`` returns ``run(x: np.ndarray)``, a
+    forward pass on that runtime; ``fuses`` says what the runtime fuses by itself."""
+
+    name: str
+    prepare: Callable
+    fuses: str
+
+
+def _prepare_ort(model, input_shape, threads, workdir):
+    path = export_onnx(model, input_shape, Path(workdir) / f"m{id(model)}.onnx")
+    sess = _session(path, threads)
+    return lambda x: sess.run(None, {"input": x})
+
+
+def _torch_runner(fn, threads):
+    def run(x):
+        with torch.no_grad(), torch_threads(threads):
+            return fn(torch.from_numpy(x))
+    return run
+
+
+def _prepare_torch(model, input_shape, threads, workdir):
+    return _torch_runner(model.eval(), threads)
+
+
+def _prepare_compile(model, input_shape, threads, workdir):
+    compiled = torch.compile(model.eval(), dynamic=False)
+    run = _torch_runner(compiled, threads)
+    try:
+        run(np.zeros((1, *input_shape), dtype=np.float32))  # compiles here, not in the timed loop
+    except Exception as e:  # noqa: BLE001 - inductor fails in many ways (no compiler, unsupported op)
+        raise RuntimeUnavailable(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    return run
+
+
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
+    Runtime("onnxruntime", _prepare_ort, "BatchNorm into the conv before it, conv + ReLU, constant folding"),
+    Runtime("torch", _prepare_torch, "nothing (eager: one kernel per module)"),
+    Runtime("torch-compile", _prepare_compile, "inductor: BatchNorm folding in eval, pointwise ops into their producers"),
+)}
+
+
+def timed(models: list[nn.Module], input_shape, *, runtime: str, batch: int, threads: int, repeats: int,
+          warmup: int = 3, workdir: str) -> list[float]:
+    """Median seconds per forward pass of each model at ``batch`` and ``threads``, interleaved
+    (the order rotates every repetition)."""
+    runs = [RUNTIMES[runtime].prepare(m.float().eval(), tuple(input_shape), threads, workdir) for m in models]
+    x = np.random.default_rng(batch).standard_normal((batch, *input_shape)).astype(np.float32)
+    for _ in range(warmup):
+        for run in runs:
+            run(x)
+    times: list[list[float]] = [[] for _ in runs]
+    for n in range(repeats):
+        for i in (range(len(runs)) if n % 2 == 0 else reversed(range(len(runs)))):
+            t0 = time.perf_counter()
+            runs[i](x)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(v) for v in times]
+
+
+def paired(dense: nn.Module, compressed: nn.Module, input_shape, *, runtime: str = "onnxruntime",
+           batches=(1, 32), threads=(1, 0), all_threads: int | None = None, repeats: int = 30) -> list[dict]:
+    """Median forward time of both models on ``runtime`` for every (batch, threads) pair
+    (``threads`` 0 = ``all_threads``, by default torch's intra-op threads), interleaved. One row per
+    pair: ``{runtime, input, batch, threads, dense_ms, compressed_ms, speedup, repeats}``."""
+    every = max(1, all_threads or torch.get_num_threads())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in dict.fromkeys(every if t == 0 else t for t in threads):
+            for b in batches:
+                d, c = timed([dense, compressed], input_shape, runtime=runtime, batch=b, threads=t, repeats=repeats,
+                             workdir=tmp)
+                rows.append({"runtime": runtime, "input": "x".join(map(str, input_shape)), "batch": b, "threads": t,
+                             "dense_ms": 1e3 * d, "compressed_ms": 1e3 * c, "speedup": d / c if c > 0 else math.nan,
+                             "repeats": repeats})
+    return rows
+
+
+def per_layer(dense: nn.Module, compressed: nn.Module, names, input_shape, *, runtime: str = "onnxruntime",
+              repeats: int = 20) -> dict[str, dict]:
+    """Each replaced layer alone, dense against factorized (with its padding stage), at the input
+    it sees in the network, batch 1, one thread: ``{name: {dense_ms, compressed_ms, speedup}}``."""
+    shapes = lowrank.layer_input_shapes(dense, names, tuple(input_shape))
+    out = {}
+    for name in names:
+        if name not in shapes:
+            continue
+        r = paired(dense.get_submodule(name), compressed.get_submodule(name), shapes[name][1:], runtime=runtime,
+                   batches=(1,), threads=(1,), repeats=repeats)[0]
+        out[name] = {k: r[k] for k in ("dense_ms", "compressed_ms", "speedup")}
+    return out
+
+
+def headline(rows: list[dict]) -> dict:
+    """The figures a registered version is tagged with: batch 1 and the largest batch, at one
+    thread where measured (else the fewest), in seconds, as ``EvalResult.latency`` holds them."""
+    t = min(r["threads"] for r in rows)
+    at = {r["batch"]: r for r in rows if r["threads"] == t}
+    big = max(at)
+    out = {"runtime": rows[0]["runtime"], "input": rows[0]["input"], "threads": t, "big_batch": big,
+           "rows": rows}
+    for key, b in (("b1", min(at)), ("b32", big)):
+        out[key] = at[b]["compressed_ms"] / 1e3
+        out[f"{key}_dense"] = at[b]["dense_ms"] / 1e3
+    return out

@@ -1,0 +1,34 @@
+"""The dedicated timing step: the dense and the compressed model, timed side by side on the
+spec's runtime (``jobs.deploy``), in a task of its own (with ``latency.exclusive`` it holds a
+whole node's CPUs, so no other task runs beside it)."""
+from __future__ import annotations
+
+import time
+
+from .. import deploy
+from ..spec import LatencySpec
+from .env import assigned_cpus, node_id
+
+
+def timing_task(dense, compressed, input_shape: tuple, latency: LatencySpec, layers=()) -> dict:
+    """``deploy.headline`` of the paired rows, plus each of ``layers`` timed alone
+    (``deploy.per_layer``, under ``layers``); where the chosen runtime cannot run the model,
+    PyTorch eager is timed instead and ``note`` says why."""
+    t0 = time.perf_counter()
+    shape = tuple(input_shape) if latency.input_size is None else (input_shape[0], latency.input_size,
+                                                                    latency.input_size)
+    kw = {"batches": tuple(latency.batches), "threads": tuple(latency.threads), "repeats": latency.repeats,
+          "all_threads": assigned_cpus()}
+    note = ""
+    try:
+        rows = deploy.paired(dense, compressed, shape, runtime=latency.runtime, **kw)
+    except Exception as e:  # noqa: BLE001 - export or runtime failures of a user's model: timed eagerly instead
+        note = f"{latency.runtime} could not run the model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        rows = deploy.paired(dense, compressed, shape, runtime="torch", **kw)
+    runtime = rows[0]["runtime"]
+    try:
+        per = deploy.per_layer(dense, compressed, list(layers), shape, runtime=runtime, repeats=latency.repeats)
+    except Exception:  # noqa: BLE001 - a layer the runtime cannot take alone: those layers are timed eagerly
+        per = deploy.per_layer(dense, compressed, list(layers), shape, runtime="torch", repeats=latency.repeats)
+    return {**deploy.headline(rows), "note": note, "layers": per, "node": node_id(),
+            "task_seconds": time.perf_counter() - t0}

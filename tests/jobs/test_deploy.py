@@ -1,0 +1,114 @@
+"""ONNX export of factorized models and the paired timing step (jobs.deploy, jobs.tasks.timing)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowrank
+from jobs import deploy
+from jobs.models import SmallCNN
+from jobs.spec import LatencySpec, SpecError, parse_spec
+from jobs.tasks.timing import timing_task
+
+from .specs import write_spec
+
+
+def _compressed(method: str, model=None):
+    model = (model or SmallCNN(10)).eval()
+    opts = {"ratio": 2, **({"n_iter_max": 5} if method.startswith("cp") else {}),
+            **({"epc_max_sweeps": 5} if method.endswith("epc") else {})}
+    small, reports = lowrank.compress_model(model, lowrank.plan_layers(model, method, "ratio", options=opts),
+                                            input_shape=(3, 16, 16))
+    assert any(r.status == "ok" for r in reports)
+    return model, small.eval()
+
+
+@pytest.mark.parametrize("method", ["spatial-svd", "tucker2", "cp3-epc", "cp4"])
+def test_every_factorized_model_exports_to_onnx_and_runs_there_as_in_torch(method, tmp_path):
+    _, small = _compressed(method)
+    path = deploy.export_onnx(small, (3, 16, 16), tmp_path / "m.onnx")
+    x = torch.randn(3, 3, 16, 16)  # another batch size than the export's: the batch axis is dynamic
+    got = deploy._session(path, 1).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = small(x).numpy()
+    assert got.shape == (3, 10)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class _SamePad(nn.Conv2d):
+    """TF-style 'same' padding computed in forward (as efficientnet-lite-pytorch's convs)."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        ph = max((-(-ih // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - ih, 0)
+        pw = max((-(-iw // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - iw, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_a_padding_stage_in_front_of_a_factorized_layer_exports_exactly(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), _SamePad(16, 32, 3, stride=2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    small, [rep] = lowrank.compress_model(model, {"2": ("tucker2", (8, 8), {})}, input_shape=(3, 17, 17))
+    assert rep.status == "ok"
+    path = deploy.export_onnx(small.eval(), (3, 17, 17), tmp_path / "m.onnx")
+    x = torch.randn(2, 3, 17, 17)
+    with torch.no_grad():
+        np.testing.assert_allclose(deploy._session(path, 1).run(None, {"input": x.numpy()})[0], small(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_paired_timing_tells_the_faster_model_from_the_slower(runtime):
+    """The 'compressed' model here is eight times the dense one's work: the ratio must say so,
+    whichever of the two is timed first in a repetition."""
+    dense = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    heavy = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), *[m for _ in range(3) for m in (
+        nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1))], nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    rows = deploy.paired(dense, heavy, (3, 32, 32), runtime=runtime, batches=(1, 4), threads=(1, 0), all_threads=2,
+                         repeats=5)
+    pairs = {(r["batch"], r["threads"]) for r in rows}
+    assert {b for b, _ in pairs} == {1, 4} and 1 in {t for _, t in pairs}
+    for r in rows:
+        assert r["runtime"] == runtime and r["input"] == "3x32x32" and r["repeats"] >= 5
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["compressed_ms"])
+        assert r["speedup"] < 0.5, r  # the heavy model is far slower
+    top = deploy.headline(rows)
+    assert top["threads"] == 1 and top["big_batch"] == 4
+    assert top["b1"] > top["b1_dense"] and top["b32"] == pytest.approx(
+        next(r for r in rows if r["batch"] == 4 and r["threads"] == 1)["compressed_ms"] / 1e3)
+
+
+class _Unexportable(nn.Module):
+    """cummax has no ONNX symbolic at opset 17."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return torch.cummax(self.conv(x), 1).values.mean((2, 3))
+
+
+def test_timing_falls_back_to_eager_and_says_why_when_onnx_cannot_take_the_model():
+    model = _Unexportable().eval()
+    out = timing_task(model, model, (3, 12, 12), LatencySpec(batches=[1], threads=[1], repeats=3))
+    assert out["runtime"] == "torch" and out["note"].startswith("onnxruntime could not run the model")
+    assert out["b1"] > 0 and out["b1_dense"] > 0 and out["input"] == "3x12x12"
+
+
+def test_timing_at_another_input_size_than_the_data():
+    dense, small = _compressed("spatial-svd")
+    out = timing_task(dense, small, (3, 16, 16), LatencySpec(batches=[1], threads=[1], repeats=3, input_size=40))
+    assert out["input"] == "3x40x40" and out["note"] == "" and out["runtime"] == "onnxruntime"
+
+
+def test_latency_settings_are_checked_in_one_line(tmp_path):
+    path, data = write_spec(tmp_path, "tiny.yaml")
+    for bad, expected in (({"runtime": "tensorrt"}, "latency.runtime: Input should be 'onnxruntime', 'torch' or "
+                                                    "'torch-compile'"),
+                          ({"batches": [0]}, "latency.batches.0: Input should be greater than or equal to 1"),
+                          ({"batches": []}, "latency.batches: List should have at least 1 item")):
+        with pytest.raises(SpecError) as e:
+            parse_spec({**data, "latency": bad}, "spec.yaml")
+        assert expected in str(e.value) and "\n" not in str(e.value)
