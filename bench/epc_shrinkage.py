@@ -12,7 +12,7 @@ of |mean' - mean| / std of the layer's output on validation images, dense statis
 ``alone``: the mean top-1 over the layers, each compressed alone); and top-1 with all layers
 compressed before (``post``) and after BatchNorm recalibration (``bn``).
 
-    .venv/bin/python bench/epc_shrinkage.py                      # smallcnn and resnet18, ~6 min on 2 cores
+    .venv/bin/python bench/epc_shrinkage.py                      # smallcnn and resnet18, ~15 min on 2 cores
     .venv/bin/python bench/epc_shrinkage.py --dataset fashion-mnist --limit-train 12000
 """
 from __future__ import annotations
