@@ -34,7 +34,8 @@ NETS = {"resnet18-224": ("resnet18", 1000, 224), "resnet18-32": ("resnet18", 10,
 
 def compressed(model, method: str, shape):
     opts = {"ratio": 2, **({"n_iter_max": 3} if method.startswith("cp") else {})}  # timing does not need a good fit
-    plan = lowrank.plan_layers(model, method, "ratio", pointwise_method="svd", options=opts)
+    plan = {n: (m, r, opts if m == method else {"ratio": 2})
+            for n, (m, r, _) in lowrank.plan_layers(model, method, "ratio", pointwise_method="svd").items()}
     small, reports = lowrank.compress_model(model, plan, input_shape=shape)
     return small.eval(), [r.name for r in reports if r.status == "ok"]
 
