@@ -35,6 +35,8 @@ class CPOptions:
     seed: int = _opt(0, min=0)
     n_iter_max: int = _opt(500, min=1)  # ALS sweeps
     tol: float = _opt(1e-8, min=0.0)  # change of the relative error that stops ALS
+    linesearch: bool = _opt(False)  # extrapolate after each sweep (Bro 1998): fewer sweeps to an error
+    als_dtype: str = _opt("float64", choices=("float64", "float32"))  # ALS precision (EPC stays float64)
 
 
 @dataclass(frozen=True)

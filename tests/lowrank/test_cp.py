@@ -166,3 +166,24 @@ def test_cp_als_on_cuda_matches_cpu():
     f_cpu, _ = cp_als(x, 8, n_iter_max=50)
     f_gpu, _ = cp_als(x.cuda(), 8, n_iter_max=50)
     assert _rel(x, f_cpu) == pytest.approx(_rel(x, [f.cpu() for f in f_gpu]), rel=1e-6)
+
+
+def test_linesearch_reaches_the_plain_als_error_in_fewer_sweeps():
+    """Bro's extrapolation: the error 150 plain sweeps reach, in clearly fewer sweeps."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 32, 9, generator=g, dtype=torch.float64)
+    _, plain = cp_als(x, 60, n_iter_max=150, tol=0)
+    _, fast = cp_als(x, 60, n_iter_max=150, tol=0, linesearch=True, stop_at=plain[-1])
+    assert fast[-1] <= plain[-1]
+    assert len(fast) < 0.75 * len(plain)
+    assert all(b <= a + 1e-12 for a, b in zip(fast, fast[1:]))  # a step is only taken when it lowers the error
+
+
+def test_float32_als_then_float64_epc_keeps_the_error_and_reports_it():
+    w = torch.randn(24, 16, 3, 3, generator=torch.Generator().manual_seed(2))
+    f64 = lowrank.decompose(w, "cp3-epc", 20, n_iter_max=40, epc_max_sweeps=30)
+    f32 = lowrank.decompose(w, "cp3-epc", 20, n_iter_max=40, epc_max_sweeps=30, als_dtype="float32")
+    assert all(f.dtype == torch.float64 for f in f32.factors)
+    d = f32.diagnostics
+    assert d["epc"]["rel_error"] == pytest.approx(d["als"]["rel_error"], rel=1e-6)  # EPC in float64 keeps it
+    assert d["als"]["rel_error"] == pytest.approx(f64.diagnostics["als"]["rel_error"], abs=2e-3)

@@ -1,0 +1,81 @@
+"""CP-ALS time to equal error against tensorly's ``parafac`` (not equal iterations).
+
+For every ResNet-18 3x3 conv shape (64-512 channels) as the order-3 ``(T, S, 9)`` tensor of
+``cp3`` and the order-4 ``(T, S, 3, 3)`` tensor of ``cp4``, at the ranks that make the layer 2x
+and 4x smaller: tensorly (pytorch backend, its default ALS, no line search) runs ``iters`` sweeps
+from our SVD start; then ours, from the same start, runs until its relative error is at most
+tensorly's final one: plain ALS, with line search (``linesearch: true``), and with line search in
+float32 (``als_dtype: float32``, the error checked in float64 afterwards). ``x`` = tensorly's
+seconds / ours. The kernels are He-initialised random (no trained weights can be downloaded here).
+
+    .venv/bin/python bench/cp_equal_error.py            # ~10 min on 2 cores
+    .venv/bin/python bench/cp_equal_error.py --quick    # 64 and 128 channels
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.cp_speed import tensorly_fit  # noqa: E402
+from lowrank.decompositions.cp_als import cp_als, init_factors, reconstruct  # noqa: E402
+
+ITERS = {64: 200, 128: 100, 256: 40, 512: 12}
+
+
+def ours(x, init, target: float, cap: int, **kw) -> tuple[float, int, float]:
+    """(seconds, sweeps, float64 relative error) to reach ``target`` (or ``cap`` sweeps)."""
+    dtype = kw.pop("dtype", torch.float64)
+    xs, start = x.to(dtype), [f.to(dtype) for f in init]
+    t0 = time.perf_counter()
+    f, errs = cp_als(xs, init[0].shape[1], init=start, n_iter_max=cap, tol=-1.0, stop_at=target, **kw)
+    secs = time.perf_counter() - t0
+    err = float((x - reconstruct([t.double() for t in f])).norm() / x.norm())
+    return secs, len(errs), err
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "cp_equal_error.out.txt"))
+    args = ap.parse_args()
+    channels = [64, 128] if args.quick else [64, 128, 256, 512]
+    lines = [f"# {' '.join(['bench/cp_equal_error.py', *sys.argv[1:]])}",
+             f"# torch {torch.__version__}, {torch.get_num_threads()} threads; tensorly parafac (pytorch backend) "
+             f"ITERS sweeps, ours until its error <= tensorly's",
+             f"{'tensor':<12} {'ratio':>5} {'rank':>5} {'tl it':>5} {'tl s':>7} {'tl err':>8} | "
+             f"{'plain it':>8} {'s':>6} {'x':>5} | {'ls it':>5} {'s':>6} {'x':>5} | {'ls32 it':>7} {'s':>6} {'x':>5} "
+             f"{'err32':>8}"]
+    print("\n".join(lines), flush=True)
+    for order in (3, 4):
+        for c in channels:
+            if order == 4 and c == 512:
+                continue  # tensorly's explicit Khatri-Rao product for the 3x3 modes needs > 10 GB
+            g = torch.Generator().manual_seed(c)
+            shape = (c, c, 9) if order == 3 else (c, c, 3, 3)
+            x = torch.randn(*shape, generator=g, dtype=torch.float64) * math.sqrt(2 / (c * 9))
+            for ratio in (2, 4):
+                r = (c * c * 9) // (ratio * (2 * c + (9 if order == 3 else 6)))
+                n = ITERS[c]
+                init = init_factors(x, r, "svd", seed=0)
+                tl_s, tl_err = tensorly_fit(x, init, n, "pytorch")
+                cap = 4 * n
+                runs = [ours(x, init, tl_err, cap), ours(x, init, tl_err, cap, linesearch=True),
+                        ours(x, init, tl_err, cap, linesearch=True, dtype=torch.float32)]
+                cells = " | ".join(f"{it:>{w}} {s:>6.2f} {tl_s / s:>5.1f}" for (s, it, _), w in zip(runs, (8, 5, 7)))
+                lines.append(f"{'x'.join(map(str, shape)):<12} {ratio:>4}x {r:>5} {n:>5} {tl_s:>7.2f} {tl_err:>8.5f} | "
+                             f"{cells} {runs[2][2]:>8.5f}")
+                print(lines[-1], flush=True)
+    lines[1] = lines[1].replace("ITERS", "/".join(str(ITERS[c]) for c in channels))
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
