@@ -37,8 +37,9 @@ def latency_metrics(dense: dict, lat: dict) -> dict:
 
 def latency_tags(lat: dict) -> dict:
     """Where the speedup tags were taken: runtime, input, threads, the large batch."""
-    if "runtime" not in lat:
-        return {"latency_runtime": "torch (in the evaluation task)"}
+    if "runtime" not in lat:  # no timing step ran (a result replayed from the spool, or it failed)
+        return {"latency_runtime": f"{lat.get('in_task', 'torch')} (in the task, beside other tasks"
+                                   + (f"; {lat['note']}" if lat.get("note") else "") + ")"}
     return {"latency_runtime": lat["runtime"] + (f" ({lat['note']})" if lat.get("note") else ""),
             "latency_input": lat["input"], "latency_threads": str(lat["threads"]),
             "latency_big_batch": str(lat["big_batch"])}

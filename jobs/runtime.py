@@ -270,10 +270,12 @@ class Session:
     def spool_root(self):
         return self.spec.pretrain.cache_dir.parent
 
-    def log(self, cfg: Config, base: Baseline | dict, result: EvalResult) -> bool:
-        """Spool the result, log it with retries, then drop the spool entry. False if MLflow
-        stayed away: the result stays on disk and the next run logs it without recomputing."""
-        dense_state = base.state_dict if isinstance(base, Baseline) else None
+    def log(self, cfg: Config, base: Baseline | dict, result: EvalResult, dense_state: dict | None = None) -> bool:
+        """Spool the result, time it beside the dense model (``dense_state``: the weights of the
+        dense model when ``base`` is not a ``Baseline``), log it with retries, then drop the spool
+        entry. False if MLflow stayed away: the result stays on disk and the next run logs it
+        without recomputing (or re-timing)."""
+        dense_state = base.state_dict if isinstance(base, Baseline) else dense_state
         base = base.reference() if isinstance(base, Baseline) else base
         path = spool.spool_dir(self.spool_root(), self.spec.name, cfg.config_hash)
         model = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build()

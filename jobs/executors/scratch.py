@@ -19,4 +19,4 @@ def run_scratch(session, configs: list) -> None:
         pair = pairs.setdefault(cfg.config_hash, {})
         pair[which] = out
         if len(pair) == 2:
-            session.log(cfg, *scratch_result(pair["dense"], pair["lowrank"]))
+            session.log(cfg, *scratch_result(pair["dense"], pair["lowrank"]), dense_state=pair["dense"]["state_dict"])

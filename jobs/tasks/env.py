@@ -39,10 +39,12 @@ def latency(model, input_shape, device, runtime: str = "torch") -> dict:
     on ``runtime`` at one thread. The registered figures come from the timing step."""
     if str(device).startswith("cuda") or runtime != "onnxruntime":
         return {"b1": measure_latency(model, input_shape, 1, device=device, repeats=10),
-                "b32": measure_latency(model, input_shape, 32, device=device, repeats=3, warmup=1)}
+                "b32": measure_latency(model, input_shape, 32, device=device, repeats=3, warmup=1),
+                "in_task": f"torch on {str(device).split(':')[0]}"}
     with tempfile.TemporaryDirectory() as tmp:
-        return {f"b{b}": deploy.timed([model], tuple(input_shape), runtime=runtime, batch=b, threads=1, repeats=r,
-                                      workdir=tmp)[0] for b, r in ((1, 10), (32, 3))}
+        out = {f"b{b}": deploy.timed([model], tuple(input_shape), runtime=runtime, batch=b, threads=1, repeats=r,
+                                     workdir=tmp)[0] for b, r in ((1, 10), (32, 3))}
+    return {**out, "in_task": f"{runtime}, one thread"}
 
 
 @dataclass(frozen=True)
