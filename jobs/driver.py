@@ -43,6 +43,8 @@ def run_sweep(spec: SweepSpec, *, configs: list[Config] | None = None, out=print
             batch = [c for c in todo if c.kind == kind]
             if batch:
                 EXECUTORS[kind](session, batch)
+        for _ in session.completed():  # what is still timing is registered before the summary
+            pass
         result.rows = tracker.summary_rows(configs)
         for name in registered:
             v = tracker.set_candidate(name)

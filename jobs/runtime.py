@@ -26,6 +26,7 @@ from .tasks.timing import timing_task
 from .tracking import HEARTBEAT_SECONDS, Tracker
 
 POLL_SECONDS = 5.0
+_TIMING = object()  # the key of the session's own timing tasks (never yielded to an executor)
 
 
 class Progress:
@@ -216,9 +217,12 @@ class Session:
                 try:
                     out = self.ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - one task failing does not stop the sweep
-                    yield key, e
+                    out = e
+                if isinstance(key, tuple) and key and key[0] is _TIMING:  # the session's own step
+                    self._timed(key[1], out)
                     continue
-                self._account(out)
+                if not isinstance(out, Exception):
+                    self._account(out)
                 yield key, out
 
     def gather(self, calls: list[tuple]) -> list:
@@ -253,28 +257,34 @@ class Session:
             cpus = max([n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")] or [cpus])
         return {"num_cpus": cpus, "num_gpus": 0, "max_retries": 1}
 
-    def timed(self, cfg: Config, dense_state: dict, model, input_shape, fallback: dict, layers=()) -> dict:
-        """The dedicated timing step (``tasks.timing``) for one result; the in-task figures, with
-        the reason, if it fails."""
+    def _time(self, pending: tuple, dense_state: dict) -> None:
+        """Queue the dedicated timing step (``tasks.timing``) of a spooled result; the wait loop
+        registers the result when it ends (``_timed``)."""
+        cfg, base, result, model, _ = pending
         dense = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build(dense_state)
+        layers = [s["name"] for s in result.layer_status if s["status"] == "ok"]
         ref = self.ray.remote(timing_task).options(**self.timing_options()).remote(
-            dense, model, tuple(input_shape), self.spec.latency, layers)
-        while not self.ray.wait([ref], timeout=POLL_SECONDS)[0]:
-            self.beat()
-        try:
-            return self.ray.get(ref)
-        except Exception as e:  # noqa: BLE001 - the version is still registered, with eager in-task figures
-            self.say(f"{cfg.label}: timing failed ({task_error(e)}); tagged with the in-task eager figures")
-            return {**fallback, "note": f"timing failed: {task_error(e)}"}
+            dense, model, tuple(base["input_shape"]), self.spec.latency, layers)
+        self._inflight[ref] = ((_TIMING, pending), True)
+
+    def _timed(self, pending: tuple, out) -> None:
+        cfg, base, result, model, path = pending
+        if isinstance(out, Exception):  # the version is still registered, with the in-task figures
+            self.say(f"{cfg.label}: timing failed ({task_error(out)}); tagged with the in-task figures")
+            out = {**result.latency, "note": f"timing failed: {task_error(out)}"}
+        result.latency = out
+        spool.save(path, base, result)
+        self._register(cfg, base, result, model, path)
 
     def spool_root(self):
         return self.spec.pretrain.cache_dir.parent
 
     def log(self, cfg: Config, base: Baseline | dict, result: EvalResult, dense_state: dict | None = None) -> bool:
         """Spool the result, time it beside the dense model (``dense_state``: the weights of the
-        dense model when ``base`` is not a ``Baseline``), log it with retries, then drop the spool
-        entry. False if MLflow stayed away: the result stays on disk and the next run logs it
-        without recomputing (or re-timing)."""
+        dense model when ``base`` is not a ``Baseline``; the timing task runs in the wait loop,
+        which registers the result when it ends), log it with retries, then drop the spool entry.
+        False if MLflow stayed away: the result stays on disk and the next run logs it without
+        recomputing (or re-timing)."""
         dense_state = base.state_dict if isinstance(base, Baseline) else dense_state
         base = base.reference() if isinstance(base, Baseline) else base
         path = spool.spool_dir(self.spool_root(), self.spec.name, cfg.config_hash)
@@ -288,10 +298,12 @@ class Session:
             return False
         if not path.exists():
             spool.save(path, base, result)
-            if isinstance(dense_state, dict):  # a live result (a replayed one was timed before it was spooled)
-                result.latency = self.timed(cfg, dense_state, model, base["input_shape"], result.latency,
-                                            [s["name"] for s in result.layer_status if s["status"] == "ok"])
-                spool.save(path, base, result)
+            if isinstance(dense_state, dict):  # a live result (a replayed one keeps the figures it was spooled with)
+                self._time((cfg, base, result, model, path), dense_state)
+                return True  # registered when its timing ends
+        return self._register(cfg, base, result, model, path)
+
+    def _register(self, cfg: Config, base: dict, result: EvalResult, model, path) -> bool:
         t_log = time.perf_counter()
         try:
             version = with_retries(lambda: self.tracker.log_config(self.parent, cfg, base, result, model),

@@ -22,8 +22,8 @@ def node_id() -> str:
 
 
 def assigned_cpus() -> int | None:
-    """The CPUs Ray gave this task (None outside a task)."""
-    if not ray.is_initialized():
+    """The CPUs Ray gave this task (None outside a task, the driver included)."""
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return None
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     return max(1, int(cpus)) if cpus else None

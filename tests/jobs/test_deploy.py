@@ -112,3 +112,10 @@ def test_latency_settings_are_checked_in_one_line(tmp_path):
         with pytest.raises(SpecError) as e:
             parse_spec({**data, "latency": bad}, "spec.yaml")
         assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_timing_in_the_driver_of_a_running_ray_uses_this_process_threads(ray_start_2_cpus):
+    """Outside a task (the driver) there are no assigned CPUs to ask Ray for."""
+    dense, small = _compressed("spatial-svd")
+    out = timing_task(dense, small, (3, 16, 16), LatencySpec(batches=[1], threads=[1, 0], repeats=2))
+    assert {r["threads"] for r in out["rows"]} <= {1, torch.get_num_threads()} and out["note"] == ""
