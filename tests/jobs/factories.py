@@ -56,3 +56,20 @@ def efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
     from examples.pretrained import efficientnet_lite0 as make
 
     return make(num_classes)
+
+
+class Unexportable(nn.Module):
+    """A network with an op ONNX cannot export (cummax, at opset 17)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                      nn.ReLU())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.cummax(self.features(x), 1).values.mean((2, 3)))
+
+
+def unexportable(num_classes: int = 10) -> nn.Module:
+    return Unexportable(num_classes)

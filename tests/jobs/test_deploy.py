@@ -119,3 +119,19 @@ def test_timing_in_the_driver_of_a_running_ray_uses_this_process_threads(ray_sta
     dense, small = _compressed("spatial-svd")
     out = timing_task(dense, small, (3, 16, 16), LatencySpec(batches=[1], threads=[1, 0], repeats=2))
     assert {r["threads"] for r in out["rows"]} <= {1, torch.get_num_threads()} and out["note"] == ""
+
+
+def test_a_model_onnx_cannot_take_is_still_compressed_timed_eagerly_and_registered(make_spec, ray_start_2_cpus,
+                                                                                 capsys):
+    from mlflow import MlflowClient
+
+    from jobs.cli import main
+
+    spec, data = make_spec(mutate=lambda d: (
+        d["models"][0].update(name="odd", factory="tests.jobs.factories:unexportable"),
+        d["compression"].update(methods=["tucker2"], options={}), d["pretrain"].update(epochs=1),
+        d.update(latency={"batches": [1], "threads": [1], "repeats": 3})))
+    assert main(["run", str(spec)]) == 0, capsys.readouterr().err
+    [v] = MlflowClient(data["mlflow"]["tracking_uri"]).search_model_versions("name='lowrank-odd'")
+    assert v.tags["latency_runtime"].startswith("torch (onnxruntime could not run the model (UnsupportedOperatorError")
+    assert v.tags["onnx"].startswith("not exported (UnsupportedOperatorError") and float(v.tags["speedup_b1"]) > 0
