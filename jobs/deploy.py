@@ -78,11 +78,10 @@ def torch_threads(n: int):
 @dataclass(frozen=True)
 class Runtime:
     """``prepare(model, input_shape, threads, workdir)`` returns ``run(x: np.ndarray)``, a
-    forward pass on that runtime; ``fuses`` says what the runtime fuses by itself."""
+    forward pass on that runtime (what each fuses by itself: the module docstring, the README)."""
 
     name: str
     prepare: Callable
-    fuses: str
 
 
 def _prepare_ort(model, input_shape, threads, workdir):
@@ -113,9 +112,7 @@ def _prepare_compile(model, input_shape, threads, workdir):
 
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
-    Runtime("onnxruntime", _prepare_ort, "BatchNorm into the conv before it, conv + ReLU, constant folding"),
-    Runtime("torch", _prepare_torch, "nothing (eager: one kernel per module)"),
-    Runtime("torch-compile", _prepare_compile, "inductor: BatchNorm folding in eval, pointwise ops into their producers"),
+    Runtime("onnxruntime", _prepare_ort), Runtime("torch", _prepare_torch), Runtime("torch-compile", _prepare_compile),
 )}
 
 
