@@ -167,7 +167,7 @@ def _search(spec: SweepSpec, mp: ModelPlan, model, sel: LayerSelection, common: 
     for strategy in search.strategies:
         content = {"model_key": mp.key, "search": search.content(strategy), "strategy": strategy,
                    "methods": comp.methods, "layers": layers, "options": comp.options,
-                   "finetune": spec.finetune.model_dump(mode="json")}
+                   "finetune": spec.finetune.content()}
         params = {"strategy": strategy, "rank_strategy": "search",
                   **{f"search.{k}": v for k, v in search.content(strategy).items() if not isinstance(v, (list, dict))},
                   "search.methods": ",".join(comp.methods), "finetune_epochs": spec.finetune.epochs}
@@ -186,7 +186,7 @@ def _compress(spec: SweepSpec, mp: ModelPlan, model, sel: LayerSelection, common
         names = select(model, method, sel)
         sizes = _input_sizes(model, names, mp.input_shape)
         content = {"model_key": mp.key, "method": method, "rank": rank_dump, "layers": sel.model_dump(mode="json"),
-                   "options": options, "finetune": spec.finetune.model_dump(mode="json")}
+                   "options": options, "finetune": spec.finetune.content()}
         params = {"rank_strategy": comp.rank.strategy,
                   **{f"rank.{k}": v for k, v in rank_dump.items() if v not in (None, {}, [])},
                   **{f"option.{k}": v for k, v in options.items()}, "finetune_epochs": spec.finetune.epochs}

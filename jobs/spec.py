@@ -107,6 +107,13 @@ class FinetuneSpec(_Strict):
     lr: float = Field(0.005, gt=0, le=10, description="learning rate (about 0.1x the pre-training one)")
     bn_recalibration: bool = Field(True, description="recompute BatchNorm statistics before fine-tuning")
     bn_batches: int = Field(20, ge=1, le=100_000, description="training batches used for BN recalibration")
+    eval_each_epoch: bool = Field(True, description="evaluate after every fine-tuning epoch (the curve: metric "
+                                                    "acc_ft_epoch by step, tag ft_curve); false: only at the end")
+
+    def content(self) -> dict:
+        """What a fine-tuned result depends on (part of config hashes): evaluating between epochs
+        does not change the weights, so it is left out."""
+        return self.model_dump(mode="json", exclude={"eval_each_epoch"})
 
 
 class ResourcesSpec(_Strict):

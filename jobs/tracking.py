@@ -60,6 +60,13 @@ def version_tags(cfg, metrics: dict, degenerate: int, run_id: str) -> dict:
     return {**{k: values[k] for k in keys}, "run_id": run_id}
 
 
+def curve_tag(curves: dict | None) -> dict:
+    """``ft_curve``: the top-1 (or agreement) after each fine-tuning epoch, as a JSON list on the
+    version, so that the registry alone shows how fine-tuning went."""
+    key = next((k for k in (curves or {}) if k.endswith("_ft_epoch") and not k.startswith("kl")), None)
+    return {"ft_curve": json.dumps([round(float(v), 4) for v in curves[key]])} if key else {}
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str):
         import mlflow  # deferred: MLflow is heavy and only the driver's side needs it
@@ -186,7 +193,7 @@ class Tracker:
             onnx_note = self._log_onnx(model, tuple(base["input_shape"]), rid)
         degenerate = sum(bool(r.get("diagnostics", {}).get("degenerate")) for r in result.reports)
         tags = {**version_tags(cfg, metrics, degenerate, rid), **report.latency_tags(result.latency),
-                "onnx": onnx_note}
+                "onnx": onnx_note, **curve_tag(result.curves)}
         if result.stages:  # the per-stage history, on the version itself
             tags["stage_history"] = json.dumps([{k: (round(h[k], 4) if isinstance(h[k], float) else h[k])
                                                  for k in ("stage", "layers", "compression_ratio", "acc_post", "acc_ft",

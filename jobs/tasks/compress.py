@@ -89,8 +89,11 @@ def evaluate_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, *layer
     acc_bn = None
     if finetune.bn_recalibration and recalibrate_bn(new, env.bn_loader(), finetune.bn_batches, device):
         acc_bn = evaluate(new, val_dl, device)
+    curve = []  # the figures after each epoch but the last (the last is acc_ft)
+    each = (lambda e, _loss: curve.append(evaluate(new, val_dl, device)) if e < finetune.epochs else None) \
+        if finetune.eval_each_epoch else None
     losses = train_epochs(new, train_dl, epochs=finetune.epochs, lr=finetune.lr, optimizer=finetune.optimizer,
-                          device=device)
+                          device=device, on_epoch=each)
     acc_ft = evaluate(new, val_dl, device)
     ft_seconds = time.perf_counter() - t0
     params, macs = lowrank.count(new.cpu(), env.input_shape)
@@ -98,4 +101,15 @@ def evaluate_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, *layer
                       params=params, macs=macs, latency=latency(new, env.input_shape, device, env.runtime),
                       reports=[r.to_dict() for r in reports], layer_status=[r.status_row() for r in layers],
                       ft_losses=losses, ft_seconds=ft_seconds, device=device,
+                      curves=ft_curves(curve + [acc_ft]) if finetune.eval_each_epoch and finetune.epochs else None,
                       task_seconds=time.perf_counter() - t_task, node=node_id())
+
+
+def ft_curves(figures: list[dict]) -> dict:
+    """Per-epoch fine-tuning figures as metric curves: ``acc_ft_epoch`` (``agree_ft_epoch`` and
+    ``kl_ft_epoch`` under evaluation by agreement), one value per epoch."""
+    q = "agree" if "kl" in figures[0] else "acc"
+    out = {f"{q}_ft_epoch": [f["top1"] for f in figures]}
+    if q == "agree":
+        out["kl_ft_epoch"] = [f["kl"] for f in figures]
+    return out

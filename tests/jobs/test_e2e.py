@@ -1,4 +1,5 @@
 """End to end on a real local Ray (2 CPUs) and a real sqlite MLflow in a temp dir."""
+import json
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def test_sweep_registers_versions_with_tags_aliases_and_loadable_models(sweep, c
         assert set(MODEL_TAGS) <= set(v.tags), set(MODEL_TAGS) - set(v.tags)
         assert float(v.tags["compression_ratio"]) > 1.2
         assert 0 <= float(v.tags["acc_ft"]) <= 1
+        assert json.loads(v.tags["ft_curve"]) == [pytest.approx(float(v.tags["acc_ft"]), abs=1e-4)]  # one epoch
     best = max(versions, key=lambda v: (float(v.tags["acc_ft"]), float(v.tags["compression_ratio"])))
     alias = client.get_model_version_by_alias("lowrank-smallcnn", "candidate")
     assert alias.version == best.version

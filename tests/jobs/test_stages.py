@@ -123,3 +123,41 @@ def test_stages_by_layer_groups_compress_each_group_in_turn():
     model.load_state_dict(out.state_dict)  # the registered model is rebuilt exactly like this
     kinds = {n: type(m).__name__ for n, m in model.named_modules() if n in ("features.3", "features.6", "features.9")}
     assert kinds == {"features.3": "FactorizedConv2d", "features.6": "FactorizedConv2d", "features.9": "Conv2d"}
+
+
+def test_finetuning_curve_is_evaluated_after_every_epoch_and_leaves_the_weights_unchanged():
+    """``finetune.eval_each_epoch`` (default on): the one-shot evaluation task records top-1 after
+    every fine-tuning epoch (its last value is acc_ft); off, the same weights come out, with no
+    curve, and the config hash is the same either way (evaluating does not change the result)."""
+    import torch
+
+    import lowrank
+    from jobs.models import SmallCNN
+    from jobs.plan import plan_sweep
+    from jobs.tasks.compress import decompose_task, evaluate_task
+    from jobs.tasks.env import TaskEnv
+    from jobs.tracking import curve_tag
+
+    outs, hashes = [], []
+    for each in (True, False):
+        data = yaml.safe_load(SPEC.read_text())
+        data.pop("from_scratch")
+        data["dataset"].update(input_size=16, limit_train=192, limit_val=64)
+        data["finetune"].update(epochs=3, bn_batches=2, eval_each_epoch=each)
+        data["compression"].update(methods=["spatial-svd"], rank={"strategy": "fixed", "rank": 4}, options={})
+        data["compression"].pop("stages")
+        spec = parse_spec(data, "spec.yaml")
+        [cfg] = plan_sweep(spec)
+        hashes.append(cfg.config_hash)
+        torch.manual_seed(0)
+        dense = SmallCNN(10)
+        layers = [decompose_task(lp, dense.get_submodule(lp.name), False) for lp in cfg.layers]
+        torch.manual_seed(1)
+        outs.append(evaluate_task(TaskEnv(cfg.model.spec, spec.dataset, 0, False), dense.state_dict(),
+                                  spec.finetune, *layers))
+    on, off = outs
+    assert hashes[0] == hashes[1]
+    assert len(on.curves["acc_ft_epoch"]) == 3 and on.curves["acc_ft_epoch"][-1] == on.acc_ft["top1"]
+    assert json.loads(curve_tag(on.curves)["ft_curve"]) == [round(v, 4) for v in on.curves["acc_ft_epoch"]]
+    assert off.curves is None and curve_tag(off.curves) == {}
+    assert all(torch.equal(on.state_dict[k], off.state_dict[k]) for k in on.state_dict)
