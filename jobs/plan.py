@@ -104,7 +104,7 @@ def rank_rule(rank: RankSpec, layer: str, input_size: tuple[int, int] | None) ->
         return lowrank.RankRule("ratio", ratio=rank.ratio, target=rank.target, input_size=input_size)
     if rank.strategy == "energy":
         return lowrank.RankRule("energy", energy=rank.energy, min_rank=rank.min_rank)
-    return lowrank.RankRule("vbmf", weakening=rank.weakening, min_rank=rank.min_rank)
+    return lowrank.RankRule("vbmf", weakening=rank.weakening, min_rank=rank.min_rank, zero=rank.zero)
 
 
 def select(model, method: str, sel: LayerSelection) -> dict[str, str]:
@@ -179,7 +179,7 @@ def _search(spec: SweepSpec, mp: ModelPlan, model, sel: LayerSelection, common: 
 
 def _compress(spec: SweepSpec, mp: ModelPlan, model, sel: LayerSelection, common: dict) -> list[Config]:
     comp = spec.compression
-    rank_dump = comp.rank.model_dump(mode="json")
+    rank_dump = comp.rank.content()
     out = []
     for method in comp.methods:
         options = comp.options.get(method, {})

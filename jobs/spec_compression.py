@@ -34,6 +34,15 @@ class RankSpec(_Strict):
     energy: float | None = Field(None, description="energy: fraction of squared singular values kept, (0, 1]")
     weakening: float = Field(1.0, ge=0, le=1, description="vbmf: R = Rmax - k (Rmax - Rvbmf); 1 = plain VBMF")
     min_rank: int = Field(1, ge=1, le=1_000_000, description="vbmf/energy: never below this rank")
+    zero: Literal["min_rank", "dense"] = Field(
+        "min_rank", description="vbmf: where no singular value stands above VBMF's noise estimate (rank 0, a "
+                                "spectrum like a random matrix's): min_rank, or dense (the layer is left as it is, "
+                                "with the reason)")
+
+    def content(self) -> dict:
+        """What the ranks depend on (part of config hashes); ``zero`` only when it is not the
+        default, so that configurations from before it existed keep their hashes."""
+        return self.model_dump(mode="json", exclude={"zero"} if self.zero == "min_rank" else set())
 
     @model_validator(mode="after")
     def _needs(self):
@@ -43,6 +52,9 @@ class RankSpec(_Strict):
             raise ValueError(f"rank strategy 'ratio' needs 'ratio' >= 1, got {self.ratio!r}")
         if self.strategy == "energy" and (self.energy is None or not 0 < self.energy <= 1):
             raise ValueError(f"rank strategy 'energy' needs 0 < 'energy' <= 1, got {self.energy!r}")
+        if self.zero != "min_rank" and self.strategy != "vbmf":
+            raise ValueError(f"rank.zero says what a VBMF rank of 0 becomes; it applies to strategy 'vbmf', not "
+                             f"{self.strategy!r}")
         return self
 
 

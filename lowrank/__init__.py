@@ -10,7 +10,7 @@ from . import methods as _methods  # noqa: F401  (registers the built-in methods
 from .accounting import count, layer_input_shapes, per_layer_macs
 from .api import decompose, factorize_layer, factorize_with_factors, relative_error
 from .decompositions.diagnostics import cp_diagnostics
-from .errors import LowRankError, RankTooLargeError, UnsupportedLayerError
+from .errors import LeftDense, LowRankError, NoStructureError, RankTooLargeError, UnsupportedLayerError
 from .factors import CPFactors, SpatialSVDFactors, SVDFactors, Tucker2Factors, factors_to
 from .layers import FactorizedConv2d, FactorizedLinear
 from .ranks import RankRule, select_rank
@@ -24,7 +24,7 @@ __all__ = [
     "decompose", "factorize_layer", "compress_model", "select_rank", "evbmf", "count", "cp_diagnostics",
     "factorize_with_factors", "apply_factors", "select_layers", "replace_submodule", "LayerPlan", "RankRule",
     "per_layer_macs", "layer_input_shapes", "relative_error", "plan_layers", "summarize", "LayerReport",
-    "LowRankError", "RankTooLargeError", "UnsupportedLayerError", "KernelShape",
+    "LowRankError", "RankTooLargeError", "LeftDense", "NoStructureError", "UnsupportedLayerError", "KernelShape",
     "SVDFactors", "SpatialSVDFactors", "factors_to", "Tucker2Factors", "CPFactors", "FactorizedConv2d",
     "FactorizedLinear", "METHODS", "get_method", "list_methods", "register_method",
     "replacement_prefix", "check_replacement", "own_forward",

@@ -12,6 +12,15 @@ class UnsupportedLayerError(LowRankError):
     """The module type or configuration cannot be factorized by the requested method."""
 
 
-class RankTooLargeError(LowRankError):
+class LeftDense(LowRankError):
+    """The rank rule leaves this layer dense (a runner records the reason and goes on)."""
+
+
+class RankTooLargeError(LeftDense):
     """The rank would make the factorized layer larger than the dense one (pass
     ``allow_larger=True`` to accept that on purpose)."""
+
+
+class NoStructureError(LeftDense):
+    """VBMF finds no component above its noise estimate (rank 0) and the rule says to leave such a
+    layer dense (``zero='dense'``)."""

@@ -6,7 +6,12 @@ and output-channel ranks; an int means both). ``select_rank`` turns a strategy i
 * ``fixed``: the given ``rank``, validated;
 * ``vbmf``: analytic EVBMF (Kim et al.), optionally weakened as in MUSCO:
   ``R = Rmax - k (Rmax - Rvbmf)`` with ``k = weakening`` in [0, 1] (1 = plain VBMF), never below
-  ``min_rank`` (default 1, so a VBMF rank of 0 never produces an empty layer);
+  ``min_rank`` (default 1, so a VBMF rank of 0 never produces an empty layer). A VBMF rank of 0
+  means no singular value stands above the noise estimate: the matrix is indistinguishable from a
+  random one (a Marchenko-Pastur bulk), which VBMF cannot tell from a full-rank layer. ``zero``
+  says what such a layer becomes: ``'min_rank'`` (the default) or ``'dense'`` (left as it is:
+  ``NoStructureError``). Trained 1x1 convs of EfficientNet-Lite0 are like that, and cut to rank 1
+  they ruin the network (``bench/vbmf_ranks.py``);
 * ``energy``: the smallest rank keeping a fraction ``energy`` of the squared singular values;
 * ``ratio``: the largest rank whose layer is at least ``ratio`` times smaller than the dense
   one in parameters (``target='params'``) or MACs (``target='macs'``, needs the module and
@@ -27,12 +32,13 @@ import torch
 from torch import nn
 
 from ._checks import check_finite, check_int_rank
-from .errors import LowRankError, RankTooLargeError
+from .errors import LowRankError, NoStructureError, RankTooLargeError
 from .geometry import ConvGeometry
 from .registry import METHODS, KernelShape, Method, dense_macs, get_method
 from .vbmf import evbmf
 
 STRATEGIES = ("fixed", "vbmf", "energy", "ratio")
+ZERO = ("min_rank", "dense")  # what a VBMF rank of 0 becomes
 TARGETS = ("params", "macs")
 
 
@@ -133,10 +139,13 @@ class RankRule:
     weakening: float = 1.0
     min_rank: int = 1
     input_size: tuple[int, int] | None = None
+    zero: str = "min_rank"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise LowRankError(f"unknown rank strategy {self.strategy!r}; accepted: {', '.join(STRATEGIES)}")
+        if self.zero not in ZERO:
+            raise LowRankError(f"zero (what a VBMF rank of 0 becomes) must be one of {', '.join(ZERO)}, got {self.zero!r}")
         if isinstance(self.rank, list):
             object.__setattr__(self, "rank", tuple(self.rank))
         if self.input_size is not None:
@@ -162,11 +171,11 @@ class RankRule:
     def to_dict(self) -> dict:
         """The settings that apply to this strategy (JSON-able)."""
         keep = {"fixed": ("rank",), "ratio": ("ratio", "target", "input_size"), "energy": ("energy", "min_rank"),
-                "vbmf": ("weakening", "min_rank")}[self.strategy]
+                "vbmf": ("weakening", "min_rank", "zero")}[self.strategy]
         out = {"strategy": self.strategy}
         for k in keep:
             v = getattr(self, k)
-            if v is not None:
+            if v is not None and not (k == "zero" and v == "min_rank"):  # the default, as before it existed
                 out[k] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -233,8 +242,12 @@ def _resolve(rule: RankRule, weight, method: str, *, groups: int, allow_larger: 
         mx = m.max_rank(k)
         mxs = list(mx) if m.pair_rank else [mx]
         ranks = []
-        for comp, rmax in zip(mats, mxs):
+        for mode, (comp, rmax) in enumerate(zip(mats, mxs)):
             r_vbmf = max(evbmf(x)[0] for x in comp)
+            if r_vbmf == 0 and rule.zero == "dense":
+                which = f" in mode {mode + 1} of {len(mats)}" if len(mats) > 1 else ""
+                raise NoStructureError(f"VBMF finds no component above the noise{which} (rank 0: the spectrum is "
+                                       f"like a random matrix's), so the layer stays dense (zero='dense')")
             r_vbmf = min(r_vbmf, rmax)
             ranks.append(int(round(rmax - weakening * (rmax - r_vbmf))))
     min_rank = rule.min_rank

@@ -18,7 +18,7 @@ from torch import nn
 from .accounting import count, layer_input_shapes
 from .api import factorize_with_factors, relative_error
 from .ranks import RankRule
-from .errors import LowRankError, RankTooLargeError, UnsupportedLayerError
+from .errors import LeftDense, LowRankError, UnsupportedLayerError
 from .registry import get_method
 from .verify import check_replacement, replacement_prefix
 
@@ -153,7 +153,7 @@ def _compress_one(model, name, module, method, rank, options, in_shape, on_error
         if rule.strategy == "ratio" and rule.input_size is None and in_shape is not None and len(in_shape) == 4:
             rule = RankRule.of(rule, input_size=tuple(in_shape[2:]))  # what a MAC target counts with
         new, factors = factorize_with_factors(module, method, rule, **options)
-    except RankTooLargeError as e:
+    except LeftDense as e:
         if rule.strategy == "fixed" and on_error == "raise":
             raise
         rep.status, rep.reason = "skipped", str(e)

@@ -64,7 +64,7 @@ def decompose_task(plan: lowrank.LayerPlan, module: torch.nn.Module, gpu: bool) 
             plan = lowrank.LayerPlan(plan.name, plan.method, plan.rank, {**plan.options, "device": "cuda"})
         _, factors = plan.factorize(module)
         factors = lowrank.factors_to(factors, "cpu")
-    except lowrank.RankTooLargeError as e:
+    except lowrank.LeftDense as e:
         return LayerResult.failure(plan.name, plan.method, e, skipped=True, seconds=time.perf_counter() - t0,
                                    node=node_id())
     except Exception as e:  # noqa: BLE001 - a failed layer is recorded, the sweep goes on

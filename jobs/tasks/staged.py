@@ -45,7 +45,7 @@ def multistage_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, stag
                 continue
             try:
                 new, f = plan.factorize(dense)
-            except lowrank.RankTooLargeError as e:  # the layer keeps what it has
+            except lowrank.LeftDense as e:  # the layer keeps what it has
                 statuses[n] = LayerResult.failure(n, plan.method, e, skipped=True)
                 continue
             lowrank.replace_submodule(model, n, new)

@@ -36,6 +36,7 @@ def test_config_hashes_of_every_shipped_spec_are_pinned(path):
     ({"strategy": "fixed", "rank": [3, 5]}, lowrank.RankRule("fixed", rank=(3, 5))),
     ({"strategy": "energy", "energy": 0.9, "min_rank": 2}, lowrank.RankRule("energy", energy=0.9, min_rank=2)),
     ({"strategy": "vbmf", "weakening": 0.5}, lowrank.RankRule("vbmf", weakening=0.5)),
+    ({"strategy": "vbmf", "zero": "dense"}, lowrank.RankRule("vbmf", zero="dense")),
 ])
 def test_every_rank_strategy_becomes_a_rank_rule_per_layer(rank, expect):
     cfg = next(c for c in plan_sweep(_tiny(rank=rank, methods=["tucker2"], options={})) if c.kind == "oneshot")
@@ -47,6 +48,17 @@ def test_every_rank_strategy_becomes_a_rank_rule_per_layer(rank, expect):
         # ratio rules carry each layer's own input size (16 px in, two stride-2 convs)
         assert (size in {(16, 16), (8, 8), (4, 4)}) if rule.strategy == "ratio" else size is None
         assert lowrank.RankRule.of(rule, input_size=None) == lowrank.RankRule.of(expect, input_size=None)
+
+
+def test_vbmf_zero_enters_the_config_hash_only_when_set_and_only_with_vbmf():
+    from jobs.spec import SpecError
+
+    plain, zero_default, dense = (next(iter(plan_sweep(_tiny(rank={"strategy": "vbmf", **z}, methods=["tucker2"],
+                                                                options={})))).config_hash
+                                  for z in ({}, {"zero": "min_rank"}, {"zero": "dense"}))
+    assert plain == zero_default != dense
+    with pytest.raises(SpecError, match="rank.zero .* applies to strategy 'vbmf', not 'ratio'"):
+        _tiny(rank={"strategy": "ratio", "ratio": 2, "zero": "dense"})
 
 
 def test_macs_target_on_the_one_shot_path_reaches_the_ratio():

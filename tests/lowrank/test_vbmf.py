@@ -43,3 +43,25 @@ def test_tucker_vbmf_ranks_on_noisy_tucker_kernel():
     # MUSCO weakening: k=0 keeps full rank, k=0.5 goes half-way
     assert lowrank.select_rank(w, "tucker2", "vbmf", weakening=0.0, allow_larger=True) == (64, 64)
     assert lowrank.select_rank(w, "tucker2", "vbmf", weakening=0.5) == (38, 42)
+
+
+def test_vbmf_rank_zero_leaves_the_layer_dense_when_asked():
+    """``zero='dense'``: where no singular value stands above VBMF's noise estimate (a kernel like a
+    random matrix), the layer is left dense with the reason, not cut to rank 1; a kernel with
+    structure in every mode is factorized as before."""
+    torch.manual_seed(0)
+    noise = torch.nn.Conv2d(32, 32, 3)
+    with pytest.raises(lowrank.NoStructureError, match="no component above the noise in mode 1 of 2"):
+        lowrank.select_rank(noise, "tucker2", "vbmf", zero="dense")
+    assert isinstance(lowrank.NoStructureError("x"), lowrank.LeftDense)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), noise)
+    small, reports = lowrank.compress_model(model, lowrank.plan_layers(
+        model, "tucker2", lowrank.RankRule("vbmf", zero="dense"), skip_first=True), input_shape=(3, 16, 16))
+    assert [(r.name, r.status) for r in reports] == [("1", "skipped")] and "no component above" in reports[0].reason
+    assert type(small[1]) is torch.nn.Conv2d and torch.equal(small[1].weight, noise.weight)
+    core = torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    u, _ = torch.linalg.qr(torch.randn(32, 8, dtype=torch.float64))
+    w = torch.einsum("pqij,tp,sq->tsij", core, u, u) + 1e-3 * torch.randn(32, 32, 3, 3, dtype=torch.float64)
+    assert lowrank.select_rank(w, "tucker2", "vbmf", zero="dense") == (8, 8)
+    with pytest.raises(lowrank.LowRankError, match="zero .* must be one of min_rank, dense"):
+        lowrank.select_rank(w, "tucker2", "vbmf", zero="full")
