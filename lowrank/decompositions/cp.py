@@ -18,6 +18,7 @@ networks it helped one and hurt the other before BatchNorm recalibration (bench/
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -26,6 +27,7 @@ from .diagnostics import cp_diagnostics
 from ..factors import CPFactors
 from ._common import kernel_groups
 from .cp_als import cp_als, reconstruct
+from .cp_batched import cp_als_batched
 from .epc import epc
 
 
@@ -47,14 +49,11 @@ def _fit(tensors: list[torch.Tensor], rank: int, method: str, shape, *, use_epc:
          tol, callback, linesearch, als_dtype, epc_objective, epc_max_sweeps, epc_tol, epc_target, epc_rescale,
          epc_callback) -> CPFactors:
     per_group, diags = [], []
-    low = getattr(torch, als_dtype)
-    for x in tensors:
-        t0 = time.perf_counter()
-        factors, errors = cp_als(x.to(low) if low != x.dtype else x, rank, init=init, seed=seed, n_iter_max=n_iter_max,
-                                 tol=tol, callback=callback, linesearch=linesearch)
+    fits = als_fits(tensors, rank, init=init, seed=seed, n_iter_max=n_iter_max, tol=tol, callback=callback,
+                    linesearch=linesearch, als_dtype=als_dtype)
+    for x, (factors, errors, seconds) in zip(tensors, fits):
         factors = [f.to(x.dtype) for f in factors]
-        d = {"als": cp_diagnostics(factors, x), "als_iterations": len(errors),
-             "als_seconds": time.perf_counter() - t0}
+        d = {"als": cp_diagnostics(factors, x), "als_iterations": len(errors), "als_seconds": seconds}
         if use_epc:
             t1 = time.perf_counter()
             delta = None if epc_target is None else float(epc_target) * float(x.norm())
@@ -75,6 +74,38 @@ def _fit(tensors: list[torch.Tensor], rank: int, method: str, shape, *, use_epc:
     final = diag["epc" if use_epc else "als"]
     diag["degenerate"] = bool(final["degenerate"])
     return CPFactors(factors=stacked, shape=tuple(shape), method=method, diagnostics=diag)
+
+
+BATCH_BELOW = 1 << 24  # multiply-adds of one problem's large GEMM under which problems are fitted as a batch
+
+
+def batched(shape, rank: int) -> bool:
+    """Whether same-shaped problems of this size gain from one batched ALS: small ones are bound by
+    per-operation overhead, which batching shares (``bench/cp_equal_error.py --batched``)."""
+    return math.prod(shape) * rank < BATCH_BELOW
+
+
+def als_fits(tensors: list[torch.Tensor], rank: int, *, init, seed, n_iter_max, tol, callback, linesearch,
+             als_dtype) -> list[tuple[list[torch.Tensor], list[float], float]]:
+    """CP-ALS of each tensor: ``(factors, errors, seconds)``, in ``als_dtype``. Several small
+    same-shaped tensors (a grouped conv's groups) are fitted at once by ``cp_als_batched`` (the
+    same result to rounding); a ``callback`` asks for one problem at a time."""
+    low = getattr(torch, als_dtype)
+    xs = [x.to(low) if low != x.dtype else x for x in tensors]
+    t0 = time.perf_counter()
+    if len(xs) > 1 and callback is None and len({x.shape for x in xs}) == 1 and batched(xs[0].shape, rank) \
+            and not isinstance(init, (list, tuple)):
+        factors, errors = cp_als_batched(torch.stack(xs), rank, init=init, seed=seed, n_iter_max=n_iter_max, tol=tol,
+                                         linesearch=linesearch)
+        each = (time.perf_counter() - t0) / len(xs)
+        return [(f, e, each) for f, e in zip(factors, errors)]
+    out = []
+    for x in xs:
+        t0 = time.perf_counter()
+        factors, errors = cp_als(x, rank, init=init, seed=seed, n_iter_max=n_iter_max, tol=tol, callback=callback,
+                                 linesearch=linesearch)
+        out.append((factors, errors, time.perf_counter() - t0))
+    return out
 
 
 def _worst(diags: list[dict]) -> dict:

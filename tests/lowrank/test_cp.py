@@ -187,3 +187,35 @@ def test_float32_als_then_float64_epc_keeps_the_error_and_reports_it():
     d = f32.diagnostics
     assert d["epc"]["rel_error"] == pytest.approx(d["als"]["rel_error"], rel=1e-6)  # EPC in float64 keeps it
     assert d["als"]["rel_error"] == pytest.approx(f64.diagnostics["als"]["rel_error"], abs=2e-3)
+
+
+@pytest.mark.parametrize("linesearch", [False, True])
+def test_batched_als_equals_one_problem_at_a_time_each_stopping_on_its_own(linesearch):
+    """``cp_als_batched``: one exact-rank problem (stops early: its error falls to rounding) among
+    random ones (they run to the cap or to ``tol``): each gets the factors and the error curve it
+    gets alone, and leaves the batch when it stops."""
+    from lowrank.decompositions.cp_batched import cp_als_batched
+
+    g = torch.Generator().manual_seed(3)
+    exact = reconstruct([torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (16, 12, 3, 3)])
+    x = torch.stack([exact, *torch.randn(2, 16, 12, 3, 3, generator=g, dtype=torch.float64)])
+    batch, curves = cp_als_batched(x, 4, n_iter_max=80, tol=1e-7, linesearch=linesearch)
+    lengths = []
+    for b in range(3):
+        alone, errors = cp_als(x[b], 4, n_iter_max=80, tol=1e-7, linesearch=linesearch)
+        assert len(curves[b]) == len(errors)
+        assert curves[b] == pytest.approx(errors, abs=1e-9)
+        assert float((reconstruct(batch[b]) - reconstruct(alone)).norm() / x[b].norm()) < 1e-9
+        lengths.append(len(errors))
+    assert lengths[0] < min(lengths[1:])  # the exact problem left the batch first
+    assert curves[0][-1] < 1e-6
+
+
+def test_grouped_conv_cp_fits_its_groups_as_one_batch():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False)
+    f = lowrank.decompose(conv.weight, "cp3", 6, groups=4, n_iter_max=30)
+    for i, w in enumerate(conv.weight.detach().double().reshape(4, 8, 8, 9)):
+        alone, _ = cp_als(w, 6, n_iter_max=30)
+        got = reconstruct([m[i] for m in f.factors]).double()
+        assert float((got - reconstruct(alone)).norm() / w.norm()) < 1e-9
