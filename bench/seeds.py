@@ -41,7 +41,8 @@ LRS = (0.001, 0.01, 0.05)
 def base_spec(args, seed: int, name: str) -> dict:
     return {
         "name": name, "seed": seed,
-        "models": [{"name": args.model, "num_classes": 10}],
+        "models": [{"name": args.model, "num_classes": 10,
+                    **({"checkpoint": str(args.checkpoint.resolve())} if args.checkpoint else {})}],
         "dataset": {"kind": "fashion-mnist", "input_size": 32, "batch_size": 128, "limit_train": args.limit_train},
         "pretrain": {"epochs": args.pretrain_epochs, "lr": 0.05, "cache_dir": str(args.work / "pretrained")},
         "finetune": {"epochs": 3, "lr": 0.01},
@@ -163,6 +164,9 @@ def main() -> None:
     ap.add_argument("--model", default="smallcnn")
     ap.add_argument("--limit-train", type=int, default=12000, help="Fashion-MNIST training images (of 60,000)")
     ap.add_argument("--pretrain-epochs", type=int, default=15)
+    ap.add_argument("--checkpoint", type=Path, help="start from these weights instead of pre-training (e.g. seed 0's "
+                                                    "runner cache, so that other seeds vary only decomposition and "
+                                                    "fine-tuning)")
     ap.add_argument("--weakening", nargs="+", type=float, default=[1.0, 0.6, 0.3])
     ap.add_argument("--kim-epochs", type=int, default=5)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "seeds", help="MLflow store, caches, specs")
@@ -173,7 +177,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     head = [f"# bench/seeds.py {' '.join(sys.argv[1:])}".rstrip(),
             f"# {args.model} on Fashion-MNIST ({args.limit_train} training images, the 10,000 test images), "
-            f"pre-trained {args.pretrain_epochs} epochs by the runner; store {args.work}/mlflow.db"]
+            + (f"weights {args.checkpoint}" if args.checkpoint else f"pre-trained {args.pretrain_epochs} epochs by the runner")
+            + f"; store {args.work}/mlflow.db"]
     print("\n".join(head), flush=True)
     if not args.report_only:
         for seed in args.seeds:
