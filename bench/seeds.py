@@ -56,7 +56,7 @@ def claim_runs(claim: str, args, seed: int) -> list[tuple[str, dict]]:
     """(registered name, spec) per runner invocation of a claim."""
     runs = []
     if claim == "phan":
-        for lr in LRS:
+        for lr in args.lrs:
             s = base_spec(args, seed, f"seeds-phan-lr{lr:g}-s{seed}")
             s["compression"] = {"methods": ["cp3", "cp3-epc"], "rank": {"strategy": "ratio", "ratio": 2},
                                 "options": {"cp3": {"n_iter_max": 300},
@@ -108,14 +108,14 @@ def fmt(x, spec=".3f") -> str:
     return "-" if x is None else format(float(x), spec)
 
 
-def table_phan(client, seed: int) -> list[str]:
+def table_phan(client, seed: int, lrs) -> list[str]:
     lines = [f"# Phan et al.: cp3 vs cp3-epc, 2x parameters per layer, fine-tuned 3 epochs (seed {seed}); err: mean "
              f"kernel error; degen: layers flagged degenerate; cancel: the largest sum of term norms over the "
              f"kernel's norm; sens: mean sensitivity (Phan et al.); worst drop: the largest fall of top-1 from one "
              f"epoch to the next (bn = epoch 0)",
              f"{'lr':>6} {'method':<8} {'err':>6} {'degen':>5} {'cancel':>6} {'sens':>7} {'pre':>6} {'post':>6} "
              f"{'bn':>6} {'ep1':>6} {'ep2':>6} {'ep3':>6} {'worst drop':>10}"]
-    for lr in LRS:
+    for lr in lrs:
         for v in versions(client, f"seeds-phan-lr{lr:g}-s{seed}"):
             t, m, lay = v["tags"], v["metrics"], v["layers"]
             curve = json.loads(t["ft_curve"])
@@ -126,6 +126,26 @@ def table_phan(client, seed: int) -> list[str]:
             lines.append(f"{lr:>6g} {t['method']:<8} {lay['rel_error'].mean():>6.3f} {t['degenerate_layers']:>5} "
                          f"{cancel:>6.2f} {sens:>7.0f} {fmt(t['acc_pre'])} {fmt(t['acc_post']):>6} {fmt(m['acc_bn']):>6} "
                          + " ".join(f"{c:>6.3f}" for c in curve) + f" {drop:>10.3f}")
+    return lines
+
+
+def phan_over_seeds(client, seeds, lrs) -> list[str]:
+    """The final top-1 and the worst fall between epochs, per learning rate and method, over seeds."""
+    lines = [f"# Phan et al. over seeds {', '.join(map(str, seeds))}: top-1 after 3 epochs and the worst fall between "
+             f"epochs, each seed, then the mean",
+             f"{'lr':>6} {'method':<8} {'ep3 per seed':>{7 * len(seeds)}} {'mean':>6} | "
+             f"{'worst drop per seed':>{7 * len(seeds)}} {'mean':>6}"]
+    for lr in lrs:
+        rows: dict[str, list] = {}
+        for seed in seeds:
+            for v in versions(client, f"seeds-phan-lr{lr:g}-s{seed}"):
+                pts = [v["metrics"]["acc_bn"], *json.loads(v["tags"]["ft_curve"])]
+                rows.setdefault(v["tags"]["method"], []).append(
+                    (pts[-1], max(0.0, max(a - b for a, b in zip(pts, pts[1:])))))
+        for method, vals in rows.items():
+            ft, drop = [a for a, _ in vals], [b for _, b in vals]
+            lines.append(f"{lr:>6g} {method:<8} " + "".join(f"{a:>7.3f}" for a in ft) + f" {sum(ft) / len(ft):>6.3f} | "
+                         + "".join(f"{b:>7.3f}" for b in drop) + f" {sum(drop) / len(drop):>6.3f}")
     return lines
 
 
@@ -167,6 +187,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, help="start from these weights instead of pre-training (e.g. seed 0's "
                                                     "runner cache, so that other seeds vary only decomposition and "
                                                     "fine-tuning)")
+    ap.add_argument("--lrs", nargs="+", type=float, default=list(LRS), help="phan: fine-tuning learning rates")
     ap.add_argument("--weakening", nargs="+", type=float, default=[1.0, 0.6, 0.3])
     ap.add_argument("--kim-epochs", type=int, default=5)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "seeds", help="MLflow store, caches, specs")
@@ -192,8 +213,10 @@ def main() -> None:
     lines = list(head)
     for seed in args.seeds:
         for claim in args.claims:
-            lines += {"phan": lambda: table_phan(client, seed), "kim": lambda: table_kim(client, seed, args),
+            lines += {"phan": lambda: table_phan(client, seed, args.lrs), "kim": lambda: table_kim(client, seed, args),
                       "tai": lambda: table_tai(client, seed)}[claim]()
+    if "phan" in args.claims and len(args.seeds) > 1:
+        lines += phan_over_seeds(client, args.seeds, args.lrs)
     print("\n".join(lines[len(head):]))
     args.out.write_text("\n".join(lines) + "\n")
 

@@ -34,6 +34,16 @@ def reconstruct(factors: list[torch.Tensor]) -> torch.Tensor:
     return (factors[0] @ khatri_rao(factors[1:]).T).reshape(shape)
 
 
+def gram_product(grams: list[torch.Tensor], skip: int) -> torch.Tensor:
+    """The Hadamard product of every mode's Gram matrix but ``skip``'s (the normal equations'
+    matrix of that mode); works on batched ``(B, R, R)`` Grams too."""
+    g = torch.ones_like(grams[0])
+    for m, gm in enumerate(grams):
+        if m != skip:
+            g = g * gm
+    return g
+
+
 class SweepEngine:
     """Holds the reshaped tensor and runs one block-coordinate sweep with a per-mode update."""
 
@@ -62,15 +72,10 @@ class SweepEngine:
         Updates ``factors`` and ``grams`` in place and returns ``<X, X_hat>`` for the final model
         (used for the cheap error ``||X||^2 - 2<X, X_hat> + ||X_hat||^2``).
         """
-        n_modes = len(factors)
         r = factors[0].shape[1]
 
         def gamma(n):
-            g = torch.ones_like(grams[0])
-            for m in range(n_modes):
-                if m != n:
-                    g = g * grams[m]
-            return g
+            return gram_product(grams, n)
 
         i0 = self.shape[0]
         smalls = factors[2:]

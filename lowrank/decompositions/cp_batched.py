@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .cp_als import init_factors, reconstruct
+from .cp_als import gram_product, init_factors, reconstruct
 
 
 def _khatri_rao(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -60,11 +60,7 @@ class BatchedEngine:
         n_modes, r, b = len(factors), factors[0].shape[-1], factors[0].shape[0]
 
         def gamma(n):
-            g = torch.ones_like(grams[0])
-            for m in range(n_modes):
-                if m != n:
-                    g = g * grams[m]
-            return g
+            return gram_product(grams, n)
 
         p = (self.x_for_b @ factors[1]).reshape(b, self.i0, self.k, r)
         ks = _khatri_rao(factors[2:])  # (B, K, R)
