@@ -34,7 +34,7 @@ def _base_search(folder: Path) -> dict:
         "compression": {
             "methods": ["tucker2", "cp3-epc"],
             "rank": {"strategy": "ratio", "rank": None, "per_layer": {}, "ratio": 2.0, "target": "params",
-                     "energy": None, "weakening": 1.0, "min_rank": 1},
+                     "energy": None, "weakening": 1.0, "min_rank": 1, "zero": "min_rank"},
             "layers": {"include": ["*"], "exclude": ["fc*"], "skip_first": True, "pointwise_method": None},
             "options": {"tucker2": {"n_iter_max": 5, "tol": 1e-4},
                         "cp3-epc": {"init": "svd", "seed": 0, "n_iter_max": 10, "tol": 1e-8, "linesearch": True,
@@ -47,7 +47,8 @@ def _base_search(folder: Path) -> dict:
                        "tolerance_steps": 3, "vbmf_weakening": 0.5,
                        "tune": {"trials": 3, "noise": 0.5, "grace_epochs": 1, "reduction_factor": 2}},
         },
-        "finetune": {"epochs": 1, "optimizer": "sgd", "lr": 0.005, "bn_recalibration": True, "bn_batches": 5},
+        "finetune": {"epochs": 1, "optimizer": "sgd", "lr": 0.005, "bn_recalibration": True, "bn_batches": 5,
+                     "eval_each_epoch": True},
         "resources": {"cpus_per_task": 1, "gpus_per_task": 0, "memory_per_task_gb": 1.0, "max_concurrent": 4,
                       "autoscaling": False, "schedule_timeout_s": 60},
         "latency": {"runtime": "onnxruntime", "batches": [1, 8], "threads": [1, 0], "input_size": 32, "repeats": 5,
