@@ -17,7 +17,7 @@ Claims (``../shared/seeds/``):
 Each configuration is a registered version; a re-run registers nothing twice (the runner's config
 hashes), so an interrupted run resumes where it stopped.
 
-    .venv/bin/python bench/seeds.py                        # all claims, one seed, ~30 min on 2 cores
+    .venv/bin/python bench/seeds.py                        # all claims, one seed, ~55 min on 2 cores
     .venv/bin/python bench/seeds.py --claims phan --seeds 0 1 2
 """
 from __future__ import annotations
