@@ -211,10 +211,16 @@ def test_batched_als_equals_one_problem_at_a_time_each_stopping_on_its_own(lines
     assert curves[0][-1] < 1e-6
 
 
-def test_grouped_conv_cp_fits_its_groups_as_one_batch():
+def test_grouped_conv_cp_fits_its_groups_as_one_batch(monkeypatch):
+    from lowrank.decompositions import cp as cp_module
+
+    calls = []
+    batched = cp_module.cp_als_batched
+    monkeypatch.setattr(cp_module, "cp_als_batched", lambda x, *a, **k: calls.append(x.shape) or batched(x, *a, **k))
     torch.manual_seed(0)
     conv = nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False)
     f = lowrank.decompose(conv.weight, "cp3", 6, groups=4, n_iter_max=30)
+    assert calls == [(4, 8, 8, 9)]  # the four groups, one batch
     for i, w in enumerate(conv.weight.detach().double().reshape(4, 8, 8, 9)):
         alone, _ = cp_als(w, 6, n_iter_max=30)
         got = reconstruct([m[i] for m in f.factors]).double()
