@@ -10,7 +10,12 @@ sweeps (equal work: the batched fit gives each problem the error it gets alone, 
   the 256/512 order-4 fits need its explicit Khatri-Rao product of > 10 GB);
 * ``GF/s``: the sweep's large GEMMs (two of ``2 T S K R`` flops per layer and sweep) over the
   sweep time of the better of one/batch, against a plain ``torch.matmul`` of the same
-  ``(T*K, S) @ (S, R)`` shape timed in the same run (``mm``), and their ratio (``%``).
+  ``(T*K, S) @ (S, R)`` shape timed in the same run (``mm``), and their ratio (``%``);
+* ``all %``: every flop the sweep must do (the two GEMMs, the ``N`` Gram matrices ``2 I_n R^2``,
+  ``N`` Cholesky factorisations ``R^3 / 3`` and solves ``2 I_n R^2``, the MTTKRP contractions)
+  over the same time, against the same matmul rate. At 2x the rank exceeds the channels
+  (``R ~ 2.2 C``), so the rest is 64 % (order 3) and 69 % (order 4) of the GEMMs' flops: a sweep
+  made only of matmul-rate work would read ``%`` 61 / 59 and ``all %`` 100.
 
     .venv/bin/python bench/cp_batched.py              # ~6 min on 2 cores
 """
@@ -54,7 +59,7 @@ def main() -> None:
     lines = [f"# {' '.join(['bench/cp_batched.py', *sys.argv[1:]])}",
              f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64; seconds for the whole group",
              f"{'group':<16} {'rank':>5} {'sweeps':>6} {'one s':>7} {'batch s':>7} {'x':>5} {'tl s':>7} "
-             f"{'vs tl':>6} {'GF/s':>6} {'mm':>6} {'%':>4}"]
+             f"{'vs tl':>6} {'GF/s':>6} {'mm':>6} {'%':>4} {'all %':>5}"]
     print("\n".join(lines), flush=True)
     for order in (3, 4):
         for c in args.channels:
@@ -76,11 +81,14 @@ def main() -> None:
                 tl = sum(tensorly_fit(x[i], inits[i], sweeps, "pytorch")[0] for i in range(n))
             flops = 2 * (2 * c * c * 9 * r) * sweeps * n
             rate = flops / min(one, batch) / 1e9
+            dims = shape
+            extra = sum(2 * d * r * r + r ** 3 / 3 + 2 * d * r * r for d in dims) + 2 * 3 * c * 9 * r
+            rate_all = (flops + extra * sweeps * n) / min(one, batch) / 1e9
             mm = matmul_rate(c * 9, c, r)
             lines.append(f"{n} x {'x'.join(map(str, shape)):<12} {r:>5} {sweeps:>6} {one:>7.2f} {batch:>7.2f} "
                          f"{one / batch:>5.2f} {'-' if tl is None else f'{tl:.2f}':>7} "
                          f"{'-' if tl is None else f'{tl / min(one, batch):.1f}':>6} {rate:>6.1f} {mm:>6.1f} "
-                         f"{100 * rate / mm:>4.0f}")
+                         f"{100 * rate / mm:>4.0f} {100 * rate_all / mm:>5.0f}")
             print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 

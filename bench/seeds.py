@@ -56,9 +56,9 @@ def claim_runs(claim: str, args, seed: int) -> list[tuple[str, dict]]:
     """(registered name, spec) per runner invocation of a claim."""
     runs = []
     if claim == "phan":
-        for lr in args.lrs:
-            s = base_spec(args, seed, f"seeds-phan-lr{lr:g}-s{seed}")
-            s["compression"] = {"methods": ["cp3", "cp3-epc"], "rank": {"strategy": "ratio", "ratio": 2},
+        for ratio, lr in ((r, lr) for r in args.phan_ratios for lr in args.lrs):
+            s = base_spec(args, seed, phan_name(lr, seed, ratio))
+            s["compression"] = {"methods": ["cp3", "cp3-epc"], "rank": {"strategy": "ratio", "ratio": ratio},
                                 "options": {"cp3": {"n_iter_max": 300},
                                             "cp3-epc": {"n_iter_max": 300, "epc_max_sweeps": 200}}}
             s["finetune"] = {"epochs": 3, "lr": lr}
@@ -76,6 +76,11 @@ def claim_runs(claim: str, args, seed: int) -> list[tuple[str, dict]]:
                             "options": {"cp3": {"n_iter_max": 300}}}
         runs.append((s["name"], s))
     return runs
+
+
+def phan_name(lr: float, seed: int, ratio: float = 2.0) -> str:
+    """The registered name of one Phan run (2x keeps the name it had before ratios were an option)."""
+    return f"seeds-phan-lr{lr:g}-s{seed}" + ("" if ratio == 2 else f"-x{ratio:g}")
 
 
 def run_spec(spec: dict, work: Path) -> None:
@@ -108,15 +113,15 @@ def fmt(x, spec=".3f") -> str:
     return "-" if x is None else format(float(x), spec)
 
 
-def table_phan(client, seed: int, lrs) -> list[str]:
-    lines = [f"# Phan et al.: cp3 vs cp3-epc, 2x parameters per layer, fine-tuned 3 epochs (seed {seed}); err: mean "
+def table_phan(client, seed: int, lrs, ratio: float = 2.0) -> list[str]:
+    lines = [f"# Phan et al.: cp3 vs cp3-epc, {ratio:g}x parameters per layer, fine-tuned 3 epochs (seed {seed}); err: mean "
              f"kernel error; degen: layers flagged degenerate; cancel: the largest sum of term norms over the "
              f"kernel's norm; sens: mean sensitivity (Phan et al.); worst drop: the largest fall of top-1 from one "
              f"epoch to the next (bn = epoch 0)",
              f"{'lr':>6} {'method':<8} {'err':>6} {'degen':>5} {'cancel':>6} {'sens':>7} {'pre':>6} {'post':>6} "
              f"{'bn':>6} {'ep1':>6} {'ep2':>6} {'ep3':>6} {'worst drop':>10}"]
     for lr in lrs:
-        for v in versions(client, f"seeds-phan-lr{lr:g}-s{seed}"):
+        for v in versions(client, phan_name(lr, seed, ratio)):
             t, m, lay = v["tags"], v["metrics"], v["layers"]
             curve = json.loads(t["ft_curve"])
             pts = [m["acc_bn"], *curve]
@@ -129,16 +134,16 @@ def table_phan(client, seed: int, lrs) -> list[str]:
     return lines
 
 
-def phan_over_seeds(client, seeds, lrs) -> list[str]:
+def phan_over_seeds(client, seeds, lrs, ratio: float = 2.0) -> list[str]:
     """The final top-1 and the worst fall between epochs, per learning rate and method, over seeds."""
-    lines = [f"# Phan et al. over seeds {', '.join(map(str, seeds))}: top-1 after 3 epochs and the worst fall between "
+    lines = [f"# Phan et al. at {ratio:g}x over seeds {', '.join(map(str, seeds))}: top-1 after 3 epochs and the worst fall between "
              f"epochs, each seed, then the mean",
              f"{'lr':>6} {'method':<8} {'ep3 per seed':>{7 * len(seeds)}} {'mean':>6} | "
              f"{'worst drop per seed':>{7 * len(seeds)}} {'mean':>6}"]
     for lr in lrs:
         rows: dict[str, list] = {}
         for seed in seeds:
-            for v in versions(client, f"seeds-phan-lr{lr:g}-s{seed}"):
+            for v in versions(client, phan_name(lr, seed, ratio)):
                 pts = [v["metrics"]["acc_bn"], *json.loads(v["tags"]["ft_curve"])]
                 rows.setdefault(v["tags"]["method"], []).append(
                     (pts[-1], max(0.0, max(a - b for a, b in zip(pts, pts[1:])))))
@@ -188,6 +193,7 @@ def main() -> None:
                                                     "runner cache, so that other seeds vary only decomposition and "
                                                     "fine-tuning)")
     ap.add_argument("--lrs", nargs="+", type=float, default=list(LRS), help="phan: fine-tuning learning rates")
+    ap.add_argument("--phan-ratios", nargs="+", type=float, default=[2.0], help="phan: parameter reduction per layer")
     ap.add_argument("--weakening", nargs="+", type=float, default=[1.0, 0.6, 0.3])
     ap.add_argument("--kim-epochs", type=int, default=5)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "seeds", help="MLflow store, caches, specs")
@@ -213,10 +219,11 @@ def main() -> None:
     lines = list(head)
     for seed in args.seeds:
         for claim in args.claims:
-            lines += {"phan": lambda: table_phan(client, seed, args.lrs), "kim": lambda: table_kim(client, seed, args),
+            lines += {"phan": lambda: [x for r in args.phan_ratios for x in table_phan(client, seed, args.lrs, r)],
+                      "kim": lambda: table_kim(client, seed, args),
                       "tai": lambda: table_tai(client, seed)}[claim]()
     if "phan" in args.claims and len(args.seeds) > 1:
-        lines += phan_over_seeds(client, args.seeds, args.lrs)
+        lines += [x for r in args.phan_ratios for x in phan_over_seeds(client, args.seeds, args.lrs, r)]
     print("\n".join(lines[len(head):]))
     args.out.write_text("\n".join(lines) + "\n")
 

@@ -85,7 +85,9 @@ class Runtime:
 
 
 def _prepare_ort(model, input_shape, threads, workdir):
-    path = export_onnx(model, input_shape, Path(workdir) / f"m{id(model)}.onnx")
+    path = Path(workdir) / f"m{id(model)}-{'x'.join(map(str, input_shape))}.onnx"
+    if not path.exists():  # exported and checked once per model and input: every (batch, threads) pair reuses it
+        export_onnx(model, input_shape, path)
     sess = _session(path, threads)
     return lambda x: sess.run(None, {"input": x})
 

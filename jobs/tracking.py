@@ -224,7 +224,10 @@ class Tracker:
                 path = deploy.export_onnx(copy.deepcopy(model).float(), input_shape, Path(tmp) / "model.onnx")
             except Exception as e:  # noqa: BLE001 - a user's model the exporter cannot take: pt2 only
                 return f"not exported ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-            self.mlflow.onnx.log_model(onnx.load(str(path)), name="onnx")
+            import onnxruntime  # the runtime a user loads it with; named so MLflow need not infer it
+
+            self.mlflow.onnx.log_model(onnx.load(str(path)), name="onnx", pip_requirements=[
+                f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"])
         return f"runs:/{rid}/onnx"
 
     def _log_stages(self, config_run: str, cfg, stages: list[dict], q: str = "acc") -> None:

@@ -1,15 +1,5 @@
-"""CP-ALS in torch (float64 by default, CPU or CUDA).
-
-The tensor is viewed as ``(I0, I1, K_1, ..., K_q)``: two large modes (out/in channels) and small
-spatial modes. MTTKRPs share a dimension tree, so one sweep costs two large GEMMs of
-``I0*I1*K*R`` multiply-adds instead of ``N`` (and no large Khatri-Rao product is formed):
-
-* ``P = X x_1 B`` (contract the in-channel mode), shape ``(I0, K, R)``; it serves the MTTKRP of
-  mode 0 (with the Khatri-Rao product of the small factors, ``K x R``) and, once ``U_0`` is
-  updated, of every small mode;
-* ``Q = U_0^T X``, shape ``(R, I1, K)``, serves mode 1.
-
-Updates run in the order ``U_0, U_2..U_{N-1}, U_1``: still exact block-coordinate descent.
+"""CP-ALS in torch (float64 by default, CPU or CUDA): the sweep is ``cp_sweep.Sweep``'s (two
+large GEMMs per sweep on a dimension tree), here for one tensor at a time.
 """
 from __future__ import annotations
 
@@ -19,14 +9,9 @@ from collections.abc import Callable
 import torch
 
 from ._common import leading_left_singular_vectors
+from .cp_sweep import Sweep, gram_product, khatri_rao
 
-
-def khatri_rao(mats: list[torch.Tensor]) -> torch.Tensor:
-    """Column-wise Kronecker product, first matrix varying slowest: ``(prod I_m, R)``."""
-    out = mats[0]
-    for m in mats[1:]:
-        out = (out.unsqueeze(1) * m.unsqueeze(0)).reshape(-1, out.shape[-1])
-    return out
+__all__ = ["SweepEngine", "cp_als", "gram_product", "init_factors", "khatri_rao", "rebalance", "reconstruct"]
 
 
 def reconstruct(factors: list[torch.Tensor]) -> torch.Tensor:
@@ -34,72 +19,27 @@ def reconstruct(factors: list[torch.Tensor]) -> torch.Tensor:
     return (factors[0] @ khatri_rao(factors[1:]).T).reshape(shape)
 
 
-def gram_product(grams: list[torch.Tensor], skip: int) -> torch.Tensor:
-    """The Hadamard product of every mode's Gram matrix but ``skip``'s (the normal equations'
-    matrix of that mode); works on batched ``(B, R, R)`` Grams too."""
-    g = torch.ones_like(grams[0])
-    for m, gm in enumerate(grams):
-        if m != skip:
-            g = g * gm
-    return g
-
-
 class SweepEngine:
-    """Holds the reshaped tensor and runs one block-coordinate sweep with a per-mode update."""
+    """One tensor's sweep: ``Sweep`` with a batch of one, and unbatched factors, Grams and update."""
 
     def __init__(self, x: torch.Tensor):
         if x.dim() < 3:
             raise ValueError(f"CP needs a tensor of order >= 3, got shape {tuple(x.shape)}")
         self.shape = tuple(x.shape)
-        i0, i1 = self.shape[:2]
-        self.small = self.shape[2:]
-        self.k = math.prod(self.small)
-        x3 = x.reshape(i0, i1, self.k)
-        self.x_for_b = x3.permute(0, 2, 1).reshape(i0 * self.k, i1).contiguous()  # (I0*K, I1)
-        self.x_for_a = x3.reshape(i0, i1 * self.k)  # (I0, I1*K)
-        self.norm2 = float((x * x).sum())
-
-    def _small_mttkrp(self, q: torch.Tensor, smalls: list[torch.Tensor], m: int) -> torch.Tensor:
-        """MTTKRP of small mode ``m`` from ``q`` (``(K_1, ..., K_q, R)``) and the other small factors."""
-        letters = "abcdefgh"[: len(smalls)]
-        ins = [letters + "r"] + [letters[j] + "r" for j in range(len(smalls)) if j != m]
-        ops = [q] + [smalls[j] for j in range(len(smalls)) if j != m]
-        return torch.einsum(",".join(ins) + "->" + letters[m] + "r", *ops)
+        self._sweep = Sweep(x.unsqueeze(0))
+        self.norm2 = float(self._sweep.norm2[0])
 
     def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable) -> float:
-        """One sweep; ``update(n, G, gamma)`` returns the new factor of mode ``n``.
-
-        Updates ``factors`` and ``grams`` in place and returns ``<X, X_hat>`` for the final model
-        (used for the cheap error ``||X||^2 - 2<X, X_hat> + ||X_hat||^2``).
-        """
-        r = factors[0].shape[1]
-
-        def gamma(n):
-            return gram_product(grams, n)
-
-        i0 = self.shape[0]
-        smalls = factors[2:]
-        p = (self.x_for_b @ factors[1]).reshape(i0, self.k, r)  # X x_1 B
-        ks = khatri_rao(smalls)  # (K, R)
-        factors[0] = update(0, (p * ks.unsqueeze(0)).sum(1), gamma(0))
-        grams[0] = factors[0].T @ factors[0]
-        q = (p * factors[0].unsqueeze(1)).sum(0).reshape(*self.small, r)
-        for m in range(len(smalls)):
-            n = 2 + m
-            factors[n] = update(n, self._small_mttkrp(q, factors[2:], m), gamma(n))
-            grams[n] = factors[n].T @ factors[n]
-        ks = khatri_rao(factors[2:])
-        pa = (factors[0].T @ self.x_for_a).reshape(r, self.shape[1], self.k)  # U_0^T X
-        g1 = (pa * ks.T.unsqueeze(1)).sum(2).T  # (I1, R)
-        factors[1] = update(1, g1, gamma(1))
-        grams[1] = factors[1].T @ factors[1]
-        return float((g1 * factors[1]).sum())
+        """One sweep; ``update(n, G, gamma)`` returns the new factor of mode ``n``. Updates
+        ``factors`` and ``grams`` in place and returns ``<X, X_hat>`` for the final model."""
+        fb, gb = [f.unsqueeze(0) for f in factors], [g.unsqueeze(0) for g in grams]
+        inner = self._sweep.sweep(fb, gb, lambda n, g, gam: update(n, g[0], gam[0]).unsqueeze(0))
+        factors[:], grams[:] = [f[0] for f in fb], [g[0] for g in gb]
+        return float(inner[0])
 
     def inner(self, factors: list[torch.Tensor]) -> float:
         """``<X, [[factors]]>`` by one large GEMM (the mode-1 MTTKRP)."""
-        r = factors[0].shape[1]
-        pa = (factors[0].T @ self.x_for_a).reshape(r, self.shape[1], self.k)
-        return float(((pa * khatri_rao(factors[2:]).T.unsqueeze(1)).sum(2).T * factors[1]).sum())
+        return float(self._sweep.inner([f.unsqueeze(0) for f in factors])[0])
 
     def model_norm2(self, grams: list[torch.Tensor]) -> float:
         g = grams[0]

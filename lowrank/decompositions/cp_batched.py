@@ -9,19 +9,11 @@ equal ``cp_als`` run one problem at a time, to rounding.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from .cp_als import gram_product, init_factors, reconstruct
-
-
-def _khatri_rao(mats: list[torch.Tensor]) -> torch.Tensor:
-    """Batched column-wise Kronecker product: ``(B, I_m, R)`` each -> ``(B, prod I_m, R)``."""
-    out = mats[0]
-    for m in mats[1:]:
-        out = (out.unsqueeze(2) * m.unsqueeze(1)).reshape(out.shape[0], -1, out.shape[-1])
-    return out
+from .cp_als import init_factors, reconstruct
+from .cp_sweep import Sweep
 
 
 def _solve(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -34,55 +26,8 @@ def _solve(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class BatchedEngine:
-    """The batch's reshaped tensors and one block-coordinate sweep (the order of ``SweepEngine``)."""
-
-    def __init__(self, x: torch.Tensor):
-        b, i0, i1, *small = x.shape
-        self.i0, self.i1, self.small = i0, i1, tuple(small)
-        self.k = math.prod(small)
-        x4 = x.reshape(b, i0, i1, self.k)
-        self.x_for_b = x4.permute(0, 1, 3, 2).reshape(b, i0 * self.k, i1)  # (B, I0*K, I1)
-        self.x_for_a = x4.reshape(b, i0, i1 * self.k)  # (B, I0, I1*K)
-        self.norm2 = (x * x).flatten(1).sum(1)  # (B,)
-
-    def keep(self, mask: torch.Tensor) -> None:
-        self.x_for_b, self.x_for_a, self.norm2 = self.x_for_b[mask], self.x_for_a[mask], self.norm2[mask]
-
-    def _small_mttkrp(self, q, smalls, m):
-        letters = "abcdefgh"[: len(smalls)]
-        ins = ["z" + letters + "r"] + ["z" + letters[j] + "r" for j in range(len(smalls)) if j != m]
-        ops = [q] + [smalls[j] for j in range(len(smalls)) if j != m]
-        return torch.einsum(",".join(ins) + "->z" + letters[m] + "r", *ops)
-
-    def sweep(self, factors, grams) -> torch.Tensor:
-        """One sweep in place; returns ``<X, X_hat>`` per problem."""
-        n_modes, r, b = len(factors), factors[0].shape[-1], factors[0].shape[0]
-
-        def gamma(n):
-            return gram_product(grams, n)
-
-        p = (self.x_for_b @ factors[1]).reshape(b, self.i0, self.k, r)
-        ks = _khatri_rao(factors[2:])  # (B, K, R)
-        factors[0] = _solve((p * ks.unsqueeze(1)).sum(2), gamma(0))
-        grams[0] = factors[0].transpose(1, 2) @ factors[0]
-        q = (p * factors[0].unsqueeze(2)).sum(1).reshape(b, *self.small, r)
-        for m in range(n_modes - 2):
-            n = 2 + m
-            factors[n] = _solve(self._small_mttkrp(q, factors[2:], m), gamma(n))
-            grams[n] = factors[n].transpose(1, 2) @ factors[n]
-        g1 = self._mode1(factors)
-        factors[1] = _solve(g1, gamma(1))
-        grams[1] = factors[1].transpose(1, 2) @ factors[1]
-        return (g1 * factors[1]).sum((1, 2))
-
-    def _mode1(self, factors) -> torch.Tensor:
-        b, r = factors[0].shape[0], factors[0].shape[-1]
-        pa = (factors[0].transpose(1, 2) @ self.x_for_a).reshape(b, r, self.i1, self.k)
-        return (pa * _khatri_rao(factors[2:]).transpose(1, 2).unsqueeze(2)).sum(3).transpose(1, 2)
-
-    def inner(self, factors) -> torch.Tensor:
-        return (self._mode1(factors) * factors[1]).sum((1, 2))
+def _update(n: int, g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    return _solve(g, gamma)
 
 
 def _model_norm2(grams) -> torch.Tensor:
@@ -113,7 +58,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
     batch = x.shape[0]
     inits = init if isinstance(init, (list, tuple)) else [init_factors(x[i], rank, init, seed) for i in range(batch)]
     factors = [torch.stack([fs[n].to(device=x.device, dtype=x.dtype) for fs in inits]) for n in range(x.dim() - 1)]
-    engine = BatchedEngine(x)
+    engine = Sweep(x)
     grams = [f.transpose(1, 2) @ f for f in factors]
     norm = engine.norm2.sqrt().clamp_min(1e-300)
     active = torch.arange(batch, device=x.device)
@@ -126,7 +71,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
 
     for it in range(1, n_iter_max + 1):
         prev = [f.clone() for f in factors] if linesearch else None
-        err = rel(engine.sweep(factors, grams), grams)
+        err = rel(engine.sweep(factors, grams, _update), grams)
         if linesearch and it > 2:
             step = (it ** (1.0 / 3.0) / 2 ** misses).view(-1, 1, 1)
             trial = [p + step * (f - p) for p, f in zip(prev, factors)]
