@@ -37,10 +37,10 @@ def khatri_rao(mats: list[torch.Tensor]) -> torch.Tensor:
 def gram_product(grams: list[torch.Tensor], skip: int) -> torch.Tensor:
     """The Hadamard product of every mode's Gram matrix but ``skip``'s (the normal equations'
     matrix of that mode); works on batched ``(B, R, R)`` Grams too."""
-    g = torch.ones_like(grams[0])
-    for m, gm in enumerate(grams):
-        if m != skip:
-            g = g * gm
+    others = [gm for m, gm in enumerate(grams) if m != skip]
+    g = others[0] * others[1] if len(others) > 1 else others[0].clone()
+    for gm in others[2:]:
+        g.mul_(gm)
     return g
 
 
