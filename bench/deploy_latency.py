@@ -10,6 +10,10 @@ reduction (1 = every MAC saved is time saved).
 
     .venv/bin/python bench/deploy_latency.py                 # ~6 min on 2 cores
     .venv/bin/python bench/deploy_latency.py --runtimes onnxruntime torch torch-compile
+    .venv/bin/python bench/deploy_latency.py --runtimes onnxruntime --batches 1 --threads 1 --multiples 1 16
+
+``--multiples``: the ranks rounded to multiples of each (``rank.multiple_of``; 1 = as the ratio
+chooses them), every variant in the same run (variant ``x16`` ...).
 """
 from __future__ import annotations
 
@@ -32,9 +36,10 @@ METHODS = ("spatial-svd", "tucker2", "cp3")
 NETS = {"resnet18-224": ("resnet18", 1000, 224), "resnet18-32": ("resnet18", 10, 32), "smallcnn-32": ("smallcnn", 10, 32)}
 
 
-def compressed(model, method: str, shape):
-    opts = {"ratio": 2, **({"n_iter_max": 3} if method.startswith("cp") else {})}  # timing does not need a good fit
-    plan = {n: (m, r, opts if m == method else {"ratio": 2})
+def compressed(model, method: str, shape, multiple: int = 1):
+    align = {"multiple_of": multiple} if multiple > 1 else {}
+    opts = {"ratio": 2, **align, **({"n_iter_max": 3} if method.startswith("cp") else {})}  # timing: no good fit needed
+    plan = {n: (m, r, opts if m == method else {"ratio": 2, **align})
             for n, (m, r, _) in lowrank.plan_layers(model, method, "ratio", pointwise_method="svd").items()}
     small, reports = lowrank.compress_model(model, plan, input_shape=shape)
     return small.eval(), [r.name for r in reports if r.status == "ok"]
@@ -59,6 +64,7 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 0])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--multiples", nargs="+", type=int, default=[1], help="rank.multiple_of values compared")
     ap.add_argument("--out", default=str(ROOT / "bench" / "deploy_latency.out.txt"))
     args = ap.parse_args()
     import onnxruntime  # noqa: PLC0415 - only for the version line
@@ -75,13 +81,14 @@ def main() -> None:
         dense = build_model(name, classes).eval()
         shape = (3, size, size)
         _, m0 = lowrank.count(dense, shape)
-        for method in args.methods:
+        for method, multiple in ((m, k) for m in args.methods for k in args.multiples):
             t0 = time.perf_counter()
-            small, names = compressed(dense, method, shape)
+            small, names = compressed(dense, method, shape, multiple)
+            tag = f"x{multiple} " if len(args.multiples) > 1 else ""
             for runtime in args.runtimes:
                 fast, n_slow = without_slower(dense, small, names, shape, runtime, args.repeats)
-                for variant, model in ((f"all {len(names)}", small), (f"-{n_slow} slower", fast)):
-                    if variant.startswith("-0 "):
+                for variant, model in ((f"{tag}all {len(names)}", small), (f"{tag}-{n_slow} slower", fast)):
+                    if variant.endswith("-0 slower"):
                         continue  # no layer was slower: the same model
                     _, m = lowrank.count(model, shape)
                     rows = deploy.paired(dense, model, shape, runtime=runtime, batches=tuple(args.batches),
@@ -91,7 +98,7 @@ def main() -> None:
                                      f"{r['batch']:>5} {r['threads']:>3} {r['dense_ms']:>9.2f} "
                                      f"{r['compressed_ms']:>9.2f} {r['speedup']:>7.2f} {r['speedup'] / (m0 / m):>7.2f}")
                         print(lines[-1], flush=True)
-            print(f"# {net} {method}: {time.perf_counter() - t0:.0f}s", flush=True)
+            print(f"# {net} {method} {tag}: {time.perf_counter() - t0:.0f}s", flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 

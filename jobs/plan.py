@@ -101,10 +101,12 @@ def rank_rule(rank: RankSpec, layer: str, input_size: tuple[int, int] | None) ->
     if rank.strategy == "fixed":
         return lowrank.RankRule.of(rank.per_layer.get(layer, rank.rank))
     if rank.strategy == "ratio":
-        return lowrank.RankRule("ratio", ratio=rank.ratio, target=rank.target, input_size=input_size)
+        return lowrank.RankRule("ratio", ratio=rank.ratio, target=rank.target, input_size=input_size,
+                                multiple_of=rank.multiple_of)
     if rank.strategy == "energy":
-        return lowrank.RankRule("energy", energy=rank.energy, min_rank=rank.min_rank)
-    return lowrank.RankRule("vbmf", weakening=rank.weakening, min_rank=rank.min_rank, zero=rank.zero)
+        return lowrank.RankRule("energy", energy=rank.energy, min_rank=rank.min_rank, multiple_of=rank.multiple_of)
+    return lowrank.RankRule("vbmf", weakening=rank.weakening, min_rank=rank.min_rank, zero=rank.zero,
+                            multiple_of=rank.multiple_of)
 
 
 def select(model, method: str, sel: LayerSelection) -> dict[str, str]:
@@ -117,7 +119,8 @@ def _layer_plans(names: dict[str, str], method: str, rank: RankSpec, options: di
                  ratio: float | None = None) -> tuple[lowrank.LayerPlan, ...]:
     plans = []
     for name, meth in names.items():
-        rule = (lowrank.RankRule("ratio", ratio=ratio, target=rank.target, input_size=sizes.get(name))
+        rule = (lowrank.RankRule("ratio", ratio=ratio, target=rank.target, input_size=sizes.get(name),
+                                 multiple_of=rank.multiple_of)
                 if ratio is not None else rank_rule(rank, name, sizes.get(name)))
         plans.append(lowrank.LayerPlan(name, meth, rule, dict(options) if meth == method else {}))
     return tuple(plans)

@@ -20,6 +20,12 @@ and output-channel ranks; an int means both). ``select_rank`` turns a strategy i
 A rank that makes the layer larger than the dense one is refused (``RankTooLargeError``) unless
 ``allow_larger=True``.
 
+``multiple_of`` (every strategy but ``fixed``; default 1 = as chosen) rounds each rank component to
+the nearest multiple of it (ties up; down where up would make the layer larger than the dense one;
+never above the full rank, kept as it is where no multiple fits). Runtimes block channels: ONNX
+Runtime's CPU convs work on blocks of 16 channels with AVX-512 (8 with AVX2), and a Tucker-2
+layer of ResNet-18 at rank 64 ran 1.3x faster than at rank 63 (``bench/rank_alignment.py``).
+
 ``RankRule`` is the strategy with its settings as one frozen value (what a plan carries per
 layer, ``input_size`` included for MAC targets); ``select_rank`` is its keyword form.
 """
@@ -140,12 +146,15 @@ class RankRule:
     min_rank: int = 1
     input_size: tuple[int, int] | None = None
     zero: str = "min_rank"
+    multiple_of: int = 1
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise LowRankError(f"unknown rank strategy {self.strategy!r}; accepted: {', '.join(STRATEGIES)}")
         if self.zero not in ZERO:
             raise LowRankError(f"zero (what a VBMF rank of 0 becomes) must be one of {', '.join(ZERO)}, got {self.zero!r}")
+        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise LowRankError(f"multiple_of must be an integer >= 1 (1 = ranks as chosen), got {self.multiple_of!r}")
         if isinstance(self.rank, list):
             object.__setattr__(self, "rank", tuple(self.rank))
         if self.input_size is not None:
@@ -177,6 +186,8 @@ class RankRule:
             v = getattr(self, k)
             if v is not None and not (k == "zero" and v == "min_rank"):  # the default, as before it existed
                 out[k] = list(v) if isinstance(v, tuple) else v
+        if self.strategy != "fixed" and self.multiple_of != 1:
+            out["multiple_of"] = self.multiple_of
         return out
 
     def resolve(self, weight, method: str, *, groups: int = 1, allow_larger: bool = False):
@@ -226,7 +237,7 @@ def _resolve(rule: RankRule, weight, method: str, *, groups: int, allow_larger: 
             else:
                 raise LowRankError("target='macs' needs the conv module itself (not a bare weight) and input_size=(H, W)")
         r = _ratio_rank(m, k, float(ratio), target, geo, input_size)
-        return normalize_rank(m, k, r, allow_larger=allow_larger)
+        return _aligned(m, k, r, rule.multiple_of, allow_larger)
 
     w64 = w.detach().to(torch.float64)
     mats = _matrices(m, w64, k)
@@ -257,4 +268,31 @@ def _resolve(rule: RankRule, weight, method: str, *, groups: int, allow_larger: 
     mxs = list(mx) if m.pair_rank else [mx]
     ranks = [min(max(r, min_rank), rmax) for r, rmax in zip(ranks, mxs)]
     r = tuple(ranks) if m.pair_rank else ranks[0]
+    return _aligned(m, k, r, rule.multiple_of, allow_larger, floor=min_rank)
+
+
+def _aligned(m: Method, k: KernelShape, r, multiple: int, allow_larger: bool, floor: int = 1):
+    """``r`` with each component rounded to the nearest positive multiple of ``multiple`` (ties
+    up), within ``floor..full rank``; rounded down where up would make the layer larger than the
+    dense one; left as it is where no multiple fits."""
+    if multiple == 1:
+        return normalize_rank(m, k, r, allow_larger=allow_larger)
+    mx = m.max_rank(k)
+    comps, mxs = (list(r), list(mx)) if m.pair_rank else ([r], [mx])
+
+    def snap(v: int, cap: int, up: bool) -> int:
+        lo, hi = (v // multiple) * multiple, -(-v // multiple) * multiple
+        for pick in ((hi, lo) if up or lo < max(floor, 1) else (lo, hi)):
+            if max(floor, 1) <= pick <= cap:
+                return pick
+        return v
+
+    def as_rank(c):
+        return tuple(c) if m.pair_rank else c[0]
+
+    nearest = [snap(v, cap, up=(v % multiple) * 2 >= multiple) for v, cap in zip(comps, mxs)]
+    down = [snap(v, cap, up=False) for v, cap in zip(comps, mxs)]
+    for cand in (nearest, down):
+        if allow_larger or m.n_params(k, as_rank(cand)) <= k.dense_params:
+            return normalize_rank(m, k, as_rank(cand), allow_larger=allow_larger)
     return normalize_rank(m, k, r, allow_larger=allow_larger)

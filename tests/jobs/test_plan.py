@@ -37,6 +37,8 @@ def test_config_hashes_of_every_shipped_spec_are_pinned(path):
     ({"strategy": "energy", "energy": 0.9, "min_rank": 2}, lowrank.RankRule("energy", energy=0.9, min_rank=2)),
     ({"strategy": "vbmf", "weakening": 0.5}, lowrank.RankRule("vbmf", weakening=0.5)),
     ({"strategy": "vbmf", "zero": "dense"}, lowrank.RankRule("vbmf", zero="dense")),
+    ({"strategy": "ratio", "ratio": 2, "multiple_of": 8}, lowrank.RankRule("ratio", ratio=2.0, multiple_of=8)),
+    ({"strategy": "energy", "energy": 0.9, "multiple_of": 4}, lowrank.RankRule("energy", energy=0.9, multiple_of=4)),
 ])
 def test_every_rank_strategy_becomes_a_rank_rule_per_layer(rank, expect):
     cfg = next(c for c in plan_sweep(_tiny(rank=rank, methods=["tucker2"], options={})) if c.kind == "oneshot")
@@ -59,6 +61,24 @@ def test_vbmf_zero_enters_the_config_hash_only_when_set_and_only_with_vbmf():
     assert plain == zero_default != dense
     with pytest.raises(SpecError, match="rank.zero .* applies to strategy 'vbmf', not 'ratio'"):
         _tiny(rank={"strategy": "ratio", "ratio": 2, "zero": "dense"})
+
+
+def test_multiple_of_enters_the_config_hash_only_when_set_and_rounds_every_layer_rank(tmp_path):
+    from jobs.spec import SpecError
+
+    plain, one, eight = (next(iter(plan_sweep(_tiny(rank={"strategy": "ratio", "ratio": 2, **z}, methods=["tucker2"],
+                                                    options={})))) for z in ({}, {"multiple_of": 1}, {"multiple_of": 8}))
+    assert plain.config_hash == one.config_hash != eight.config_hash
+    assert eight.params["rank.multiple_of"] == 8 and "rank.multiple_of" not in plain.params
+    model = build_model("smallcnn", 10)
+    for lp_plain, lp in zip(plain.layers, eight.layers):
+        r_plain = lp_plain.rank.resolve(model.get_submodule(lp.name), "tucker2")
+        r = lp.rank.resolve(model.get_submodule(lp.name), "tucker2")
+        assert all(v % 8 == 0 and abs(v - v0) <= 4 for v, v0 in zip(r, r_plain)), (r, r_plain)
+    with pytest.raises(SpecError, match="multiple_of rounds the ranks a strategy chooses"):
+        _tiny(rank={"strategy": "fixed", "rank": 4, "multiple_of": 8})
+    with pytest.raises(SpecError, match="a search picks its ranks from its candidate ratios"):
+        _tiny(rank={"strategy": "ratio", "ratio": 2, "multiple_of": 8}, search={"strategies": ["uniform"], "ratio": 2})
 
 
 def test_macs_target_on_the_one_shot_path_reaches_the_ratio():

@@ -34,7 +34,8 @@ def _base_search(folder: Path) -> dict:
         "compression": {
             "methods": ["tucker2", "cp3-epc"],
             "rank": {"strategy": "ratio", "rank": None, "per_layer": {}, "ratio": 2.0, "target": "params",
-                     "energy": None, "weakening": 1.0, "min_rank": 1, "zero": "min_rank"},
+                     "energy": None, "weakening": 1.0, "min_rank": 1, "zero": "min_rank",
+                     "multiple_of": 1},
             "layers": {"include": ["*"], "exclude": ["fc*"], "skip_first": True, "pointwise_method": None},
             "options": {"tucker2": {"n_iter_max": 5, "tol": 1e-4},
                         "cp3-epc": {"init": "svd", "seed": 0, "n_iter_max": 10, "tol": 1e-8, "linesearch": True,

@@ -65,3 +65,35 @@ def test_vbmf_rank_zero_leaves_the_layer_dense_when_asked():
     assert lowrank.select_rank(w, "tucker2", "vbmf", zero="dense") == (8, 8)
     with pytest.raises(lowrank.LowRankError, match="zero .* must be one of min_rank, dense"):
         lowrank.select_rank(w, "tucker2", "vbmf", zero="full")
+
+
+@pytest.mark.parametrize("method,strategy,settings", [
+    ("tucker2", "ratio", {"ratio": 2}), ("cp3", "ratio", {"ratio": 2}), ("spatial-svd", "ratio", {"ratio": 3}),
+    ("svd", "energy", {"energy": 0.5}), ("tucker2", "vbmf", {"weakening": 0.5}), ("tucker2", "vbmf", {}),
+])
+@pytest.mark.parametrize("multiple", [4, 8, 16])
+def test_multiple_of_rounds_each_rank_to_the_nearest_multiple_that_keeps_the_layer_smaller(method, strategy,
+                                                                                           settings, multiple):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(48, 80, 3) if method != "svd" else torch.nn.Conv2d(48, 80, 1)
+    plain = lowrank.select_rank(conv, method, strategy, **settings)
+    r = lowrank.select_rank(conv, method, strategy, multiple_of=multiple, **settings)
+    pairs = zip(r, plain) if isinstance(r, tuple) else [(r, plain)]
+    full = lowrank.get_method(method).max_rank(lowrank.KernelShape.of(conv, 1))
+    fulls = full if isinstance(full, tuple) else [full]
+    for (v, v0), cap in zip(pairs, fulls):
+        assert v % multiple == 0 or v == cap or v == v0, (v, v0)
+        assert abs(v - v0) < multiple  # a neighbouring multiple: the nearest, or the one below
+        if v0 % multiple and (v0 % multiple) * 2 < multiple and v0 > multiple:
+            assert v < v0  # nearer the multiple below
+    f = lowrank.factorize_layer(conv, method, r)  # a valid rank, the layer smaller than dense
+    assert sum(p.numel() for p in f.parameters()) <= sum(p.numel() for p in conv.parameters())
+
+
+def test_multiple_of_is_refused_below_one_and_left_out_of_fixed_ranks():
+    conv = torch.nn.Conv2d(16, 16, 3)
+    with pytest.raises(lowrank.LowRankError, match="multiple_of must be an integer >= 1"):
+        lowrank.select_rank(conv, "tucker2", "ratio", ratio=2, multiple_of=0)
+    assert lowrank.RankRule("ratio", ratio=2, multiple_of=8).to_dict() == {"strategy": "ratio", "ratio": 2,
+                                                                           "target": "params", "multiple_of": 8}
+    assert "multiple_of" not in lowrank.RankRule("ratio", ratio=2).to_dict()
