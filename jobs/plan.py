@@ -69,6 +69,7 @@ class Config:
     options: dict = field(default_factory=dict)  # search: method -> options
     candidates: tuple[str, ...] = ()  # search: the layers screened
     search: SearchSpec | None = None  # search: the strategies' settings
+    multiple_of: int = 1  # search: every screened rank rounded to a multiple of this (rank.multiple_of)
     scratch: FromScratchSpec | None = None
 
     @property
@@ -170,13 +171,15 @@ def _search(spec: SweepSpec, mp: ModelPlan, model, sel: LayerSelection, common: 
     for strategy in search.strategies:
         content = {"model_key": mp.key, "search": search.content(strategy), "strategy": strategy,
                    "methods": comp.methods, "layers": layers, "options": comp.options,
-                   "finetune": spec.finetune.content()}
+                   "finetune": spec.finetune.content(),
+                   **({"multiple_of": comp.rank.multiple_of} if comp.rank.multiple_of != 1 else {})}
         params = {"strategy": strategy, "rank_strategy": "search",
                   **{f"search.{k}": v for k, v in search.content(strategy).items() if not isinstance(v, (list, dict))},
-                  "search.methods": ",".join(comp.methods), "finetune_epochs": spec.finetune.epochs}
+                  "search.methods": ",".join(comp.methods), "finetune_epochs": spec.finetune.epochs,
+                  **({"rank.multiple_of": comp.rank.multiple_of} if comp.rank.multiple_of != 1 else {})}
         out.append(Config(kind="search", method=f"search-{strategy}", config_hash=stable_hash(content), params=params,
                           strategy=strategy, methods=tuple(comp.methods), options=dict(comp.options),
-                          candidates=tuple(names), search=search, **common))
+                          candidates=tuple(names), search=search, multiple_of=comp.rank.multiple_of, **common))
     return out
 
 

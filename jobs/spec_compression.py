@@ -39,7 +39,8 @@ class RankSpec(_Strict):
                                 "spectrum like a random matrix's): min_rank, or dense (the layer is left as it is, "
                                 "with the reason)")
     multiple_of: int = Field(
-        1, ge=1, le=1024, description="vbmf/energy/ratio: round each rank to the nearest multiple of this (e.g. 16: "
+        1, ge=1, le=1024, description="vbmf/energy/ratio, and every rank a search screens: round each rank to the "
+                                      "nearest multiple of this (e.g. 16: "
                                       "ONNX Runtime's CPU convs work on blocks of 16 channels with AVX-512, 8 with "
                                       "AVX2); 1 = ranks as chosen")
 
@@ -175,9 +176,6 @@ class CompressionSpec(_Strict):
 
     @model_validator(mode="after")
     def _stages_fit(self):
-        if self.search is not None and self.rank.multiple_of != 1:
-            raise ValueError("rank.multiple_of rounds the per-method configurations' ranks; a search picks its ranks "
-                             "from its candidate ratios (remove one of them)")
         st = self.stages
         if st is None:
             return self

@@ -125,7 +125,8 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
                            "ratios": search.candidate_ratios, "vbmf": vbmf, "options": cfg.options,
                            "loss": search.loss, "val": search.val_batches, "bn": search.bn_batches,
                            "device": "cuda" if session.gpu else "cpu", "batch": session.spec.dataset.batch_size,
-                           **({"runtime": runtime} if runtime != "torch" else {})})
+                           **({"runtime": runtime} if runtime != "torch" else {}),
+                           **({"multiple_of": cfg.multiple_of} if cfg.multiple_of != 1 else {})})
         m.cache_path = session.spool_root() / "screening" / f"{m.name}-{key}"
         hit = cache.load(m.cache_path)
         if hit is not None:
@@ -138,7 +139,8 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
         say(f"{m.name}: screening {len(cfg.candidates)} layers x {len(cfg.methods)} methods x "
             f"{len(search.candidate_ratios)} ratios{' + VBMF ranks' if vbmf is not None else ''}")
         jobs += [(m, (screen_task, n, copy.deepcopy(model.get_submodule(n)), shapes[n], cfg.methods,
-                      search.candidate_ratios, cfg.options, session.gpu, vbmf, runtime)) for n in cfg.candidates]
+                      search.candidate_ratios, cfg.options, session.gpu, vbmf, runtime, cfg.multiple_of))
+                 for n in cfg.candidates]
     for (m, call), s in zip(jobs, session.gather([call for _, call in jobs])):
         if isinstance(s, Exception):
             if not m.failed:

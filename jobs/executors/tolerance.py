@@ -34,7 +34,8 @@ def tolerance(session, ms: list, search) -> dict[str, dict]:
         if not live:
             break
         calls = [(sensitivity_task, s["m"].env, s["m"].base_ref, k[1],
-                  lowrank.LayerPlan(k[1], k[2], lowrank.RankRule("ratio", ratio=s["next"]),
+                  lowrank.LayerPlan(k[1], k[2], lowrank.RankRule("ratio", ratio=s["next"],
+                                                                   multiple_of=s["m"].plan.multiple_of),
                                     s["m"].plan.options.get(k[2], {})),
                   search.val_batches, search.bn_batches) for k, s in live]
         for (k, s), o in zip(live, session.gather(calls)):

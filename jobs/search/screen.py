@@ -43,18 +43,20 @@ class _Timer:
 
 def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratios=(1.5, 2, 3, 4, 6, 8),
                  *, options: dict | None = None, batch: int = 1, device="cpu", keep_factors: bool = False,
-                 vbmf_weakening: float | None = None, runtime: str = "torch") -> list[dict]:
+                 vbmf_weakening: float | None = None, runtime: str = "torch", multiple_of: int = 1) -> list[dict]:
     """One row per (method, ratio) that applies, plus the dense row (``method=None``), plus one
     row per VBMF-capable method at its VBMF rank when ``vbmf_weakening`` is given (``source``
     says which). ``keep_factors`` adds each option's factors (``row['factors']``, CPU). Latency
-    is timed on ``runtime`` (``latency.runtime``; eagerly on a GPU)."""
+    is timed on ``runtime`` (``latency.runtime``; eagerly on a GPU). ``multiple_of`` rounds every
+    rank (``rank.multiple_of``), so that the table holds the ranks the runtime will run."""
     with tempfile.TemporaryDirectory() as tmp:
         return _screen(name, module, input_shape, methods, ratios, options, batch, device, keep_factors,
-                       vbmf_weakening, _Timer(runtime, device, tmp))
+                       vbmf_weakening, _Timer(runtime, device, tmp), multiple_of)
 
 
 def _screen(name, module, input_shape, methods, ratios, options, batch, device, keep_factors, vbmf_weakening,
-            _latency) -> list[dict]:
+            _latency, multiple_of: int = 1) -> list[dict]:
+    align = {"multiple_of": multiple_of} if multiple_of != 1 else {}
     module = module.to(device).eval()
     x = torch.randn(batch, *input_shape[1:], device=device)
     params_dense, macs_dense = lowrank.count(module, input_shape)
@@ -64,9 +66,9 @@ def _screen(name, module, input_shape, methods, ratios, options, batch, device, 
     for method in methods:
         if lowrank.get_method(method).unsupported_reason(module):
             continue
-        plans = [("ratio", float(r), {"ratio": float(r)}) for r in ratios]
+        plans = [("ratio", float(r), {"ratio": float(r), **align}) for r in ratios]
         if vbmf_weakening is not None and lowrank.get_method(method).unfoldings is not None:  # VBMF can rank it
-            plans.append(("vbmf", float("nan"), {"weakening": float(vbmf_weakening)}))
+            plans.append(("vbmf", float("nan"), {"weakening": float(vbmf_weakening), **align}))
         for source, ratio, how in plans:
             row = {"layer": name, "method": method, "target_ratio": ratio, "source": source}
             try:

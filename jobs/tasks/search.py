@@ -15,12 +15,12 @@ from .env import TaskEnv, node_id
 
 
 def screen_task(name: str, module: torch.nn.Module, input_shape, methods: tuple, ratios: list, options: dict,
-                gpu: bool, vbmf_weakening: float | None = None, runtime: str = "torch") -> dict:
+                gpu: bool, vbmf_weakening: float | None = None, runtime: str = "torch", multiple_of: int = 1) -> dict:
     """Screening of one layer (every method x candidate ratio), factors kept for assembly."""
     t0 = time.perf_counter()
     rows = screen_layer(name, module, input_shape, methods, ratios, options=options,
                         device="cuda" if gpu and torch.cuda.is_available() else "cpu", keep_factors=True,
-                        vbmf_weakening=vbmf_weakening, runtime=runtime)
+                        vbmf_weakening=vbmf_weakening, runtime=runtime, multiple_of=multiple_of)
     return {"name": name, "rows": rows, "task_seconds": time.perf_counter() - t0, "node": node_id()}
 
 

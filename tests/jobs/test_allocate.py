@@ -99,6 +99,18 @@ def test_screening_and_budget_on_the_small_cnn():
     assert total / sum(p.numel() for p in new.parameters()) == pytest.approx(a.ratio, rel=1e-9)
 
 
+def test_screening_with_multiple_of_holds_the_rounded_ranks_it_timed():
+    from jobs.models import SmallCNN
+    from jobs.search.screen import screen_layer
+
+    conv = SmallCNN(10).eval().features[6]  # 64 -> 64, 3x3
+    plain, rounded = (screen_layer("features.6", conv, (1, 64, 16, 16), ["tucker2", "spatial-svd"], ratios=(1.5, 2, 3),
+                                   multiple_of=k) for k in (1, 16))
+    ranks = [r["rank"] for r in rounded if r["status"] == "ok" and r["method"]]
+    assert ranks and all(v % 16 == 0 for r in ranks for v in (r if isinstance(r, tuple) else (r,)))
+    assert [r["rank"] for r in plain if r["method"]] != ranks  # the ratios alone pick other ranks
+
+
 def test_latency_target_leaves_layers_whose_options_are_slower_dense():
     """Latency costs: a layer whose factorized options all run slower than dense (CP with a
     rank above the channel count) is never factorized; the speedup comes from the others."""

@@ -77,8 +77,9 @@ def test_multiple_of_enters_the_config_hash_only_when_set_and_rounds_every_layer
         assert all(v % 8 == 0 and abs(v - v0) <= 4 for v, v0 in zip(r, r_plain)), (r, r_plain)
     with pytest.raises(SpecError, match="multiple_of rounds the ranks a strategy chooses"):
         _tiny(rank={"strategy": "fixed", "rank": 4, "multiple_of": 8})
-    with pytest.raises(SpecError, match="a search picks its ranks from its candidate ratios"):
-        _tiny(rank={"strategy": "ratio", "ratio": 2, "multiple_of": 8}, search={"strategies": ["uniform"], "ratio": 2})
+    searched = [next(iter(plan_sweep(_tiny(rank={"strategy": "ratio", "ratio": 2, **z},
+                                           search={"strategies": ["uniform"], "ratio": 2})))) for z in ({}, {"multiple_of": 8})]
+    assert [c.multiple_of for c in searched] == [1, 8] and searched[0].config_hash != searched[1].config_hash
 
 
 def test_macs_target_on_the_one_shot_path_reaches_the_ratio():

@@ -1,4 +1,5 @@
 """The search stage end to end (screening -> sensitivity -> allocation -> fine-tune -> registry)."""
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ def test_vbmf_tolerance_and_tune_end_to_end_with_cached_screening(tmp_path, make
     spec, data = make_spec("tiny-search.yaml", lambda d: (
         d["compression"]["search"].update(strategies=["vbmf", "tolerance", "tune"], epsilon=0.0, tolerance_steps=3,
                                           tune={"trials": 3, "grace_epochs": 1}),
+        d["compression"].update(rank={"strategy": "ratio", "ratio": 2, "multiple_of": 8}),  # every screened rank
         d["finetune"].update(epochs=2)), name="search.yaml")
     uri = data["mlflow"]["tracking_uri"]
     assert main(["run", str(spec)]) == 0
@@ -58,6 +60,8 @@ def test_vbmf_tolerance_and_tune_end_to_end_with_cached_screening(tmp_path, make
     parent = client.search_runs([exp], "tags.kind = 'sweep'")[0].info.run_id
     table = pq.read_table(client.download_artifacts(parent, "screening/smallcnn.parquet", str(tmp_path))).to_pylist()
     assert {r["source"] for r in table} == {"dense", "ratio", "vbmf"}
+    ranks = [int(v) for r in table if r["source"] != "dense" for v in re.findall(r"\d+", str(r["rank"]))]
+    assert ranks and all(v % 8 == 0 for v in ranks), ranks  # rank.multiple_of reaches the screening
     assert all(r["latency"] > 0 and r["acc_drop"] is not None for r in table)
     pareto = pq.read_table(client.download_artifacts(parent, "pareto.parquet", str(tmp_path))).to_pylist()
     assert {"dense", "search-vbmf", "search-tolerance", "search-tune"} <= {r["method"] for r in pareto}
