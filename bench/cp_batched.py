@@ -81,8 +81,7 @@ def main() -> None:
                 tl = sum(tensorly_fit(x[i], inits[i], sweeps, "pytorch")[0] for i in range(n))
             flops = 2 * (2 * c * c * 9 * r) * sweeps * n
             rate = flops / min(one, batch) / 1e9
-            dims = shape
-            extra = sum(2 * d * r * r + r ** 3 / 3 + 2 * d * r * r for d in dims) + 2 * 3 * c * 9 * r
+            extra = sum(2 * d * r * r + r ** 3 / 3 + 2 * d * r * r for d in shape) + 2 * 3 * c * 9 * r
             rate_all = (flops + extra * sweeps * n) / min(one, batch) / 1e9
             mm = matmul_rate(c * 9, c, r)
             lines.append(f"{n} x {'x'.join(map(str, shape)):<12} {r:>5} {sweeps:>6} {one:>7.2f} {batch:>7.2f} "

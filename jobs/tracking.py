@@ -163,6 +163,8 @@ class Tracker:
                     self.client.set_terminated(v.run_id, status="FINISHED")
                 return str(v.version)
         mlflow = self.mlflow
+        from mlflow.entities import Metric  # deferred with MLflow itself
+
         run = self.client.create_run(self.experiment_id, run_name=f"{cfg.model.name}-{cfg.method}",
                                      tags={"mlflow.parentRunId": parent_id, "sweep": cfg.sweep, "kind": "config",
                                            "config_hash": cfg.config_hash, "model": cfg.model.name,
@@ -190,8 +192,6 @@ class Tracker:
             info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pt2",
                                             input_example=example, pip_requirements=PIP_REQUIREMENTS)
             onnx_note = self._log_onnx(model, tuple(base["input_shape"]), rid)
-            from mlflow.entities import Metric  # deferred with MLflow itself
-
             now = int(time.time() * 1000)
             self.client.log_batch(rid, metrics=[
                 *(Metric(k, float(v), now, 0, model_id=info.model_id) for k, v in metrics.items()),

@@ -22,9 +22,10 @@ A rank that makes the layer larger than the dense one is refused (``RankTooLarge
 
 ``multiple_of`` (every strategy but ``fixed``; default 1 = as chosen) rounds each rank component to
 the nearest multiple of it (ties up; down where up would make the layer larger than the dense one;
-never above the full rank, kept as it is where no multiple fits). Runtimes block channels: ONNX
-Runtime's CPU convs work on blocks of 16 channels with AVX-512 (8 with AVX2), and a Tucker-2
-layer of ResNet-18 at rank 64 ran 1.3x faster than at rank 63 (``bench/rank_alignment.py``).
+never above the full rank, kept as it is where no multiple fits). Runtimes block channels (ONNX
+Runtime's CPU convs in blocks of 16 with AVX-512, 8 with AVX2): on ResNet-18 at 224 px, Tucker-2
+at 2x per layer ran 1.28x faster than dense at the ranks as chosen, 1.86x at multiples of 16
+(``bench/deploy_latency.py --multiples 1 16``, README "Ranks the runtime likes").
 
 ``RankRule`` is the strategy with its settings as one frozen value (what a plan carries per
 layer, ``input_size`` included for MAC targets); ``select_rank`` is its keyword form.

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ._common import leading_left_singular_vectors
-from .cp_sweep import Sweep, gram_product, khatri_rao
+from .cp_sweep import Sweep, gram_product, khatri_rao, model_norm2
 
 __all__ = ["SweepEngine", "cp_als", "gram_product", "init_factors", "khatri_rao", "rebalance", "reconstruct"]
 
@@ -42,10 +42,7 @@ class SweepEngine:
         return float(self._sweep.inner([f.unsqueeze(0) for f in factors])[0])
 
     def model_norm2(self, grams: list[torch.Tensor]) -> float:
-        g = grams[0]
-        for m in grams[1:]:
-            g = g * m
-        return float(g.sum())
+        return float(model_norm2(grams))
 
 
 def rebalance(factors: list[torch.Tensor], grams: list[torch.Tensor] | None = None) -> None:

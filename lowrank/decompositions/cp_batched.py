@@ -9,11 +9,10 @@ equal ``cp_als`` run one problem at a time, to rounding.
 """
 from __future__ import annotations
 
-
 import torch
 
 from .cp_als import init_factors, reconstruct
-from .cp_sweep import Sweep
+from .cp_sweep import Sweep, model_norm2
 
 
 def _solve(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -28,13 +27,6 @@ def _solve(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 def _update(n: int, g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return _solve(g, gamma)
-
-
-def _model_norm2(grams) -> torch.Tensor:
-    g = grams[0]
-    for m in grams[1:]:
-        g = g * m
-    return g.sum((1, 2))
 
 
 def _rebalance(factors, grams=None) -> None:
@@ -67,7 +59,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
     misses = torch.zeros(batch, dtype=x.dtype, device=x.device)
 
     def rel(inner, gs):
-        return (engine.norm2 - 2 * inner + _model_norm2(gs)).clamp_min(0).sqrt() / norm
+        return (engine.norm2 - 2 * inner + model_norm2(gs)).clamp_min(0).sqrt() / norm
 
     for it in range(1, n_iter_max + 1):
         prev = [f.clone() for f in factors] if linesearch else None

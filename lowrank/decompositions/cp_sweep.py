@@ -44,6 +44,15 @@ def gram_product(grams: list[torch.Tensor], skip: int) -> torch.Tensor:
     return g
 
 
+def model_norm2(grams: list[torch.Tensor]) -> torch.Tensor:
+    """``||[[factors]]||^2`` from the Gram matrices: the sum of their Hadamard product (per problem
+    where batched)."""
+    g = grams[0]
+    for gm in grams[1:]:
+        g = g * gm
+    return g.sum((-2, -1))
+
+
 def weighted_slices(parts: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
     """``sum_k parts.select(dim, k) * weights[:, k, None, :]``: ``parts`` ``(B, .., K, .., R)``,
     ``weights`` ``(B, K, R)`` -> ``(B, I, R)``, one slice at a time (no ``(B, I, K, R)`` temporary)."""
