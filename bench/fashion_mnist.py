@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None, help="training images (default: all 60,000)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "fashion_mnist.out.txt"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out and run only the missing ones (same settings assumed)")
     args = ap.parse_args()
     spec = DatasetSpec(kind="fashion-mnist", input_size=32, batch_size=128, limit_train=args.limit_train)
     lines = [f"# {' '.join(['bench/fashion_mnist.py', *sys.argv[1:]])}",
@@ -83,6 +85,9 @@ def main() -> None:
              f"torch {torch.__version__}, {spec.limit_train or 60000} training / 10000 test images",
              f"{'model':<9} {'seed':>4} {'method':<13} {'rank':<9} {'params x':>8} {'MACs x':>7} {'pre':>6} {'post':>6} "
              f"{'bn':>6} " + " ".join(f"{'ft' + str(e):>6}" for e in args.ft_epochs) + f" {'s':>6}"]
+    out = Path(args.out)
+    if args.resume and out.is_file():
+        lines = [line for line in out.read_text().splitlines() if line.strip()]
     print("\n".join(lines), flush=True)
     for seed in args.seeds:
         prep = resolve(spec, None)
@@ -95,13 +100,18 @@ def main() -> None:
             pre = evaluate(dense, data["val"], args.device)["top1"]
             shape = (3, 32, 32)
             p0, m0 = lowrank.count(dense.cpu(), shape)
-            lines.append(f"# {name} seed {seed}: dense top-1 {pre:.4f}, {p0 / 1e6:.2f}M params, {m0 / 1e6:.1f}M MACs "
-                         f"(pre-trained {args.epochs} epochs, {train_s:.0f}s{'' if train_s else ': cached'})")
-            print(lines[-1], flush=True)
+            header = f"# {name} seed {seed}: dense top-1"
+            if not any(line.startswith(header) for line in lines):
+                lines.append(f"{header} {pre:.4f}, {p0 / 1e6:.2f}M params, {m0 / 1e6:.1f}M MACs "
+                             f"(pre-trained {args.epochs} epochs, {train_s:.0f}s{'' if train_s else ': cached'})")
+                print(lines[-1], flush=True)
             runs = [(m, "ratio", {"ratio": r, **OPTIONS.get(m, {})}, f"{r:g}x", False)
                     for m in args.methods for r in args.ratios]
             runs.append(("tucker2", "vbmf", {}, "vbmf", True))
             for method, rank, options, label, whole in runs:
+                key = f"{name:<9} {seed:>4} {method + (' all' if whole else ''):<13} {label:<9} "
+                if any(line.startswith(key) for line in lines):
+                    continue
                 torch.manual_seed(seed)
                 t0 = time.perf_counter()
                 small, reports = lowrank.compress_model(copy.deepcopy(dense).cpu(),
@@ -109,7 +119,7 @@ def main() -> None:
                                                         input_shape=shape, on_error="record")
                 p, m = lowrank.count(small, shape)
                 curve = finetune_curve(small, data, args, args.device)
-                line = (f"{name:<9} {seed:>4} {method + (' all' if whole else ''):<13} {label:<9} {p0 / p:>8.2f} "
+                line = (f"{key}{p0 / p:>8.2f} "
                         f"{m0 / m:>7.2f} {pre:>6.3f} {curve['post']:>6.3f} {curve['bn']:>6.3f} "
                         + " ".join(f"{curve[f'ft{e}']:>6.3f}" for e in args.ft_epochs)
                         + f" {time.perf_counter() - t0:>6.0f}")
@@ -118,7 +128,8 @@ def main() -> None:
                     line += f"  ranks {ranks}"
                 lines.append(line)
                 print(line, flush=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+                out.write_text("\n".join(lines) + "\n")  # after every row: a stopped run keeps what it did
+    out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
