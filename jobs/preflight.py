@@ -51,6 +51,12 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
             load_checkpoint(model, m.checkpoint)  # CheckpointError: truncated, corrupted, wrong architecture, NaN
         size = preprocess.for_model(spec.dataset, m, model).crop
         dry_forward(model, m.num_classes, size, f"{source}: models.{i}")
+        lat = spec.latency.input_size
+        if lat is not None and lat != size and comp is not None and comp.search is not None \
+                and comp.search.target == "latency":  # the search times every layer at that size
+            dry_forward(model, m.num_classes, lat, f"{source}: latency.input_size: models.{i}",
+                        what="the latency target's input size", accepted="a latency.input_size the model can take, "
+                        "or none (the data's input size)")
         if spec.from_scratch is not None:
             _check_scratch(spec.from_scratch, model, m.name, source)
         if comp is not None:
@@ -87,16 +93,17 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
     return configs
 
 
-def dry_forward(model, num_classes: int, size: int, where: str) -> None:
-    """The model must run at the data's input size and give finite scores, one per class."""
+def dry_forward(model, num_classes: int, size: int, where: str, *, what: str = "the data's input size",
+                accepted: str = "a dataset.input_size the model can take") -> None:
+    """The model must run at the data's input size (or ``what``) and give finite scores, one per class."""
     model.eval()
     try:
         with torch.no_grad():
             out = model(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
     except Exception as e:  # noqa: BLE001 - any failure of the user's model is the answer
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SpecError(f"{where}: {type(model).__name__} cannot run at the data's input size {size}x{size} "
-                        f"({type(e).__name__}: {first}); accepted: a dataset.input_size the model can take") from None
+        raise SpecError(f"{where}: {type(model).__name__} cannot run at {what} {size}x{size} "
+                        f"({type(e).__name__}: {first}); accepted: {accepted}") from None
     if not torch.is_tensor(out) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise SpecError(f"{where}: {type(model).__name__} returns {shape} for a batch of 2 at {size}x{size}; "

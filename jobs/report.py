@@ -28,6 +28,8 @@ def latency_metrics(dense: dict, lat: dict) -> dict:
     for key in ("b1", "b32"):
         d = lat.get(f"{key}_dense", dense[key])
         m.update({f"latency_{key}_dense_ms": 1e3 * d, f"latency_{key}_ms": 1e3 * lat[key], f"speedup_{key}": d / lat[key]})
+    if "mac_ratio" in lat:  # the timing step's MAC reduction at the size it timed: how much of it is realised
+        m.update(mac_ratio_timed=lat["mac_ratio"], speedup_per_mac_b1=m["speedup_b1"] / lat["mac_ratio"])
     for r in lat.get("rows", []):
         m[f"speedup_b{r['batch']}_t{r['threads']}"] = r["speedup"]
         m[f"latency_b{r['batch']}_t{r['threads']}_ms"] = r["compressed_ms"]

@@ -171,7 +171,7 @@ class Session:
         """What the tasks of ``cfg``'s model start from (starts Ray: the GPU flag depends on it)."""
         _ = self.ray
         return TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, self.gpu, cfg.model.prep,
-                       self.spec.evaluation == "agreement", self.spec.latency.runtime)
+                       self.spec.evaluation == "agreement", self.spec.latency.runtime, self.spec.latency.input_size)
 
     def remote(self, fn):
         return self.ray.remote(fn).options(**self.options)

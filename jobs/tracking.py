@@ -57,7 +57,8 @@ def version_tags(cfg, metrics: dict, degenerate: int, run_id: str) -> dict:
     values = {"sweep": cfg.sweep, "config_hash": cfg.config_hash, "model": cfg.model.name, "method": cfg.method,
               "degenerate_layers": str(degenerate)}
     values.update({k: f"{metrics[k]:.4f}" for k in keys if k not in values})
-    return {**{k: values[k] for k in keys}, "run_id": run_id}
+    timed = {k: f"{metrics[k]:.4f}" for k in ("speedup_per_mac_b1", "mac_ratio_timed") if k in metrics}
+    return {**{k: values[k] for k in keys}, **timed, "run_id": run_id}
 
 
 def curve_tag(curves: dict | None) -> dict:

@@ -118,6 +118,8 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
     vbmf = search.vbmf_weakening if "vbmf" in search.strategies else None
     # a latency target is timed on the deployment runtime; otherwise latency is only reported (eager)
     runtime = session.spec.latency.runtime if search.target == "latency" and not session.gpu else "torch"
+    # ... and at the size it is deployed at (latency.input_size), like the baseline's latency it is set against
+    size = session.spec.latency.input_size if search.target == "latency" else None
     jobs = []  # (model, layer name) per screening task
     for m in ms:
         cfg = m.plan
@@ -126,7 +128,8 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
                            "loss": search.loss, "val": search.val_batches, "bn": search.bn_batches,
                            "device": "cuda" if session.gpu else "cpu", "batch": session.spec.dataset.batch_size,
                            **({"runtime": runtime} if runtime != "torch" else {}),
-                           **({"multiple_of": cfg.multiple_of} if cfg.multiple_of != 1 else {})})
+                           **({"multiple_of": cfg.multiple_of} if cfg.multiple_of != 1 else {}),
+                           **({"size": size} if size is not None else {})})
         m.cache_path = session.spool_root() / "screening" / f"{m.name}-{key}"
         hit = cache.load(m.cache_path)
         if hit is not None:
@@ -135,7 +138,8 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
             say(f"{m.name}: screening table reused from {m.cache_path} ({sum(map(len, m.rows.values()))} rows)")
             continue
         model = m.env.build(m.base.state_dict)
-        shapes = lowrank.layer_input_shapes(model, list(cfg.candidates), m.base.input_shape)
+        shape = tuple(m.base.input_shape)
+        shapes = lowrank.layer_input_shapes(model, list(cfg.candidates), shape if size is None else (*shape[:-2], size, size))
         say(f"{m.name}: screening {len(cfg.candidates)} layers x {len(cfg.methods)} methods x "
             f"{len(search.candidate_ratios)} ratios{' + VBMF ranks' if vbmf is not None else ''}")
         jobs += [(m, (screen_task, n, copy.deepcopy(model.get_submodule(n)), shapes[n], cfg.methods,

@@ -15,7 +15,7 @@ from ..models import load_checkpoint
 from ..results import Baseline, EvalResult, LayerResult
 from ..spec import FinetuneSpec, PretrainSpec
 from ..train import evaluate, recalibrate_bn, train_epochs
-from .env import TaskEnv, cpu_state, latency, node_id
+from .env import TaskEnv, cpu_state, node_id
 
 
 def baseline_task(env: TaskEnv, pretrain: PretrainSpec, cache_key: str) -> Baseline:
@@ -50,7 +50,7 @@ def baseline_task(env: TaskEnv, pretrain: PretrainSpec, cache_key: str) -> Basel
     acc = evaluate(model, env.val_loader(), env.device)
     params, macs = lowrank.count(model.cpu(), env.input_shape)
     return Baseline(state_dict=cpu_state(model), acc=acc, params=params, macs=macs,
-                    latency=latency(model, env.input_shape, env.device, env.runtime), input_shape=env.input_shape, source=source,
+                    latency=env.latency(model), input_shape=env.input_shape, source=source,
                     preprocess=env.preprocess.describe(),
                     train_seconds=train_seconds, device=env.device, task_seconds=time.perf_counter() - t_task,
                     node=node_id())
@@ -98,7 +98,7 @@ def evaluate_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, *layer
     ft_seconds = time.perf_counter() - t0
     params, macs = lowrank.count(new.cpu(), env.input_shape)
     return EvalResult(state_dict=cpu_state(new), factors=factors, acc_post=acc_post, acc_bn=acc_bn, acc_ft=acc_ft,
-                      params=params, macs=macs, latency=latency(new, env.input_shape, device, env.runtime),
+                      params=params, macs=macs, latency=env.latency(new),
                       reports=[r.to_dict() for r in reports], layer_status=[r.status_row() for r in layers],
                       ft_losses=losses, ft_seconds=ft_seconds, device=device,
                       curves=ft_curves(curve + [acc_ft]) if finetune.eval_each_epoch and finetune.epochs else None,

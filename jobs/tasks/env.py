@@ -63,6 +63,7 @@ class TaskEnv:
     prep: Preprocess | None = None  # None: the data's own defaults (preprocess.resolve without weights)
     agreement: bool = False
     runtime: str = "torch"  # latency.runtime: where the in-task latency is measured
+    latency_size: int | None = None  # latency.input_size: the square size it is measured at (None: the data's)
 
     @property
     def device(self) -> str:
@@ -110,6 +111,25 @@ class TaskEnv:
     @property
     def input_shape(self) -> tuple:
         return tuple(self.data[0][0][0].shape)
+
+    @property
+    def latency_shape(self) -> tuple:
+        """The input shape latency is measured at: ``latency.input_size`` when set, else the data's."""
+        shape = self.input_shape
+        return shape if self.latency_size is None else (shape[0], self.latency_size, self.latency_size)
+
+    def latency(self, model) -> dict:
+        """``latency()`` of ``model`` at ``latency_shape``; at the data's size where the model cannot
+        run at the other (``in_task`` says which size was timed)."""
+        shape = self.latency_shape
+        try:
+            out = latency(model, shape, self.device, self.runtime)
+        except Exception:  # noqa: BLE001 - e.g. a flattening classifier sized for the data's input
+            if shape == self.input_shape:
+                raise
+            shape = self.input_shape
+            out = latency(model, shape, self.device, self.runtime)
+        return {**out, "in_task": f"{out['in_task']}, {shape[-1]} px"}
 
     def build(self, state: dict | None = None):
         """The model, with ``state`` loaded when given."""

@@ -10,7 +10,7 @@ from lowrank.reparam import fold_bn, to_dense, to_lowrank_bn
 from ..results import EvalResult, LayerResult
 from ..spec import FinetuneSpec, FromScratchSpec
 from ..train import evaluate, recalibrate_bn, train_epochs
-from .env import TaskEnv, cpu_state, latency, node_id
+from .env import TaskEnv, cpu_state, node_id
 
 
 def multistage_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, stages: tuple, stage_epochs: int
@@ -74,7 +74,7 @@ def multistage_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, stag
                         "epochs": epochs, "losses": losses, "seconds": time.perf_counter() - t_stage})
     # the last stage's acc_post/acc_bn/acc_ft, losses, params and MACs are the configuration's
     return EvalResult(state_dict=cpu_state(model), factors=factors, acc_post=acc_post, acc_bn=acc_bn, acc_ft=acc_ft,
-                      params=params, macs=macs, latency=latency(model, env.input_shape, device, env.runtime),
+                      params=params, macs=macs, latency=env.latency(model),
                       reports=list(reports.values()), layer_status=[r.status_row() for r in statuses.values()],
                       ft_losses=losses, ft_seconds=sum(h["seconds"] for h in history), device=device,
                       stages=history, task_seconds=time.perf_counter() - t_task, node=node_id())
@@ -111,7 +111,7 @@ def scratch_task(env: TaskEnv, fs: FromScratchSpec, low_rank: bool) -> dict:
     for r in reports:
         r.params_after = sum(p.numel() for p in model.get_submodule(r.name).parameters())
     return {"state_dict": cpu_state(model), "acc": acc, "params": params, "macs": macs,
-            "latency": latency(model, env.input_shape, device, env.runtime), "losses": losses, "curve": curve, "factors": factors,
+            "latency": env.latency(model), "losses": losses, "curve": curve, "factors": factors,
             "reports": [r.to_dict() for r in reports], "train_seconds": train_seconds,
             "input_shape": env.input_shape, "device": device, "task_seconds": time.perf_counter() - t_task,
             "node": node_id()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import lowrank
+
 from .. import deploy
 from ..spec import LatencySpec
 from .env import assigned_cpus, node_id
@@ -30,5 +32,9 @@ def timing_task(dense, compressed, input_shape: tuple, latency: LatencySpec, lay
         per = deploy.per_layer(dense, compressed, list(layers), shape, runtime=runtime, repeats=latency.repeats)
     except Exception:  # noqa: BLE001 - a layer the runtime cannot take alone: those layers are timed eagerly
         per = deploy.per_layer(dense, compressed, list(layers), shape, runtime="torch", repeats=latency.repeats)
-    return {**deploy.headline(rows), "note": note, "layers": per, "node": node_id(),
+    try:  # the MAC reduction at the timed size, against which the speedup is read (speedup_per_mac_b1)
+        extra = {"mac_ratio": lowrank.count(dense, shape)[1] / lowrank.count(compressed, shape)[1]}
+    except Exception:  # noqa: BLE001 - a model that counts only at the data's size
+        extra = {}
+    return {**deploy.headline(rows), **extra, "note": note, "layers": per, "node": node_id(),
             "task_seconds": time.perf_counter() - t0}

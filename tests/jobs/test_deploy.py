@@ -101,6 +101,9 @@ def test_timing_at_another_input_size_than_the_data():
     dense, small = _compressed("spatial-svd")
     out = timing_task(dense, small, (3, 16, 16), LatencySpec(batches=[1], threads=[1], repeats=3, input_size=40))
     assert out["input"] == "3x40x40" and out["note"] == "" and out["runtime"] == "onnxruntime"
+    macs = [lowrank.count(m, (3, 40, 40))[1] for m in (dense, small)]
+    assert out["mac_ratio"] == pytest.approx(macs[0] / macs[1])  # counted where it was timed
+    assert macs[0] / macs[1] != pytest.approx(lowrank.count(dense, (3, 16, 16))[1] / lowrank.count(small, (3, 16, 16))[1])
 
 
 def test_latency_settings_are_checked_in_one_line(tmp_path):

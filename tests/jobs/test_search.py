@@ -131,3 +131,48 @@ def test_latency_target_on_a_device_that_does_not_exist(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "latency_device: 'cuda' requested but this machine has no CUDA device" in err
     assert err.count("\n") == 1 and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_latency_target_is_screened_at_the_deployed_input_size(tmp_path, make_spec, ray_start_2_cpus, capsys):
+    """``latency.input_size`` is the size the tags are timed at; a latency target's screening and
+    baseline are timed there too (not at the data's 16 px), so the target means what the tags say."""
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    import lowrank
+    from jobs.models import SmallCNN
+
+    spec, data = make_spec("tiny-search.yaml", lambda d: (
+        d["compression"].update(methods=["tucker2"]),
+        d["compression"]["search"].update(strategies=["budget"], target="latency", ratio=1.1, candidate_ratios=[3],
+                                          loss="error"),
+        d.update(latency={"batches": [1], "threads": [1], "repeats": 3, "input_size": 40}),
+        d["pretrain"].update(epochs=0), d["finetune"].update(epochs=0)), name="latency-search.yaml")  # timing only
+    assert main(["run", str(spec)]) == 0
+    client = MlflowClient(data["mlflow"]["tracking_uri"])
+    exp = client.get_experiment_by_name("search").experiment_id
+    parent = client.search_runs([exp], "tags.kind = 'sweep'")[0].info.run_id
+    table = pq.read_table(client.download_artifacts(parent, "screening/smallcnn.parquet", str(tmp_path))).to_pylist()
+    model = SmallCNN(10)
+    names = sorted({r["layer"] for r in table})
+    at = {16: lowrank.layer_input_shapes(model, names, (3, 16, 16)), 40: lowrank.layer_input_shapes(model, names, (3, 40, 40))}
+    for r in (r for r in table if r["source"] == "dense"):
+        layer = model.get_submodule(r["layer"])
+        assert r["macs"] == lowrank.count(layer, at[40][r["layer"]])[1] != lowrank.count(layer, at[16][r["layer"]])[1]
+    (v,) = client.search_model_versions("name='lowrank-smallcnn'")
+    assert float(v.tags["speedup_b1"]) > 0 and "40" in v.tags["latency_input"], v.tags
+    # the MAC reduction at the timed size, and the share of it the runtime realises
+    assert float(v.tags["speedup_per_mac_b1"]) == pytest.approx(
+        float(v.tags["speedup_b1"]) / float(v.tags["mac_ratio_timed"]), rel=1e-3), v.tags  # tags: 4 decimals
+    assert float(v.tags["mac_ratio_timed"]) > 1, v.tags
+
+
+def test_a_latency_target_at_a_size_the_model_cannot_take_is_refused_before_ray(make_spec, capsys):
+    spec, data = make_spec("tiny-search.yaml", lambda d: (
+        d["models"].__setitem__(0, {"name": "vgg11", "num_classes": 10}),
+        d["compression"]["search"].update(strategies=["budget"], target="latency", ratio=1.2),
+        d.update(latency={"input_size": 16}), d["dataset"].update(input_size=32)), name="latency-size.yaml")
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "latency.input_size: models.0: VGG cannot run at the latency target's input size 16x16" \
+        in err[0] and "accepted: a latency.input_size the model can take" in err[0], err

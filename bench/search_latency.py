@@ -1,0 +1,96 @@
+"""Realised speedup of the models a latency-aware search picks, on the runtime they deploy to.
+
+ResNet-18 over all its 3x3 convs but the first, trained on the embedded default's digits at 32 px.
+For each timed input size (``--sizes``: 224, ImageNet's; 32, the Fashion-MNIST/CIFAR geometry),
+each method alone (``spatial-svd``, ``tucker2``) and ranks as chosen or in multiples of 16
+(``rank.multiple_of``): one sweep through the real runner (local Ray, sqlite MLflow) with
+``compression.search`` strategy ``budget``, ``target: latency`` at ``--ratio``, on ONNX Runtime at
+batch 1, one thread, screened and timed at that size (``latency.input_size``). Every figure is read
+back from the registry: ``speedup_b1`` (the timing step, dense interleaved), ``mac_ratio_timed``
+(MACs at the timed size), ``speedup_per_mac_b1`` (their quotient; the target is >= 0.85) and the
+layers the search left dense.
+
+    .venv/bin/python bench/search_latency.py                  # about 30 minutes on 2 cores
+    .venv/bin/python bench/search_latency.py --sizes 32 --methods tucker2 --multiples 16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spec(size: int, method: str, multiple: int, ratio: float, repeats: int) -> dict:
+    d = yaml.safe_load((ROOT / "jobs" / "default_sweep.yaml").read_text())
+    name = f"lat{size}-{method}-m{multiple}"
+    d["name"] = name
+    d["models"] = [{"name": "resnet18", "num_classes": 10}]
+    d["mlflow"] = {"tracking_uri": "sqlite:///mlflow.db", "experiment": "bench-search-latency",
+                   "registered_model_prefix": f"{name}-"}
+    d["compression"] = {"methods": [method], "layers": {"skip_first": True},
+                        "rank": {"strategy": "ratio", "ratio": 2, "multiple_of": multiple},
+                        "search": {"strategies": ["budget"], "target": "latency", "ratio": ratio,
+                                   "candidate_ratios": [1.5, 2, 3, 4, 6], "val_batches": 4, "bn_batches": 5}}
+    d["latency"] = {"runtime": "onnxruntime", "batches": [1], "threads": [1], "input_size": size, "repeats": repeats}
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[224, 32])
+    ap.add_argument("--methods", nargs="+", default=["spatial-svd", "tucker2"])
+    ap.add_argument("--multiples", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--ratio", type=float, default=1.5, help="the latency target (speedup at batch 1)")
+    ap.add_argument("--repeats", type=int, default=40, help="interleaved repetitions of the timing step")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "search_latency.out.txt"))
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from mlflow import MlflowClient
+
+    from jobs.driver import run_sweep
+    from jobs.spec import parse_spec
+
+    lines = [f"# {' '.join(['bench/search_latency.py', *sys.argv[1:]])}",
+             f"# ResNet-18 (digits, 32 px training), search budget, target latency {args.ratio:g}x; ONNX Runtime, "
+             f"batch 1, one thread, timed at the size named",
+             "| size | method | ranks | speedup b1 | MACs x (timed size) | speedup / MAC reduction | >= 0.85 | "
+             "params x | acc_ft | layers left dense | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # one MLflow store and one pre-training cache for every sweep
+        client = MlflowClient("sqlite:///mlflow.db")
+        for size in args.sizes:
+            for method in args.methods:
+                for multiple in args.multiples:
+                    d = spec(size, method, multiple, args.ratio, args.repeats)
+                    t0 = time.perf_counter()
+                    res = run_sweep(parse_spec(d, d["name"]), out=lambda *a, **k: None)
+                    seconds = time.perf_counter() - t0
+                    versions = client.search_model_versions(f"name='{d['name']}-resnet18'")
+                    if res.failed or not versions:
+                        line = f"| {size} | {method} | x{multiple} | failed: {res.failed} | | | | | | | {seconds:.0f} |"
+                    else:
+                        t = versions[0].tags
+                        alloc = client.get_run(t["run_id"]).data.params.get("allocation", "")
+                        per = float(t["speedup_per_mac_b1"])
+                        line = (f"| {size} | {method} | {'as chosen' if multiple == 1 else f'multiples of {multiple}'} | "
+                                f"{float(t['speedup_b1']):.2f}x | {float(t['mac_ratio_timed']):.2f} | {per:.2f} | "
+                                f"{'yes' if per >= 0.85 else 'no'} | {float(t['compression_ratio']):.2f} | "
+                                f"{float(t['acc_ft']):.3f} | {alloc.count('=dense')}/{alloc.count('=')} | {seconds:.0f} |")
+                    lines.append(line)
+                    print(line, flush=True)
+                    out.write_text("\n".join(lines) + "\n")  # after every sweep
+
+
+if __name__ == "__main__":
+    main()
