@@ -1,10 +1,11 @@
 """Methods on data harder than digits: Fashion-MNIST (``apt-get install dataset-fashion-mnist``),
 28 px upscaled to 32, each model pre-trained here (augmented, cosine schedule) and cached.
 
-For each model and seed: every method at 2x and 3x parameters per layer (first conv left dense,
-ResNet-18's 1x1 shortcuts and the classifier by SVD), top-1 before fine-tuning (``post``), after
-BatchNorm recalibration (``bn``), after 1 and after 3 fine-tuning epochs; and whole-model
-Tucker-2 at plain VBMF ranks (Kim et al.), every conv and linear.
+For each model and seed: every method at 2x and 3x parameters per layer (the first conv and the
+classifier left dense, ResNet-18's 1x1 shortcuts by SVD), top-1 before fine-tuning (``post``), after
+BatchNorm recalibration (``bn``), after 1 and after 3 fine-tuning epochs; and Tucker-2 at plain VBMF
+ranks over the whole model (``tucker2 all``: every conv and linear, the first conv and the classifier
+included) and as Kim et al. apply it (``tucker2 kim``: every kxk conv but the first, rank 0 left dense).
 
     .venv/bin/python bench/fashion_mnist.py                       # the full table (GPU: minutes)
     .venv/bin/python bench/fashion_mnist.py --models smallcnn --limit-train 12000 --epochs 6   # 2-core CPU
@@ -59,8 +60,17 @@ def finetune_curve(model, data, args, device: str) -> dict:
     return out
 
 
-def plan_for(model, method: str, rank, options: dict, whole: bool) -> dict:
-    return lowrank.plan_layers(model, method, rank, skip_first=not whole, pointwise_method="svd", options=options)
+SCOPES = {  # which layers a row compresses: (skip the first conv, how 1x1 convs and linears go, left out)
+    "": (True, "svd", ["fc"]),   # every conv but the first (1x1 convs by SVD); the 10-class classifier dense
+    "all": (False, "svd", []),   # every conv and linear, the first conv and the classifier included
+    "kim": (True, None, []),     # Kim et al.: every kxk conv but the first, nothing else
+}
+
+
+def plan_for(model, method: str, rank, options: dict, scope: str) -> dict:
+    skip_first, pointwise, exclude = SCOPES[scope]
+    return lowrank.plan_layers(model, method, rank, skip_first=skip_first, pointwise_method=pointwise,
+                               exclude=exclude or None, options=options)
 
 
 def main() -> None:
@@ -105,17 +115,18 @@ def main() -> None:
                 lines.append(f"{header} {pre:.4f}, {p0 / 1e6:.2f}M params, {m0 / 1e6:.1f}M MACs "
                              f"(pre-trained {args.epochs} epochs, {train_s:.0f}s{'' if train_s else ': cached'})")
                 print(lines[-1], flush=True)
-            runs = [(m, "ratio", {"ratio": r, **OPTIONS.get(m, {})}, f"{r:g}x", False)
+            runs = [(m, "ratio", {"ratio": r, **OPTIONS.get(m, {})}, f"{r:g}x", "")
                     for m in args.methods for r in args.ratios]
-            runs.append(("tucker2", "vbmf", {}, "vbmf", True))
-            for method, rank, options, label, whole in runs:
-                key = f"{name:<9} {seed:>4} {method + (' all' if whole else ''):<13} {label:<9} "
+            runs.append(("tucker2", "vbmf", {}, "vbmf", "all"))
+            runs.append(("tucker2", "vbmf", {"zero": "dense"}, "vbmf", "kim"))  # rank 0 (no structure): left dense
+            for method, rank, options, label, scope in runs:
+                key = f"{name:<9} {seed:>4} {(method + ' ' + scope).strip():<13} {label:<9} "
                 if any(line.startswith(key) for line in lines):
                     continue
                 torch.manual_seed(seed)
                 t0 = time.perf_counter()
                 small, reports = lowrank.compress_model(copy.deepcopy(dense).cpu(),
-                                                        plan_for(dense, method, rank, options, whole),
+                                                        plan_for(dense, method, rank, options, scope),
                                                         input_shape=shape, on_error="record")
                 p, m = lowrank.count(small, shape)
                 curve = finetune_curve(small, data, args, args.device)
@@ -123,7 +134,7 @@ def main() -> None:
                         f"{m0 / m:>7.2f} {pre:>6.3f} {curve['post']:>6.3f} {curve['bn']:>6.3f} "
                         + " ".join(f"{curve[f'ft{e}']:>6.3f}" for e in args.ft_epochs)
                         + f" {time.perf_counter() - t0:>6.0f}")
-                if whole:
+                if scope:
                     ranks = [r.rank for r in reports if r.status == "ok"]
                     line += f"  ranks {ranks}"
                 lines.append(line)

@@ -206,10 +206,14 @@ def select_layers(model: nn.Module, method: str, *, include=None, exclude=None, 
 
 def plan_layers(model: nn.Module, method: str, rank, *, include=None, exclude=None, skip_first: bool = True,
                 pointwise_method: str | None = None, options: dict | None = None) -> dict:
-    """``{name: (method, rank, options)}`` over ``select_layers``, for ``compress_model``."""
+    """``{name: (method, rank, options)}`` over ``select_layers``, for ``compress_model``. The
+    layers ``pointwise_method`` takes get only the rank's settings of ``options`` (``ratio=...``),
+    not ``method``'s own options (``n_iter_max`` means nothing to an SVD)."""
     layers = select_layers(model, method, include=include, exclude=exclude, skip_first=skip_first,
                            pointwise_method=pointwise_method)
-    return {name: (meth, rank, dict(options or {})) for name, meth in layers.items()}
+    options = dict(options or {})
+    shared = {k: v for k, v in options.items() if k in RankRule.keywords() or k == "allow_larger"}
+    return {name: (meth, rank, dict(options if meth == method else shared)) for name, meth in layers.items()}
 
 
 def summarize(reports: list[LayerReport]) -> dict:

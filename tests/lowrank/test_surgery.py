@@ -34,3 +34,17 @@ def test_a_strategy_rank_that_would_grow_the_layer_is_skipped_in_every_spelling(
     for entry in (("cp3", "ratio", {"ratio": 50}), lowrank.LayerPlan("1", "cp3", rule), ("cp3", rule)):
         _, [rep] = lowrank.compress_model(model, {"1": entry}, input_shape=(3, 12, 12))
         assert rep.status == "skipped" and "not reachable" in rep.reason
+
+
+def test_the_pointwise_layers_of_a_plan_get_the_rank_settings_but_not_the_methods_own_options():
+    """``plan_layers(..., 'cp3', 'ratio', pointwise_method='svd', options={'ratio': 2, 'n_iter_max': 30})``:
+    the classifier is compressed by SVD at 2x (it used to fail on ``n_iter_max`` and stay dense)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 12))
+    plan = lowrank.plan_layers(model, "cp3", "ratio", pointwise_method="svd",
+                               options={"ratio": 2, "n_iter_max": 30, "allow_larger": False})
+    assert plan["2"] == ("cp3", "ratio", {"ratio": 2, "n_iter_max": 30, "allow_larger": False})
+    assert plan["6"] == ("svd", "ratio", {"ratio": 2, "allow_larger": False})
+    _, reports = lowrank.compress_model(model, plan, input_shape=(3, 10, 10), on_error="record")
+    assert [(r.name, r.method, r.status) for r in reports] == [("2", "cp3", "ok"), ("6", "svd", "ok")]
+    assert reports[1].params_before / reports[1].params_after >= 1.9
