@@ -10,7 +10,7 @@ back from the registry: ``speedup_b1`` (the timing step, dense interleaved), ``m
 (MACs at the timed size), ``speedup_per_mac_b1`` (their quotient; the target is >= 0.85) and the
 layers the search left dense.
 
-    .venv/bin/python bench/search_latency.py                  # about 30 minutes on 2 cores
+    .venv/bin/python bench/search_latency.py                  # about 13 minutes on 2 cores (8 sweeps)
     .venv/bin/python bench/search_latency.py --sizes 32 --methods tucker2 --multiples 16
 """
 from __future__ import annotations

@@ -33,6 +33,13 @@ class RuntimeUnavailable(RuntimeError):
     """A runtime cannot run this model here (the reason is the message)."""
 
 
+def timed_shape(input_shape, size: int | None) -> tuple:
+    """The ``(C, H, W)`` latency is measured at: the data's, or square at ``size``
+    (``latency.input_size``) when set."""
+    shape = tuple(input_shape)
+    return shape if size is None else (*shape[:-2], size, size)
+
+
 def export_onnx(model: nn.Module, input_shape, path: str | Path, *, check: bool = True) -> Path:
     """Export ``model`` (eval mode, float32) to ONNX with a dynamic batch dimension; with
     ``check`` the file is run once in ONNX Runtime and compared with PyTorch's output."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import lowrank
 
+from .. import deploy
 from ..report import write_parquet
 from ..results import LayerResult
 from ..search import cache
@@ -138,8 +139,7 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
             say(f"{m.name}: screening table reused from {m.cache_path} ({sum(map(len, m.rows.values()))} rows)")
             continue
         model = m.env.build(m.base.state_dict)
-        shape = tuple(m.base.input_shape)
-        shapes = lowrank.layer_input_shapes(model, list(cfg.candidates), shape if size is None else (*shape[:-2], size, size))
+        shapes = lowrank.layer_input_shapes(model, list(cfg.candidates), deploy.timed_shape(m.base.input_shape, size))
         say(f"{m.name}: screening {len(cfg.candidates)} layers x {len(cfg.methods)} methods x "
             f"{len(search.candidate_ratios)} ratios{' + VBMF ranks' if vbmf is not None else ''}")
         jobs += [(m, (screen_task, n, copy.deepcopy(model.get_submodule(n)), shapes[n], cfg.methods,

@@ -115,8 +115,7 @@ class TaskEnv:
     @property
     def latency_shape(self) -> tuple:
         """The input shape latency is measured at: ``latency.input_size`` when set, else the data's."""
-        shape = self.input_shape
-        return shape if self.latency_size is None else (shape[0], self.latency_size, self.latency_size)
+        return deploy.timed_shape(self.input_shape, self.latency_size)
 
     def latency(self, model) -> dict:
         """``latency()`` of ``model`` at ``latency_shape``; at the data's size where the model cannot

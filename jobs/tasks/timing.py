@@ -17,8 +17,7 @@ def timing_task(dense, compressed, input_shape: tuple, latency: LatencySpec, lay
     (``deploy.per_layer``, under ``layers``); where the chosen runtime cannot run the model,
     PyTorch eager is timed instead and ``note`` says why."""
     t0 = time.perf_counter()
-    shape = tuple(input_shape) if latency.input_size is None else (input_shape[0], latency.input_size,
-                                                                    latency.input_size)
+    shape = deploy.timed_shape(input_shape, latency.input_size)
     kw = {"batches": tuple(latency.batches), "threads": tuple(latency.threads), "repeats": latency.repeats,
           "all_threads": assigned_cpus()}
     note = ""

@@ -144,7 +144,7 @@ def test_a_latency_target_is_screened_at_the_deployed_input_size(tmp_path, make_
 
     spec, data = make_spec("tiny-search.yaml", lambda d: (
         d["compression"].update(methods=["tucker2"]),
-        d["compression"]["search"].update(strategies=["budget"], target="latency", ratio=1.1, candidate_ratios=[3],
+        d["compression"]["search"].update(strategies=["budget"], target="latency", ratio=1.05, candidate_ratios=[3, 8],
                                           loss="error"),
         d.update(latency={"batches": [1], "threads": [1], "repeats": 3, "input_size": 40}),
         d["pretrain"].update(epochs=0), d["finetune"].update(epochs=0)), name="latency-search.yaml")  # timing only
