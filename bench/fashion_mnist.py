@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ OPTIONS = {"cp3": {"n_iter_max": 300}, "cp3-epc": {"n_iter_max": 300, "epc_max_s
 def pretrained(name: str, data, args, seed: int, device: str):
     cache = ROOT / ".cache" / "bench" / f"fashion-{name}-s{seed}-e{args.epochs}-n{args.limit_train}.pt"
     model = build_model(name, 10)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if cache.is_file():
         model.load_state_dict(torch.load(cache, weights_only=True))
         return model, 0.0
@@ -48,8 +51,19 @@ def pretrained(name: str, data, args, seed: int, device: str):
     return model, time.perf_counter() - t0
 
 
+def fingerprint(model) -> str:
+    """The first 12 hex digits of a SHA-256 over the weights: a later run can check it trained the same net."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def finetune_curve(model, data, args, device: str) -> dict:
     """post, bn, and top-1 after each fine-tuning epoch (one cosine schedule over them all)."""
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     out = {"post": evaluate(model, data["val"], device)["top1"]}
     recalibrate_bn(model, data["plain"], 20, device)
     out["bn"] = evaluate(model, data["val"], device)["top1"]
@@ -76,7 +90,11 @@ def plan_for(model, method: str, rank, options: dict, scope: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smallcnn", "resnet18"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="ratio rows; none for only --scopes")
+    ap.add_argument("--scopes", nargs="*", default=["all", "kim"], choices=["all", "kim"],
+                    help="the Tucker-2 VBMF rows (none for only the ratio rows)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="train and fine-tune in channels-last memory format (~1.25x faster on CPU, same math)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[2.0, 3.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--epochs", type=int, default=12, help="pre-training epochs")
@@ -98,6 +116,7 @@ def main() -> None:
     out = Path(args.out)
     if args.resume and out.is_file():
         lines = [line for line in out.read_text().splitlines() if line.strip()]
+        lines.append(f"# resumed: {' '.join(['bench/fashion_mnist.py', *sys.argv[1:]])}")
     print("\n".join(lines), flush=True)
     for seed in args.seeds:
         prep = resolve(spec, None)
@@ -113,19 +132,20 @@ def main() -> None:
             header = f"# {name} seed {seed}: dense top-1"
             if not any(line.startswith(header) for line in lines):
                 lines.append(f"{header} {pre:.4f}, {p0 / 1e6:.2f}M params, {m0 / 1e6:.1f}M MACs "
-                             f"(pre-trained {args.epochs} epochs, {train_s:.0f}s{'' if train_s else ': cached'})")
+                             f"(pre-trained {args.epochs} epochs, {train_s:.0f}s{'' if train_s else ': cached'}; "
+                             f"weights {fingerprint(dense)})")
                 print(lines[-1], flush=True)
             runs = [(m, "ratio", {"ratio": r, **OPTIONS.get(m, {})}, f"{r:g}x", "")
                     for m in args.methods for r in args.ratios]
-            runs.append(("tucker2", "vbmf", {}, "vbmf", "all"))
-            runs.append(("tucker2", "vbmf", {"zero": "dense"}, "vbmf", "kim"))  # rank 0 (no structure): left dense
+            vbmf = {"all": {}, "kim": {"zero": "dense"}}  # kim: rank 0 (no structure) left dense
+            runs += [("tucker2", "vbmf", vbmf[s], "vbmf", s) for s in args.scopes]
             for method, rank, options, label, scope in runs:
                 key = f"{name:<9} {seed:>4} {(method + ' ' + scope).strip():<13} {label:<9} "
                 if any(line.startswith(key) for line in lines):
                     continue
                 torch.manual_seed(seed)
                 t0 = time.perf_counter()
-                small, reports = lowrank.compress_model(copy.deepcopy(dense).cpu(),
+                small, reports = lowrank.compress_model(copy.deepcopy(dense).cpu().to(memory_format=torch.contiguous_format),
                                                         plan_for(dense, method, rank, options, scope),
                                                         input_shape=shape, on_error="record")
                 p, m = lowrank.count(small, shape)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ._common import leading_left_singular_vectors
-from .cp_sweep import Sweep, gram_product, khatri_rao, model_norm2
+from .cp_sweep import Sweep, gram_product, khatri_rao, model_norm2, rebalance, solve_normal
 
 __all__ = ["SweepEngine", "cp_als", "gram_product", "init_factors", "khatri_rao", "rebalance", "reconstruct"]
 
@@ -43,27 +43,6 @@ class SweepEngine:
 
     def model_norm2(self, grams: list[torch.Tensor]) -> float:
         return float(model_norm2(grams))
-
-
-def rebalance(factors: list[torch.Tensor], grams: list[torch.Tensor] | None = None) -> None:
-    """Give every mode of a component the same column norm ``lambda_r^(1/N)`` (tensor unchanged;
-    keeps the normal equations well scaled). ``grams``, if given, are rescaled to match."""
-    norms = torch.stack([f.norm(dim=0) for f in factors])  # (N, R)
-    lam = norms.prod(0)
-    target = lam.clamp_min(0) ** (1.0 / len(factors))
-    for n, f in enumerate(factors):
-        scale = torch.where(norms[n] > 0, target / norms[n], torch.zeros_like(target))
-        factors[n] = f * scale
-        if grams is not None:
-            grams[n] = grams[n] * scale[:, None] * scale[None, :]
-
-
-def _ls_solve(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """``G Gamma^{-1}`` (Gamma symmetric PSD): Cholesky, pseudo-inverse when singular."""
-    chol, info = torch.linalg.cholesky_ex(gamma)
-    if int(info) == 0:
-        return torch.cholesky_solve(g.T, chol).T
-    return g @ torch.linalg.pinv(gamma, hermitian=True)
 
 
 def init_factors(x: torch.Tensor, rank: int, init: str = "svd", seed: int = 0) -> list[torch.Tensor]:
@@ -111,7 +90,7 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
     grams = [f.T @ f for f in factors]
     norm = math.sqrt(engine.norm2) or 1.0
     errors: list[float] = []
-    update = lambda n, g, gam: _ls_solve(g, gam)  # noqa: E731
+    update = lambda n, g, gam: solve_normal(g, gam)  # noqa: E731
     misses = 0
 
     def rel(inner: float, gs) -> float:

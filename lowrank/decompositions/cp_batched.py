@@ -12,31 +12,11 @@ from __future__ import annotations
 import torch
 
 from .cp_als import init_factors, reconstruct
-from .cp_sweep import Sweep, model_norm2
-
-
-def _solve(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """``G Gamma^{-1}`` per problem: Cholesky, the pseudo-inverse where ``Gamma`` is singular."""
-    chol, info = torch.linalg.cholesky_ex(gamma)
-    out = torch.cholesky_solve(g.transpose(1, 2), chol).transpose(1, 2)
-    bad = info != 0
-    if bool(bad.any()):
-        out[bad] = g[bad] @ torch.linalg.pinv(gamma[bad], hermitian=True)
-    return out
+from .cp_sweep import Sweep, model_norm2, rebalance, solve_normal
 
 
 def _update(n: int, g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    return _solve(g, gamma)
-
-
-def _rebalance(factors, grams=None) -> None:
-    norms = torch.stack([f.norm(dim=1) for f in factors])  # (N, B, R)
-    target = norms.prod(0).clamp_min(0) ** (1.0 / len(factors))
-    for n, f in enumerate(factors):
-        scale = torch.where(norms[n] > 0, target / norms[n], torch.zeros_like(target))  # (B, R)
-        factors[n] = f * scale.unsqueeze(1)
-        if grams is not None:
-            grams[n] = grams[n] * scale.unsqueeze(2) * scale.unsqueeze(1)
+    return solve_normal(g, gamma)
 
 
 def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max: int = 500,
@@ -86,7 +66,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
             stop[i] = (e < 1e-15 or (len(curve) > 1 and abs(curve[-2] - e) < tol)
                        or (stop_at is not None and e <= stop_at) or it == n_iter_max)
         if it % 10 == 0:
-            _rebalance(factors, grams)
+            rebalance(factors, grams)
         if bool(stop.any()):
             for i in torch.nonzero(stop).flatten().tolist():
                 done[int(active[i])] = [f[i].clone() for f in factors]
@@ -102,5 +82,5 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
 def _balanced(fs: list[torch.Tensor]) -> list[torch.Tensor]:
     """One problem's factors with equal column norms across modes (``cp_als``'s final step)."""
     stacked = [f.unsqueeze(0) for f in fs]
-    _rebalance(stacked)
+    rebalance(stacked)
     return [f[0] for f in stacked]

@@ -25,6 +25,32 @@ from collections.abc import Callable
 import torch
 
 
+def solve_normal(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``G Gamma^{-1}`` (``Gamma`` symmetric PSD) for one problem, ``(I, R)`` and ``(R, R)``, or a
+    batch, ``(B, I, R)`` and ``(B, R, R)``: Cholesky, the pseudo-inverse where ``Gamma`` is singular."""
+    chol, info = torch.linalg.cholesky_ex(gamma)
+    out = torch.cholesky_solve(g.mT, chol).mT
+    bad = (info != 0).reshape(-1)
+    if bool(bad.any()):
+        flat_g, flat_gamma, flat_out = (t.reshape(-1, *t.shape[-2:]) for t in (g, gamma, out))
+        flat_out[bad] = flat_g[bad] @ torch.linalg.pinv(flat_gamma[bad], hermitian=True)
+        out = flat_out.reshape(out.shape)
+    return out
+
+
+def rebalance(factors: list[torch.Tensor], grams: list[torch.Tensor] | None = None) -> None:
+    """Give every mode of a component the same column norm ``lambda_r^(1/N)`` (tensor unchanged;
+    keeps the normal equations well scaled), in place; factors ``(I_n, R)`` or batched ``(B, I_n, R)``.
+    ``grams``, if given, are rescaled to match."""
+    norms = torch.stack([f.norm(dim=-2) for f in factors])  # (N, R) or (N, B, R)
+    target = norms.prod(0).clamp_min(0) ** (1.0 / len(factors))
+    for n, f in enumerate(factors):
+        scale = torch.where(norms[n] > 0, target / norms[n], torch.zeros_like(target))
+        factors[n] = f * scale.unsqueeze(-2)
+        if grams is not None:
+            grams[n] = grams[n] * scale.unsqueeze(-1) * scale.unsqueeze(-2)
+
+
 def khatri_rao(mats: list[torch.Tensor]) -> torch.Tensor:
     """Column-wise Kronecker product, first matrix varying slowest: ``(I_m, R)`` each ->
     ``(prod I_m, R)``; with a leading batch dimension, ``(B, I_m, R)`` -> ``(B, prod I_m, R)``."""
