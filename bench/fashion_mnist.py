@@ -5,7 +5,8 @@ For each model and seed: every method at 2x and 3x parameters per layer (the fir
 classifier left dense, ResNet-18's 1x1 shortcuts by SVD), top-1 before fine-tuning (``post``), after
 BatchNorm recalibration (``bn``), after 1 and after 3 fine-tuning epochs; and Tucker-2 at plain VBMF
 ranks over the whole model (``tucker2 all``: every conv and linear, the first conv and the classifier
-included) and as Kim et al. apply it (``tucker2 kim``: every kxk conv but the first, rank 0 left dense).
+included) and as Kim et al. apply it (``tucker2 kim``: every kxk conv but the first, rank 0 left dense),
+at plain VBMF ranks and, with ``--weakenings``, weakened as in MUSCO (``vbmf k0.6``).
 
     .venv/bin/python bench/fashion_mnist.py                       # the full table (GPU: minutes)
     .venv/bin/python bench/fashion_mnist.py --models smallcnn --limit-train 12000 --epochs 6   # 2-core CPU
@@ -93,6 +94,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help="ratio rows; none for only --scopes")
     ap.add_argument("--scopes", nargs="*", default=["all", "kim"], choices=["all", "kim"],
                     help="the Tucker-2 VBMF rows (none for only the ratio rows)")
+    ap.add_argument("--weakenings", nargs="+", type=float, default=[1.0],
+                    help="VBMF weakening k of the --scopes rows (MUSCO: R = Rmax - k (Rmax - Rvbmf); 1 = plain)")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                     help="train and fine-tune in channels-last memory format (~1.25x faster on CPU, same math)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[2.0, 3.0])
@@ -138,7 +141,8 @@ def main() -> None:
             runs = [(m, "ratio", {"ratio": r, **OPTIONS.get(m, {})}, f"{r:g}x", "")
                     for m in args.methods for r in args.ratios]
             vbmf = {"all": {}, "kim": {"zero": "dense"}}  # kim: rank 0 (no structure) left dense
-            runs += [("tucker2", "vbmf", vbmf[s], "vbmf", s) for s in args.scopes]
+            runs += [("tucker2", "vbmf", {**vbmf[s], **({"weakening": k} if k != 1 else {})},
+                      "vbmf" if k == 1 else f"vbmf k{k:g}", s) for s in args.scopes for k in args.weakenings]
             for method, rank, options, label, scope in runs:
                 key = f"{name:<9} {seed:>4} {(method + ' ' + scope).strip():<13} {label:<9} "
                 if any(line.startswith(key) for line in lines):
