@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--weakenings", nargs="+", type=float, default=[1.0],
                     help="VBMF weakening k of the --scopes rows (MUSCO: R = Rmax - k (Rmax - Rvbmf); 1 = plain)")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                    help="train and fine-tune in channels-last memory format (~1.25x faster on CPU, same math)")
+                    help="train and fine-tune in channels-last memory format (faster on CPU, same math)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[2.0, 3.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--epochs", type=int, default=12, help="pre-training epochs")
