@@ -90,6 +90,16 @@ class Tracker:
         except self.mlflow.exceptions.MlflowException:
             return []
 
+    def keep_one_version(self, cfg):
+        """The registered version of ``cfg`` (by ``config_hash``), or None. Where a lost answer
+        and a re-sent request left several, the earliest is kept and the others are deleted: each
+        copy points at the same run's model, so nothing is lost."""
+        same = sorted((v for v in self.registered_versions(cfg.registered_name)
+                       if v.tags.get("config_hash") == cfg.config_hash), key=lambda v: int(v.version))
+        for extra in same[1:]:
+            self.client.delete_model_version(cfg.registered_name, extra.version)
+        return same[0] if same else None
+
     def registered_hashes(self, name: str) -> dict[str, str]:
         return {v.tags.get("config_hash"): v.version for v in self.registered_versions(name) if v.tags.get("config_hash")}
 
@@ -135,8 +145,14 @@ class Tracker:
                                      tags={"sweep": sweep, "kind": "sweep", "heartbeat": f"{time.time():.3f}",
                                            "driver": f"{_hostname()}:{os.getpid()}"})
         rid = run.info.run_id
-        # two drivers that started at the same moment: the earlier run keeps the lock
+        me = run.data.tags["driver"]
         fresh = [r for r in self._running_parents(sweep) if self._heartbeat_age(r) < LOCK_TTL_SECONDS]
+        for r in [r for r in fresh if r.info.run_id != rid and r.data.tags.get("driver") == me]:
+            # our own create, re-sent by MLflow's client after its answer was lost: not another driver
+            self.client.set_tag(r.info.run_id, "failure", f"duplicate of {rid} (a re-sent create)")
+            self.client.set_terminated(r.info.run_id, status="KILLED")
+            fresh.remove(r)
+        # two drivers that started at the same moment: the earlier run keeps the lock
         first = min(fresh, key=lambda r: (r.info.start_time, r.info.run_id))
         if first.info.run_id != rid:
             self.client.set_terminated(rid, status="KILLED")
@@ -156,13 +172,13 @@ class Tracker:
         """One child run per configuration (``cfg``: a ``plan.Config``; ``base``: the dense
         reference; ``result``: an ``EvalResult``): params, metrics, per-layer table, the model
         (pt2), and a registered model version with the design's tags. Returns the version."""
-        for v in self.registered_versions(cfg.registered_name):
-            if v.tags.get("config_hash") == cfg.config_hash:
-                # an earlier attempt registered it and lost the answer (the server went away mid-call):
-                # a retry finishes that attempt's run instead of registering the configuration twice
-                if v.run_id:
-                    self.client.set_terminated(v.run_id, status="FINISHED")
-                return str(v.version)
+        kept = self.keep_one_version(cfg)
+        if kept is not None:
+            # an earlier attempt registered it and lost the answer (the server went away mid-call):
+            # a retry finishes that attempt's run instead of registering the configuration twice
+            if kept.run_id:
+                self.client.set_terminated(kept.run_id, status="FINISHED")
+            return str(kept.version)
         mlflow = self.mlflow
         from mlflow.entities import Metric  # deferred with MLflow itself
 
@@ -171,6 +187,7 @@ class Tracker:
                                            "config_hash": cfg.config_hash, "model": cfg.model.name,
                                            "method": cfg.method})
         rid = run.info.run_id
+        self._supersede(parent_id, cfg.config_hash, rid)
         metrics = report.config_metrics(base, result)
         params = {**cfg.params, **({"allocation": result.allocation} if result.allocation else {}),
                   **{f"preprocess.{k}": v for k, v in (base.get("preprocess") or {}).items()}}
@@ -210,9 +227,23 @@ class Tracker:
         # version without its config_hash (which a re-run would then duplicate)
         with contextlib.redirect_stderr(io.StringIO()):  # "Created version ..." chatter; errors still raise
             mv = mlflow.register_model(info.model_uri, cfg.registered_name, tags=tags)
-        version = str(mv.version)
+        # MLflow's HTTP client re-sends any request whose answer was lost (urllib3 Retry on every
+        # method), so a create that reached the server just before it went away can land twice
+        # inside this one call; the earliest version stays, later copies are deleted
+        kept = self.keep_one_version(cfg)
+        version = str(kept.version if kept is not None else mv.version)
         self.client.set_terminated(rid, status="FINISHED")
         return version
+
+    def _supersede(self, parent_id: str, config_hash: str, rid: str) -> None:
+        """Earlier RUNNING runs of this configuration in this sweep (an attempt that failed part-way,
+        or a create MLflow's client re-sent after a lost answer) end FAILED, pointing at ``rid``."""
+        query = (f"tags.mlflow.parentRunId = '{parent_id}' and tags.config_hash = '{config_hash}' "
+                 "and tags.kind = 'config' and attributes.status = 'RUNNING'")
+        for r in self.client.search_runs([self.experiment_id], query):
+            if r.info.run_id != rid:
+                self.client.set_tag(r.info.run_id, "failure", f"superseded by run {rid}")
+                self.client.set_terminated(r.info.run_id, status="FAILED")
 
     def _log_onnx(self, model, input_shape: tuple, rid: str) -> str:
         """The same model as ONNX (``runs:/<run>/onnx``, loadable by ``mlflow.onnx.load_model``),

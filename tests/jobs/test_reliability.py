@@ -165,11 +165,10 @@ def test_worker_killed_mid_task_is_retried(tmp_path, ray_start_2_cpus, capsys):
     from ray.util.state import list_tasks, list_workers
 
     spec, data = _spec(tmp_path, lambda d: d["finetune"].update(epochs=3))
-    killed = []
+    killed, done = [], threading.Event()
 
-    def killer():
-        end = time.time() + 120
-        while time.time() < end and not killed:
+    def killer():  # watches until the sweep ends, however slow a loaded machine makes it get there
+        while not done.is_set() and not killed:
             try:
                 tasks = list_tasks(filters=[("name", "=", "evaluate_task"), ("state", "=", "RUNNING")], timeout=5)
             except Exception:  # noqa: BLE001
@@ -186,8 +185,11 @@ def test_worker_killed_mid_task_is_retried(tmp_path, ray_start_2_cpus, capsys):
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    assert main(["run", str(spec)]) == 0
-    th.join(timeout=5)
+    try:
+        assert main(["run", str(spec)]) == 0
+    finally:
+        done.set()
+    th.join(timeout=30)
     assert killed, "no evaluate_task was caught running"
     from mlflow import MlflowClient
 
@@ -265,33 +267,45 @@ def test_node_removed_mid_sweep(tmp_path):
     assert sorted(v.tags["method"] for v in versions) == ["cp3-epc", "tucker2"]
 
 
-def test_mlflow_server_away_mid_sweep(tmp_path, ray_start_2_cpus, capsys):
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _start_mlflow_server(store: Path, port: int):
+    """A real ``mlflow server`` on ``port`` over a sqlite store in ``store`` (its own process group)."""
+    store.mkdir(exist_ok=True)
+    return subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+                             "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
+                            cwd=store, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_up(uri: str) -> None:
+    import urllib.request
+
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("mlflow server did not start")
+
+
+def test_mlflow_server_away_mid_sweep(tmp_path, ray_start_2_cpus, capsys):
+    port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     store = tmp_path / "server"
-    store.mkdir()
-    bin_dir = Path(sys.executable).parent
 
     def start_server():
-        return subprocess.Popen([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination",
-                                 str(store / "artifacts"), "--workers", "1"], cwd=store, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return _start_mlflow_server(store, port)
 
     def wait_up():
-        import urllib.request
-
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError("mlflow server did not start")
+        _wait_up(uri)
 
     server = start_server()
     wait_up()
@@ -358,3 +372,116 @@ def test_a_retried_write_never_registers_a_configuration_twice(tmp_path):
     assert tracker.log_config(parent, cfg, base, result, model) == first  # the retry
     versions = MlflowClient(data["mlflow"]["tracking_uri"]).search_model_versions("name='lowrank-smallcnn'")
     assert [str(v.version) for v in versions] == [first]
+
+
+class _AnswerLosingProxy:
+    """An HTTP proxy in front of a real MLflow server that forwards the first request whose path
+    ends with ``suffix`` and then hangs up instead of answering, as a server that goes away right
+    after it committed does. MLflow's client re-sends it (urllib3 ``Retry`` on every method)."""
+
+    def __init__(self, upstream_port: int, suffix: str):
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        proxy = self
+        self.forwarded: list[str] = []
+        self.dropped = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                proxy.forwarded.append(self.path.split("?")[0])
+                if self.path.split("?")[0].endswith(suffix) and not proxy.dropped:
+                    proxy.dropped += 1  # committed upstream; the answer never reaches the client
+                    self.close_connection = True
+                    return
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_create_whose_answer_is_lost_and_resent_by_mlflow_leaves_one_version(tmp_path):
+    """Seen in the suite under load: the server committed a ``model-versions/create`` and went away
+    before answering; MLflow's client re-sent it inside the one ``register_model`` call, so the
+    configuration had two versions. The tracker keeps the earliest and deletes the copy."""
+    from mlflow import MlflowClient
+
+    from jobs.plan import plan_sweep
+    from jobs.results import EvalResult
+    from jobs.spec import load_spec
+    from jobs.tracking import Tracker
+
+    port = _free_port()
+    server = _start_mlflow_server(tmp_path / "server", port)
+    proxy = None
+    try:
+        _wait_up(f"http://127.0.0.1:{port}")
+        proxy = _AnswerLosingProxy(port, "/model-versions/create")
+        spec_path, _ = _spec(tmp_path, lambda d: d["compression"].update(methods=["tucker2"], options={}))
+        [cfg] = plan_sweep(load_spec(spec_path))
+        model = SmallCNN(10).eval()
+        params = sum(p.numel() for p in model.parameters())
+        base = {"acc": {"top1": 0.9}, "params": 2 * params, "macs": 2, "latency": {"b1": 1e-3, "b32": 1e-2},
+                "input_shape": (3, 16, 16), "source": "checkpoint"}
+        result = EvalResult(state_dict=model.state_dict(), factors={}, acc_post={"top1": 0.5}, acc_ft={"top1": 0.8},
+                            params=params, macs=1, latency={"b1": 1e-3, "b32": 1e-2}, reports=[], layer_status=[])
+        tracker = Tracker(f"http://127.0.0.1:{proxy.port}", "lossy")
+        version = tracker.log_config(tracker.start_parent(cfg.sweep, {}), cfg, base, result, model)
+        creates = [p for p in proxy.forwarded if p.endswith("/model-versions/create")]
+        assert proxy.dropped == 1 and len(creates) == 2, creates  # the fault happened: the create was re-sent
+        versions = MlflowClient(f"http://127.0.0.1:{port}").search_model_versions(f"name='{cfg.registered_name}'")
+        assert [(str(v.version), v.tags["config_hash"]) for v in versions] == [(version, cfg.config_hash)]
+        assert version == "1"  # the earliest copy is the one kept
+    finally:
+        if proxy:
+            proxy.close()
+        os.killpg(server.pid, signal.SIGTERM)
+
+
+def test_a_resent_parent_create_is_not_taken_for_a_second_driver(tmp_path):
+    """A lost answer to ``runs/create`` makes MLflow's client create the sweep's parent run twice;
+    the driver must not then refuse its own sweep as "started at the same time" elsewhere."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking import Tracker
+
+    port = _free_port()
+    server = _start_mlflow_server(tmp_path / "server", port)
+    proxy = None
+    try:
+        _wait_up(f"http://127.0.0.1:{port}")
+        proxy = _AnswerLosingProxy(port, "/runs/create")
+        tracker = Tracker(f"http://127.0.0.1:{proxy.port}", "lossy")
+        rid = tracker.start_parent("s", {})
+        assert proxy.dropped == 1 and proxy.forwarded.count("/api/2.0/mlflow/runs/create") == 2
+        runs = MlflowClient(f"http://127.0.0.1:{port}").search_runs([tracker.experiment_id], "tags.kind = 'sweep'")
+        status = {r.info.run_id: r.info.status for r in runs}
+        assert len(status) == 2 and status.pop(rid) == "RUNNING"
+        assert list(status.values()) == ["KILLED"]
+    finally:
+        if proxy:
+            proxy.close()
+        os.killpg(server.pid, signal.SIGTERM)
