@@ -4,7 +4,7 @@ Models are logged with ``serialization_format='pt2'`` (``torch.export``): they l
 ``GraphModule`` without unpickling anything, so a registry reader never runs code from a model
 file. The input example has batch 2 so the exported batch dimension stays dynamic.
 
-The sweep lock: a RUNNING parent run with a fresh ``heartbeat`` tag means the sweep runs elsewhere.
+The sweep lock (``sweep_lock.SweepLock``) is part of the ``Tracker``.
 """
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import copy
 import io
 import json
 import logging
-import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -23,30 +21,11 @@ import numpy as np
 
 from . import deploy, report
 from .store import redact, sqlite_init_lock
+from .sweep_lock import HEARTBEAT_SECONDS, LOCK_TTL_SECONDS, SweepLock, SweepRunningError  # noqa: F401 - re-exported
 
 PIP_REQUIREMENTS = ["torch==2.13.0"]
 MODEL_TAGS = ("sweep", "config_hash", "model", "method", "compression_ratio", "mac_ratio", "speedup_b1", "acc_pre",
               "acc_post", "acc_ft", "degenerate_layers")
-LOCK_TTL_SECONDS = float(os.environ.get("LOWRANK_LOCK_TTL", "180"))
-HEARTBEAT_SECONDS = 20.0
-
-
-class SweepRunningError(RuntimeError):
-    """The same sweep is running elsewhere (its parent run has a fresh heartbeat)."""
-
-
-def _hostname() -> str:
-    return socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def version_tags(cfg, metrics: dict, degenerate: int, run_id: str) -> dict:
@@ -68,7 +47,7 @@ def curve_tag(curves: dict | None) -> dict:
     return {"ft_curve": json.dumps([round(float(v), 4) for v in curves[key]])} if key else {}
 
 
-class Tracker:
+class Tracker(SweepLock):
     def __init__(self, tracking_uri: str, experiment: str):
         import mlflow  # deferred: MLflow is heavy and only the driver's side needs it
         from mlflow import MlflowClient
@@ -102,68 +81,6 @@ class Tracker:
 
     def registered_hashes(self, name: str) -> dict[str, str]:
         return {v.tags.get("config_hash"): v.version for v in self.registered_versions(name) if v.tags.get("config_hash")}
-
-    # ---------------------------------------------------------------- runs
-    def _running_parents(self, sweep: str) -> list:
-        return list(self.client.search_runs(
-            [self.experiment_id], f"tags.sweep = '{sweep}' and tags.kind = 'sweep' and attributes.status = 'RUNNING'"))
-
-    @staticmethod
-    def _heartbeat_age(run) -> float:
-        hb = run.data.tags.get("heartbeat")
-        last = float(hb) if hb else run.info.start_time / 1000.0
-        age = time.time() - last
-        # a driver on this host whose process is gone is stale at once, whatever its heartbeat
-        host, _, pid = run.data.tags.get("driver", "").rpartition(":")
-        if host == _hostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            return float("inf")
-        return age
-
-    def fail_stale_parents(self, sweep: str, ttl: float = LOCK_TTL_SECONDS) -> int:
-        """The sweep lock. A RUNNING parent run of this sweep with a heartbeat younger than
-        ``ttl`` means the sweep is running elsewhere: refuse. Older ones were left by a killed
-        driver: mark them FAILED and go on (the re-run resumes by ``config_hash``)."""
-        stale = 0
-        for r in self._running_parents(sweep):
-            age = self._heartbeat_age(r)
-            if age < ttl:
-                raise SweepRunningError(
-                    f"sweep {sweep!r} is already running (parent run {r.info.run_id}, "
-                    f"{r.data.tags.get('driver', 'unknown driver')}, heartbeat {age:.0f}s ago); not starting a second copy")
-            why = "driver process is gone" if age == float("inf") else f"no heartbeat for {age:.0f}s"
-            self.client.set_tag(r.info.run_id, "failure", f"driver stopped: {why}")
-            for child in self.client.search_runs([self.experiment_id],
-                                                 f"tags.mlflow.parentRunId = '{r.info.run_id}' and attributes.status = 'RUNNING'"):
-                self.client.set_tag(child.info.run_id, "failure", "interrupted with its sweep's driver")
-                self.client.set_terminated(child.info.run_id, status="FAILED")
-            self.client.set_terminated(r.info.run_id, status="FAILED")
-            stale += 1
-        return stale
-
-    def start_parent(self, sweep: str, spec_dict: dict) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                     tags={"sweep": sweep, "kind": "sweep", "heartbeat": f"{time.time():.3f}",
-                                           "driver": f"{_hostname()}:{os.getpid()}"})
-        rid = run.info.run_id
-        me = run.data.tags["driver"]
-        fresh = [r for r in self._running_parents(sweep) if self._heartbeat_age(r) < LOCK_TTL_SECONDS]
-        for r in [r for r in fresh if r.info.run_id != rid and r.data.tags.get("driver") == me]:
-            # our own create, re-sent by MLflow's client after its answer was lost: not another driver
-            self.client.set_tag(r.info.run_id, "failure", f"duplicate of {rid} (a re-sent create)")
-            self.client.set_terminated(r.info.run_id, status="KILLED")
-            fresh.remove(r)
-        # two drivers that started at the same moment: the earlier run keeps the lock
-        first = min(fresh, key=lambda r: (r.info.start_time, r.info.run_id))
-        if first.info.run_id != rid:
-            self.client.set_terminated(rid, status="KILLED")
-            raise SweepRunningError(f"sweep {sweep!r} was started at the same time by "
-                                    f"{first.data.tags.get('driver', 'another driver')}; not starting a second copy")
-        safe = redact(spec_dict)
-        self.client.log_text(rid, json.dumps(safe, indent=2, default=str), "spec.json")
-        return rid
-
-    def heartbeat(self, run_id: str) -> None:
-        self.client.set_tag(run_id, "heartbeat", f"{time.time():.3f}")
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
