@@ -348,15 +348,12 @@ def test_mlflow_server_away_mid_sweep(tmp_path, ray_start_2_cpus, capsys):
         os.killpg(server.pid, signal.SIGTERM)
 
 
-def test_a_retried_write_never_registers_a_configuration_twice(tmp_path):
-    """The server can go away after it registered a version but before the answer arrived; the
-    retry then finds the version by its config_hash (seen once in the suite as a duplicate)."""
-    from mlflow import MlflowClient
-
+def _one_result(tmp_path):
+    """One tucker2 configuration of the tiny spec and a made-up result for it, ready for
+    ``Tracker.log_config``: ``(cfg, base, result, model, spec data)``."""
     from jobs.plan import plan_sweep
     from jobs.results import EvalResult
     from jobs.spec import load_spec
-    from jobs.tracking import Tracker
 
     spec_path, data = _spec(tmp_path, lambda d: d["compression"].update(methods=["tucker2"], options={}))
     [cfg] = plan_sweep(load_spec(spec_path))
@@ -366,6 +363,17 @@ def test_a_retried_write_never_registers_a_configuration_twice(tmp_path):
             "input_shape": (3, 16, 16), "source": "checkpoint"}
     result = EvalResult(state_dict=model.state_dict(), factors={}, acc_post={"top1": 0.5}, acc_ft={"top1": 0.8},
                         params=params, macs=1, latency={"b1": 1e-3, "b32": 1e-2}, reports=[], layer_status=[])
+    return cfg, base, result, model, data
+
+
+def test_a_retried_write_never_registers_a_configuration_twice(tmp_path):
+    """The server can go away after it registered a version but before the answer arrived; the
+    retry then finds the version by its config_hash (seen once in the suite as a duplicate)."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking import Tracker
+
+    cfg, base, result, model, data = _one_result(tmp_path)
     tracker = Tracker(data["mlflow"]["tracking_uri"], data["mlflow"]["experiment"])
     parent = tracker.start_parent(cfg.sweep, {})
     first = tracker.log_config(parent, cfg, base, result, model)
@@ -429,9 +437,6 @@ def test_a_create_whose_answer_is_lost_and_resent_by_mlflow_leaves_one_version(t
     configuration had two versions. The tracker keeps the earliest and deletes the copy."""
     from mlflow import MlflowClient
 
-    from jobs.plan import plan_sweep
-    from jobs.results import EvalResult
-    from jobs.spec import load_spec
     from jobs.tracking import Tracker
 
     port = _free_port()
@@ -440,14 +445,7 @@ def test_a_create_whose_answer_is_lost_and_resent_by_mlflow_leaves_one_version(t
     try:
         _wait_up(f"http://127.0.0.1:{port}")
         proxy = _AnswerLosingProxy(port, "/model-versions/create")
-        spec_path, _ = _spec(tmp_path, lambda d: d["compression"].update(methods=["tucker2"], options={}))
-        [cfg] = plan_sweep(load_spec(spec_path))
-        model = SmallCNN(10).eval()
-        params = sum(p.numel() for p in model.parameters())
-        base = {"acc": {"top1": 0.9}, "params": 2 * params, "macs": 2, "latency": {"b1": 1e-3, "b32": 1e-2},
-                "input_shape": (3, 16, 16), "source": "checkpoint"}
-        result = EvalResult(state_dict=model.state_dict(), factors={}, acc_post={"top1": 0.5}, acc_ft={"top1": 0.8},
-                            params=params, macs=1, latency={"b1": 1e-3, "b32": 1e-2}, reports=[], layer_status=[])
+        cfg, base, result, model, _ = _one_result(tmp_path)
         tracker = Tracker(f"http://127.0.0.1:{proxy.port}", "lossy")
         version = tracker.log_config(tracker.start_parent(cfg.sweep, {}), cfg, base, result, model)
         creates = [p for p in proxy.forwarded if p.endswith("/model-versions/create")]
