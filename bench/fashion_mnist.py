@@ -133,7 +133,11 @@ def main() -> None:
             shape = (3, 32, 32)
             p0, m0 = lowrank.count(dense.cpu(), shape)
             header = f"# {name} seed {seed}: dense top-1"
-            if not any(line.startswith(header) for line in lines):
+            kept = [line for line in lines if line.startswith(header)]
+            if kept and f"weights {fingerprint(dense)}" not in kept[-1]:
+                sys.exit(f"{out}: its {name} seed {seed} rows were measured on other weights ({kept[-1]}), "
+                         f"these are {fingerprint(dense)}; use another --out")
+            if not kept:
                 lines.append(f"{header} {pre:.4f}, {p0 / 1e6:.2f}M params, {m0 / 1e6:.1f}M MACs "
                              f"(pre-trained {args.epochs} epochs, {train_s:.0f}s{'' if train_s else ': cached'}; "
                              f"weights {fingerprint(dense)})")

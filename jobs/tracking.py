@@ -80,7 +80,12 @@ class Tracker(SweepLock):
         return same[0] if same else None
 
     def registered_hashes(self, name: str) -> dict[str, str]:
-        return {v.tags.get("config_hash"): v.version for v in self.registered_versions(name) if v.tags.get("config_hash")}
+        """config_hash -> version; where copies exist, the earliest (the one ``keep_one_version`` keeps)."""
+        found = {}
+        for v in sorted(self.registered_versions(name), key=lambda v: -int(v.version)):
+            if v.tags.get("config_hash"):
+                found[v.tags["config_hash"]] = str(v.version)
+        return found
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

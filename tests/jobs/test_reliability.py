@@ -382,6 +382,27 @@ def test_a_retried_write_never_registers_a_configuration_twice(tmp_path):
     assert [str(v.version) for v in versions] == [first]
 
 
+def test_copies_left_by_an_older_runner_resolve_to_the_earliest_version(tmp_path):
+    """A store where an earlier runner left two versions of one configuration: the driver's
+    already-registered map and the retry path both name the earliest, and the copy goes."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking import Tracker
+
+    cfg, base, result, model, data = _one_result(tmp_path)
+    tracker = Tracker(data["mlflow"]["tracking_uri"], data["mlflow"]["experiment"])
+    parent = tracker.start_parent(cfg.sweep, {})
+    first = tracker.log_config(parent, cfg, base, result, model)
+    client = MlflowClient(data["mlflow"]["tracking_uri"])
+    [v1] = client.search_model_versions(f"name='{cfg.registered_name}'")
+    copy = client.create_model_version(cfg.registered_name, v1.source, run_id=v1.run_id,
+                                       tags={"config_hash": cfg.config_hash})
+    assert str(copy.version) != first
+    assert tracker.registered_hashes(cfg.registered_name) == {cfg.config_hash: first}
+    assert tracker.log_config(parent, cfg, base, result, model) == first
+    assert [str(v.version) for v in client.search_model_versions(f"name='{cfg.registered_name}'")] == [first]
+
+
 class _AnswerLosingProxy:
     """An HTTP proxy in front of a real MLflow server that forwards the first request whose path
     ends with ``suffix`` and then hangs up instead of answering, as a server that goes away right
