@@ -64,6 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.checkpoint and not Path(args.checkpoint).is_file():
         sys.exit(f"--checkpoint {args.checkpoint}: no such file (bench/fashion_mnist.py writes one under .cache/bench/)")
+    if args.checkpoint:
+        args.checkpoint = str(Path(args.checkpoint).resolve())  # before the sweeps chdir into their store
     out = Path(args.out).resolve()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
