@@ -37,7 +37,7 @@ def spec(size: int, method: str, multiple: int, args) -> dict:
     d["name"] = name
     d["models"] = [{"name": "resnet18", "num_classes": 10}]
     if args.checkpoint:
-        d["models"][0]["checkpoint"] = str(Path(args.checkpoint).resolve())
+        d["models"][0]["checkpoint"] = args.checkpoint  # resolved in main, before the chdir
     if args.data == "fashion-mnist":  # the 10,000 test images validate; the geometry bench/fashion_mnist.py trains in
         d["dataset"] = {"kind": "fashion-mnist", "input_size": 32, "batch_size": 128, "limit_train": args.limit_train}
     d["mlflow"] = {"tracking_uri": "sqlite:///mlflow.db", "experiment": "bench-search-latency",
@@ -62,9 +62,9 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None, help="fashion-mnist: training images for fine-tuning")
     ap.add_argument("--out", default=str(ROOT / "bench" / "search_latency.out.txt"))
     args = ap.parse_args()
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        sys.exit(f"--checkpoint {args.checkpoint}: no such file (bench/fashion_mnist.py writes one under .cache/bench/)")
     if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            sys.exit(f"--checkpoint {args.checkpoint}: no such file (bench/fashion_mnist.py writes one under .cache/bench/)")
         args.checkpoint = str(Path(args.checkpoint).resolve())  # before the sweeps chdir into their store
     out = Path(args.out).resolve()
     sys.path.insert(0, str(ROOT))
