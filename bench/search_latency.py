@@ -9,8 +9,9 @@ each method alone (``spatial-svd``, ``tucker2``) and ranks as chosen or in multi
 ``compression.search`` strategy ``budget``, ``target: latency`` at ``--ratio``, on ONNX Runtime at
 batch 1, one thread, screened and timed at that size (``latency.input_size``). Every figure is read
 back from the registry: ``speedup_b1`` (the timing step, dense interleaved), ``mac_ratio_timed``
-(MACs at the timed size), ``speedup_per_mac_b1`` (their quotient; the target is >= 0.85) and the
-layers the search left dense.
+(MACs at the timed size), ``speedup_per_mac_b1`` (their quotient; the target is >= 0.85), the
+speedup the search predicted (``search_predicted_ratio``: its latency model, calibrated against the
+whole graph), the dense model's top-1 (``acc_pre``) and the layers the search left dense.
 
     .venv/bin/python bench/search_latency.py                  # about 13 minutes on 2 cores (8 sweeps)
     .venv/bin/python bench/search_latency.py --sizes 32 --methods tucker2 --multiples 16
@@ -78,9 +79,9 @@ def main() -> None:
     lines = [f"# {' '.join(['bench/search_latency.py', *sys.argv[1:]])}",
              f"# ResNet-18 ({args.data}, 32 px training{weights}), search budget, target latency {args.ratio:g}x; ONNX Runtime, "
              f"batch 1, one thread, timed at the size named",
-             "| size | method | ranks | speedup b1 | MACs x (timed size) | speedup / MAC reduction | >= 0.85 | "
-             "params x | acc_ft | layers left dense | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| size | method | ranks | speedup b1 | predicted | MACs x (timed size) | speedup / MAC reduction | >= 0.85 | "
+             "params x | acc_pre | acc_ft | layers left dense | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # one MLflow store and one pre-training cache for every sweep
@@ -94,15 +95,17 @@ def main() -> None:
                     seconds = time.perf_counter() - t0
                     versions = client.search_model_versions(f"name='{d['name']}-resnet18'")
                     if res.failed or not versions:
-                        line = f"| {size} | {method} | x{multiple} | failed: {res.failed} | | | | | | | {seconds:.0f} |"
+                        line = f"| {size} | {method} | x{multiple} | failed: {res.failed} | | | | | | | | | {seconds:.0f} |"
                     else:
                         t = versions[0].tags
                         alloc = client.get_run(t["run_id"]).data.params.get("allocation", "")
                         per = float(t["speedup_per_mac_b1"])
                         line = (f"| {size} | {method} | {'as chosen' if multiple == 1 else f'multiples of {multiple}'} | "
-                                f"{float(t['speedup_b1']):.2f}x | {float(t['mac_ratio_timed']):.2f} | {per:.2f} | "
+                                f"{float(t['speedup_b1']):.2f}x | {float(t.get('search_predicted_ratio', 'nan')):.2f}x | "
+                                f"{float(t['mac_ratio_timed']):.2f} | {per:.2f} | "
                                 f"{'yes' if per >= 0.85 else 'no'} | {float(t['compression_ratio']):.2f} | "
-                                f"{float(t['acc_ft']):.3f} | {alloc.count('=dense')}/{alloc.count('=')} | {seconds:.0f} |")
+                                f"{float(t['acc_pre']):.3f} | {float(t['acc_ft']):.3f} | "
+                                f"{alloc.count('=dense')}/{alloc.count('=')} | {seconds:.0f} |")
                     lines.append(line)
                     print(line, flush=True)
                     out.write_text("\n".join(lines) + "\n")  # after every sweep

@@ -86,6 +86,7 @@ class EvalResult:
     stages: list | None = None  # staged: one record per stage
     curves: dict | None = None  # scratch: training curves of both models
     allocation: str = ""  # search: what the strategy chose per layer
+    predicted: float | None = None  # search: the ratio on its target it predicted for that choice
 
     def decompose_seconds(self) -> float:
         return sum(s.get("seconds", 0.0) for s in self.layer_status)

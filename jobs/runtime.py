@@ -180,21 +180,21 @@ class Session:
         return self.ray.put(value)
 
     # ------------------------------------------------------------------ the wait loop
-    def start(self, fn, *args, key, fetch: bool = True):
-        ref = self.remote(fn).remote(*args)
+    def start(self, fn, *args, key, fetch: bool = True, options: dict | None = None):
+        ref = (self.ray.remote(fn).options(**options) if options else self.remote(fn)).remote(*args)
         self._inflight[ref] = (key, fetch)
         self.result.timings.setdefault("first_submit", time.perf_counter())
         return ref
 
-    def submit(self, fn, *args, key) -> None:
-        self._queue.append((fn, args, key))
+    def submit(self, fn, *args, key, options: dict | None = None) -> None:
+        self._queue.append((fn, args, key, options))
         self._pump()
 
     def _pump(self) -> None:
         limit = self.spec.resources.max_concurrent or 10**9
         while self._queue and len(self._inflight) < limit:
-            fn, args, key = self._queue.popleft()
-            self.start(fn, *args, key=key)
+            fn, args, key, options = self._queue.popleft()
+            self.start(fn, *args, key=key, options=options)
 
     def beat(self) -> None:
         if time.perf_counter() - self._last_beat >= HEARTBEAT_SECONDS:
@@ -225,10 +225,11 @@ class Session:
                     self._account(out)
                 yield key, out
 
-    def gather(self, calls: list[tuple]) -> list:
-        """Run ``[(fn, *args), ...]`` as one wave; results (or exceptions) in order."""
+    def gather(self, calls: list[tuple], options: dict | None = None) -> list:
+        """Run ``[(fn, *args), ...]`` as one wave (``options``: Ray's, in place of the tasks'
+        own, e.g. ``timing_options()``); results (or exceptions) in order."""
         for i, (fn, *args) in enumerate(calls):
-            self.submit(fn, *args, key=("wave", i))
+            self.submit(fn, *args, key=("wave", i), options=options)
         out = [None] * len(calls)
         for (_, i), value in self.completed():
             out[i] = value

@@ -36,7 +36,8 @@ def version_tags(cfg, metrics: dict, degenerate: int, run_id: str) -> dict:
     values = {"sweep": cfg.sweep, "config_hash": cfg.config_hash, "model": cfg.model.name, "method": cfg.method,
               "degenerate_layers": str(degenerate)}
     values.update({k: f"{metrics[k]:.4f}" for k in keys if k not in values})
-    timed = {k: f"{metrics[k]:.4f}" for k in ("speedup_per_mac_b1", "mac_ratio_timed") if k in metrics}
+    timed = {k: f"{metrics[k]:.4f}" for k in ("speedup_per_mac_b1", "mac_ratio_timed", "search_predicted_ratio")
+             if k in metrics}
     return {**{k: values[k] for k in keys}, **timed, "run_id": run_id}
 
 
@@ -261,6 +262,9 @@ class Tracker(SweepLock):
 
     def log_artifact(self, parent_id: str, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(parent_id, str(path), artifact_path=folder)
+
+    def log_dict(self, parent_id: str, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(parent_id, data, artifact_file)
 
     def mark_nodes(self, parent_id: str, nodes: set) -> None:
         self.client.set_tag(parent_id, "ray_nodes", ",".join(sorted(nodes)))

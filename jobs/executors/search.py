@@ -25,13 +25,13 @@ import lowrank
 from .. import deploy
 from ..report import write_parquet
 from ..results import LayerResult
-from ..search import cache
+from ..search import cache, calibrate
 from ..search.allocate import InfeasibleTarget
-from ..search.strategies import allocation_options, decide
+from ..search.strategies import allocation_options, decide, estimate
 from ..spec import SpecError, stable_hash
 from ..store import with_retries
 from ..tasks.compress import baseline_task, evaluate_task
-from ..tasks.search import screen_task, sensitivity_task
+from ..tasks.search import calibrate_task, screen_task, sensitivity_task
 from .tolerance import tolerance
 from .tune import tune_search
 
@@ -48,6 +48,7 @@ class SearchedModel:
     acc0: float | None = None  # the dense model on the probe subset
     cache_path: Path | None = None
     cached: bool = False
+    calibration: dict | None = None  # the latency model against the whole graph (search.calibrate)
     failed: str | None = None
 
     @property
@@ -86,14 +87,16 @@ def run_search(session, configs: list) -> None:
     # 2-3. screening + sensitivity (or the cached table)
     _screen_all(session, ms, search)
     ms = [m for m in ms if not m.failed]
+    if search.target == "latency":
+        _calibrate_all(session, ms)
     # 4. strategies
-    choices: list[tuple] = []  # (model, cfg, layer -> row | None)
+    choices: list[tuple] = []  # (model, cfg, layer -> row | None, the predicted ratio | None)
     tol = [(m, c) for m in ms for c in m.cfgs if c.strategy == "tolerance"]
     if tol:
         picked = tolerance(session, [m for m, _ in tol], search)
-        choices += [(m, c, picked[m.name]) for m, c in tol if m.name in picked]
+        choices += [(m, c, picked[m.name], None) for m, c in tol if m.name in picked]
     for m in ms:
-        options, fixed = allocation_options(m.rows, m.base, search.target)
+        options, fixed = allocation_options(m.rows, m.base, search.target, m.calibration)
         for cfg in m.cfgs:
             if cfg.strategy == "tolerance":
                 continue
@@ -109,7 +112,7 @@ def run_search(session, configs: list) -> None:
             except Exception as e:  # noqa: BLE001 - e.g. Ray Tune failing: the other strategies still run
                 session.fail(cfg.label, e)
                 continue
-            choices.append((m, cfg, choice))
+            choices.append((m, cfg, choice, estimate(options, fixed, choice)))
     # 5. evaluate + fine-tune every chosen configuration at once; log as they finish
     _evaluate_all(session, choices)
 
@@ -193,17 +196,44 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
                          what=f"logging the screening table of {m.name}", say=say)
 
 
+def _calibrate_all(session, ms: list[SearchedModel]) -> None:
+    """Per model, the latency outside the searched layers, measured on the screening's runtime in a
+    task of its own (``latency.exclusive``: the whole node) and logged as
+    ``screening/<model>.calibration.json``; a model whose calibration fails keeps the additive model."""
+    runtime = session.spec.latency.runtime if not session.gpu else "torch"
+    size = session.spec.latency.input_size
+    outs = session.gather([(calibrate_task, m.env.build(m.base.state_dict), list(m.rows),
+                            deploy.timed_shape(m.base.input_shape, size), runtime, session.gpu) for m in ms],
+                          options=session.timing_options())
+    for m, out in zip(ms, outs):
+        if isinstance(out, Exception):
+            session.say(f"{m.name}: latency calibration failed ({str(out).splitlines()[0][:160]}); the layers' "
+                        "times are added up as screened")
+            continue
+        dense = sum(rs[0]["latency"] for rs in m.rows.values())
+        k = calibrate.scale(out, dense)
+        m.calibration = {**out, "layers_alone": dense, "scale": k}
+        session.say(f"{m.name}: latency on {out['runtime']}: whole {out['whole'] * 1e3:.2f} ms, outside the searched "
+                    f"layers {out['fixed'] * 1e3:.2f} ms ({out['fixed'] / out['whole']:.0%}); the layers timed alone "
+                    f"add up to {dense * 1e3:.2f} ms" + (f", scaled x{k:.2f}" if k else ", not calibrated"))
+        with_retries(lambda: session.tracker.log_dict(session.parent, m.calibration,
+                                                      f"screening/{m.name}.calibration.json"),
+                     what=f"logging the latency calibration of {m.name}", say=session.say)
+
+
 def _evaluate_all(session, choices: list) -> None:
     spec = session.spec
-    for m, cfg, choice in choices:
+    for m, cfg, choice, predicted in choices:
         chosen = [LayerResult(n, r["method"], factors=r["factors"], rank=r["rank"], rel_error=r["rel_error"],
                               node="screen") for n, r in choice.items() if r is not None]
         allocation = ", ".join(f"{n}={r['method']}:{r['rank']}" if r else f"{n}=dense" for n, r in choice.items())
-        session.say(f"{cfg.label}: {allocation[:200]}")
-        session.submit(evaluate_task, m.env, m.base_ref, spec.finetune, *chosen, key=(m, cfg, allocation))
-    for (m, cfg, allocation), out in session.completed():
+        said = f" (predicted {predicted:.2f}x {cfg.search.target})" if predicted else ""
+        session.say(f"{cfg.label}{said}: {allocation[:200]}")
+        session.submit(evaluate_task, m.env, m.base_ref, spec.finetune, *chosen,
+                       key=(m, cfg, allocation, predicted))
+    for (m, cfg, allocation, predicted), out in session.completed():
         if isinstance(out, Exception):
             session.fail(cfg.label, out)
             continue
-        out.allocation = allocation
+        out.allocation, out.predicted = allocation, predicted
         session.log(cfg, m.base, out)

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from . import calibrate
 from .allocate import Option, allocate_budget
 
 
@@ -19,15 +20,36 @@ def cost(row: dict, target: str) -> float:
     return float(row["latency"] if target == "latency" else row[target])
 
 
-def allocation_options(rows: dict[str, list[dict]], base, target: str) -> tuple[dict, float]:
+def allocation_options(rows: dict[str, list[dict]], base, target: str,
+                       calibration: dict | None = None) -> tuple[dict, float]:
     """Allocation options per layer (dense first) and the cost of what is not searched
-    (``base``: the model's ``Baseline``)."""
+    (``base``: the model's ``Baseline``). Under a latency target with a ``calibration``
+    (``calibrate.measure``) the fixed cost is the measured one and every layer cost is scaled so
+    that the dense layers add up to their share of the whole graph (``calibrate.scale``)."""
     total = {"params": base.params, "macs": base.macs, "latency": base.latency["b1"]}[target]
     dense_sum = sum(cost(rs[0], target) for rs in rows.values())
-    options = {n: [Option(None, None, cost(rs[0], target), 0.0)]
-               + [Option(r["method"], r["rank"], cost(r, target), r["loss"]) for r in rs[1:]]
+    k = calibrate.scale(calibration, dense_sum) if target == "latency" and calibration else None
+    if k is not None:
+        total, dense_sum = calibration["whole"], calibration["whole"] - calibration["fixed"]
+    k = k or 1.0
+    options = {n: [Option(None, None, k * cost(rs[0], target), 0.0)]
+               + [Option(r["method"], r["rank"], k * cost(r, target), r["loss"]) for r in rs[1:]]
                for n, rs in rows.items()}
     return options, max(0.0, total - dense_sum)
+
+
+def estimate(options: dict, fixed: float, choice: dict) -> float | None:
+    """The ratio (dense cost / cost) the search predicts for ``choice`` (layer -> row or None);
+    None where a chosen row is not among the options (a bisected rank)."""
+    dense = chosen = fixed
+    for n, r in choice.items():
+        d = next(o.cost for o in options[n] if o.method is None)
+        c = d if r is None else next((o.cost for o in options[n] if o.method == r["method"] and o.rank == r["rank"]),
+                                     None)
+        if c is None:
+            return None
+        dense, chosen = dense + d, chosen + c
+    return dense / chosen if chosen > 0 else None
 
 
 def row_for(rows: dict[str, list[dict]], layer: str, o: Option) -> dict | None:

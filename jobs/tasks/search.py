@@ -8,6 +8,7 @@ import torch
 
 import lowrank
 
+from ..search import calibrate
 from ..search.screen import screen_layer
 from ..spec import FinetuneSpec
 from ..train import evaluate, recalibrate_bn, train_epochs
@@ -22,6 +23,15 @@ def screen_task(name: str, module: torch.nn.Module, input_shape, methods: tuple,
                         device="cuda" if gpu and torch.cuda.is_available() else "cpu", keep_factors=True,
                         vbmf_weakening=vbmf_weakening, runtime=runtime, multiple_of=multiple_of)
     return {"name": name, "rows": rows, "task_seconds": time.perf_counter() - t0, "node": node_id()}
+
+
+def calibrate_task(model: torch.nn.Module, names: list, input_shape: tuple, runtime: str, gpu: bool) -> dict:
+    """The latency search's calibration (``search.calibrate.measure``): the dense model and its copy
+    with the searched layers stubbed, timed interleaved at ``input_shape`` (C, H, W)."""
+    t0 = time.perf_counter()
+    out = calibrate.measure(model, names, input_shape, runtime=runtime,
+                            device="cuda" if gpu and torch.cuda.is_available() else "cpu")
+    return {**out, "task_seconds": time.perf_counter() - t0, "node": node_id()}
 
 
 def sensitivity_task(env: TaskEnv, base_state: dict, layer: str | None, factors, val_batches: int,

@@ -1,4 +1,5 @@
 """The search stage end to end (screening -> sensitivity -> allocation -> fine-tune -> registry)."""
+import json
 import re
 from pathlib import Path
 
@@ -165,6 +166,12 @@ def test_a_latency_target_is_screened_at_the_deployed_input_size(tmp_path, make_
     assert float(v.tags["speedup_per_mac_b1"]) == pytest.approx(
         float(v.tags["speedup_b1"]) / float(v.tags["mac_ratio_timed"]), rel=1e-3), v.tags  # tags: 4 decimals
     assert float(v.tags["mac_ratio_timed"]) > 1, v.tags
+    # the latency model, calibrated against the whole graph at the same size, and what it predicted
+    cal = json.loads(Path(client.download_artifacts(parent, "screening/smallcnn.calibration.json", str(tmp_path)))
+                     .read_text())
+    assert cal["runtime"] == "onnxruntime" and 0 < cal["fixed"] < cal["whole"] and cal["scale"] > 0, cal
+    assert float(v.tags["search_predicted_ratio"]) >= 1.05, v.tags
+    assert "outside the searched layers" in capsys.readouterr().out
 
 
 def test_a_latency_target_at_a_size_the_model_cannot_take_is_refused_before_ray(make_spec, capsys):
