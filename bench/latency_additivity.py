@@ -6,7 +6,9 @@ the sum of its 3x3 convs but the first, each exported and timed alone as the scr
 buffer is read between runs, so the layer's weights come from memory as they do in the whole graph,
 where 45 MB of weights pass through the caches in every forward; it evicts the runtime's own state
 too, so it over-counts). Warm and cold bound the layers' time in the graph from below and above.
-"outside" is what the screening takes as the fixed rest: 1 - sum / whole.
+"outside" is what the additive model takes as the fixed rest: 1 - sum / whole. "stubbed" is what the
+search's calibration measures instead (``jobs.search.calibrate``: the searched layers replaced by stubs
+of their output shape, timed interleaved with the whole model), and its share of the whole.
 
     .venv/bin/python bench/latency_additivity.py --out bench/latency_additivity.out.txt   # ~2 min
 """
@@ -30,6 +32,7 @@ import torch  # noqa: E402
 import lowrank  # noqa: E402
 from jobs import deploy  # noqa: E402
 from jobs.models import build_model  # noqa: E402
+from jobs.search import calibrate  # noqa: E402
 from jobs.search.screen import _Timer  # noqa: E402
 
 FLUSH = np.ones(64 << 18, dtype=np.float32)  # 64 MiB, more than the last-level cache
@@ -61,7 +64,8 @@ def main() -> None:
     lines = [f"# bench/latency_additivity.py {' '.join(sys.argv[1:])}".rstrip(),
              f"# torch {torch.__version__}, ResNet-18 at 1x{'x'.join(map(str, shape))}, ONNX Runtime, one thread; "
              f"{len(names)} 3x3 convs (all but the first); ms",
-             "round  whole  layers warm (7 runs)  outside  layers warm (60)  outside  layers cold (60)  outside"]
+             "round  whole  layers warm (7 runs)  outside  layers warm (60)  outside  layers cold (60)  outside"
+             "  stubbed  outside"]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         timer = _Timer("onnxruntime", "cpu", tmp)
@@ -73,8 +77,10 @@ def main() -> None:
             runs = {n: deploy.RUNTIMES["onnxruntime"].prepare(model.get_submodule(n), tuple(shapes[n][1:]), 1, tmp)
                     for n in names}
             cold60 = sum(cold(runs[n], xs[n].numpy(), 60) for n in names)
+            cal = calibrate.measure(model, names, shape, runtime="onnxruntime", repeats=60)
             lines.append(f"{r:>5} {whole * 1e3:>6.2f} {warm7 * 1e3:>21.2f} {1 - warm7 / whole:>8.0%} "
-                         f"{warm60 * 1e3:>17.2f} {1 - warm60 / whole:>8.0%} {cold60 * 1e3:>17.2f} {1 - cold60 / whole:>8.0%}")
+                         f"{warm60 * 1e3:>17.2f} {1 - warm60 / whole:>8.0%} {cold60 * 1e3:>17.2f} {1 - cold60 / whole:>8.0%} "
+                         f"{cal['fixed'] * 1e3:>8.2f} {cal['fixed'] / cal['whole']:>8.0%}")
             print(lines[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
