@@ -198,13 +198,14 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
 
 def _calibrate_all(session, ms: list[SearchedModel]) -> None:
     """Per model, the latency outside the searched layers, measured on the screening's runtime in a
-    task of its own (``latency.exclusive``: the whole node) and logged as
-    ``screening/<model>.calibration.json``; a model whose calibration fails keeps the additive model."""
+    task of its own (``latency.exclusive``: the whole node; on a GPU, a GPU task like the screening's)
+    and logged as ``screening/<model>.calibration.json``; a model whose calibration fails keeps the
+    additive model."""
     runtime = session.spec.latency.runtime if not session.gpu else "torch"
     size = session.spec.latency.input_size
     outs = session.gather([(calibrate_task, m.env.build(m.base.state_dict), list(m.rows),
                             deploy.timed_shape(m.base.input_shape, size), runtime, session.gpu) for m in ms],
-                          options=session.timing_options())
+                          options=None if session.gpu else session.timing_options())  # on a GPU: where it screened
     for m, out in zip(ms, outs):
         if isinstance(out, Exception):
             session.say(f"{m.name}: latency calibration failed ({str(out).splitlines()[0][:160]}); the layers' "
