@@ -2,7 +2,7 @@
 
 ResNet-18 (10 classes) at 1x3x32x32 on ONNX Runtime, one thread: the whole model (median of 60), and
 the sum of its 3x3 convs but the first, each exported and timed alone as the screening times them
-(``jobs.search.screen._Timer``, warm: the same input and weights run after run), and cold (a 64 MiB
+(``jobs.search.screen.LayerTimer``, warm: the same input and weights run after run), and cold (a 64 MiB
 buffer is read between runs, so the layer's weights come from memory as they do in the whole graph,
 where 45 MB of weights pass through the caches in every forward; it evicts the runtime's own state
 too, so it over-counts). Warm and cold bound the layers' time in the graph from below and above.
@@ -33,7 +33,7 @@ import lowrank  # noqa: E402
 from jobs import deploy  # noqa: E402
 from jobs.models import build_model  # noqa: E402
 from jobs.search import calibrate  # noqa: E402
-from jobs.search.screen import _Timer  # noqa: E402
+from jobs.search.screen import LayerTimer  # noqa: E402
 
 FLUSH = np.ones(64 << 18, dtype=np.float32)  # 64 MiB, more than the last-level cache
 
@@ -68,7 +68,7 @@ def main() -> None:
              "  stubbed  outside"]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        timer = _Timer("onnxruntime", "cpu", tmp)
+        timer = LayerTimer("onnxruntime", "cpu", tmp)
         for r in range(args.rounds):
             whole = deploy.timed([model], shape, runtime="onnxruntime", batch=1, threads=1, repeats=60, workdir=tmp)[0]
             xs = {n: torch.randn(shapes[n]) for n in names}

@@ -63,7 +63,7 @@ def config_metrics(base: dict, result) -> dict:
                  acc_ft_top5=result.acc_ft["top5"])
     if result.acc_bn is not None:
         m["acc_bn"] = result.acc_bn["top1"]
-    if getattr(result, "predicted", None):  # the search's own estimate, to set beside what was measured
+    if result.predicted:  # the search's own estimate, to set beside what was measured
         m["search_predicted_ratio"] = result.predicted
     q = quality(base["acc"])
     if q == "agree":

@@ -133,7 +133,9 @@ def _screen_all(session, ms: list[SearchedModel], search) -> None:
                            "device": "cuda" if session.gpu else "cpu", "batch": session.spec.dataset.batch_size,
                            **({"runtime": runtime} if runtime != "torch" else {}),
                            **({"multiple_of": cfg.multiple_of} if cfg.multiple_of != 1 else {}),
-                           **({"size": size} if size is not None else {})})
+                           **({"size": size} if size is not None else {}),
+                           # a latency target's tables time each layer's options interleaved (screen.LayerTimer)
+                           **({"timing": "interleaved"} if search.target == "latency" else {})})
         m.cache_path = session.spool_root() / "screening" / f"{m.name}-{key}"
         hit = cache.load(m.cache_path)
         if hit is not None:
@@ -211,7 +213,7 @@ def _calibrate_all(session, ms: list[SearchedModel]) -> None:
             session.say(f"{m.name}: latency calibration failed ({str(out).splitlines()[0][:160]}); the layers' "
                         "times are added up as screened")
             continue
-        dense = sum(rs[0]["latency"] for rs in m.rows.values())
+        dense = sum(calibrate.dense_costs(m.rows, out).values())
         k = calibrate.scale(out, dense)
         m.calibration = {**out, "layers_alone": dense, "scale": k}
         session.say(f"{m.name}: latency on {out['runtime']}: whole {out['whole'] * 1e3:.2f} ms, outside the searched "

@@ -1,6 +1,6 @@
 """Calibrating the latency search's additive model against the whole graph.
 
-The screening times every layer alone (``screen._Timer``): the same input and weights run after
+The screening times every layer alone (``screen.LayerTimer``): the same input and weights run after
 run, warm in the caches. In the whole network they are not: at batch 1 a ResNet-18 streams 45 MB
 of weights per forward pass, and its searched convs, timed alone, add up to under half of the
 graph's time (``bench/latency_additivity.py``). Taking the rest as a fixed cost made targets look
@@ -14,6 +14,12 @@ on the real conv), interleaved, at batch 1 and one thread. The searched layers' 
 is ``whole - fixed``; the screening's layer costs are scaled by one factor per model so that the
 dense layers add up to it (``scale``). What is kept from the isolated timings is how the options of
 one layer, and the layers, compare with each other.
+
+The layers are screened in separate tasks, each at its own moment of a shared machine, and their
+dense times drift between tasks by up to a third; the options of one layer are timed interleaved
+with their dense layer, so their speedups hold. The calibration therefore also times every dense
+searched layer alone, interleaved with the others in its one task (``layers``), and an option's cost
+is that dense time over the option's screened speedup (``dense_costs``).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from torch import nn
 
 from .. import deploy
 from ..train import measure_latency
+from .screen import LayerTimer
 
 
 class LayerStub(nn.Module):
@@ -52,9 +59,8 @@ class LayerStub(nn.Module):
         return self.proj(y)
 
 
-def stubbed(model: nn.Module, names, input_shape) -> nn.Module:
-    """A copy of ``model`` with every layer of ``names`` replaced by a ``LayerStub`` of its output
-    shape at ``input_shape`` (with the batch dimension)."""
+def _io_shapes(model: nn.Module, names, input_shape) -> dict[str, tuple]:
+    """layer -> (input shape, output shape) at ``input_shape`` (with the batch dimension)."""
     shapes: dict[str, tuple] = {}
     hooks = [model.get_submodule(n).register_forward_hook(
         lambda m, i, o, n=n: shapes.__setitem__(n, (tuple(i[0].shape), tuple(o.shape)))) for n in names]
@@ -64,6 +70,13 @@ def stubbed(model: nn.Module, names, input_shape) -> nn.Module:
     finally:
         for h in hooks:
             h.remove()
+    return shapes
+
+
+def stubbed(model: nn.Module, names, input_shape) -> nn.Module:
+    """A copy of ``model`` with every layer of ``names`` replaced by a ``LayerStub`` of its output
+    shape at ``input_shape`` (with the batch dimension)."""
+    shapes = _io_shapes(model, names, input_shape)
     out = copy.deepcopy(model)
     for n in names:
         parent, _, leaf = n.rpartition(".")
@@ -72,21 +85,35 @@ def stubbed(model: nn.Module, names, input_shape) -> nn.Module:
 
 
 def measure(model: nn.Module, names, input_shape, *, runtime: str, device: str = "cpu", repeats: int = 30) -> dict:
-    """``{whole, fixed, runtime}``: the model's median batch-1 time (seconds) on ``runtime`` at one
-    thread and that of its stubbed copy, interleaved; eagerly on a GPU. ``input_shape`` without the
-    batch dimension."""
+    """``{whole, fixed, layers, runtime}``: the model's median batch-1 time (seconds) on ``runtime``
+    at one thread and that of its stubbed copy, interleaved; then each layer of ``names`` alone
+    (``layers``: name -> seconds, all interleaved, at the input it sees in the model); eagerly on a
+    GPU. ``input_shape`` without the batch dimension."""
     model = model.cpu().eval()
     stub = stubbed(model, names, (1, *input_shape))
-    if str(device).startswith("cuda"):
-        whole = fixed = math.inf
-        for _ in range(3):  # alternating rounds, the best of each
-            whole = min(whole, measure_latency(model, input_shape, 1, repeats=repeats, device=device))
-            fixed = min(fixed, measure_latency(stub, input_shape, 1, repeats=repeats, device=device))
-        return {"whole": whole, "fixed": fixed, "runtime": f"torch on {device}"}
+    shapes = _io_shapes(model, names, (1, *input_shape))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(shapes[n][0], generator=gen).to(device) for n in names]
     with tempfile.TemporaryDirectory() as tmp, deploy.torch_threads(1):
-        whole, fixed = deploy.timed([model, stub], tuple(input_shape), runtime=runtime, batch=1, threads=1,
-                                    repeats=repeats, workdir=tmp)
-    return {"whole": whole, "fixed": fixed, "runtime": runtime}
+        layers = LayerTimer(runtime, device, tmp).many([copy.deepcopy(model.get_submodule(n)).to(device) for n in names],
+                                                       xs, repeats)
+        if str(device).startswith("cuda"):
+            whole = fixed = math.inf
+            for _ in range(3):  # alternating rounds, the best of each
+                whole = min(whole, measure_latency(model, input_shape, 1, repeats=repeats, device=device))
+                fixed = min(fixed, measure_latency(stub, input_shape, 1, repeats=repeats, device=device))
+            runtime = f"torch on {device}"
+        else:
+            whole, fixed = deploy.timed([model, stub], tuple(input_shape), runtime=runtime, batch=1, threads=1,
+                                        repeats=repeats, workdir=tmp)
+    return {"whole": whole, "fixed": fixed, "layers": dict(zip(names, layers)), "runtime": runtime}
+
+
+def dense_costs(rows: dict[str, list[dict]], calibration: dict | None) -> dict[str, float]:
+    """Each searched layer's dense time alone: from the calibration's one task where it has it
+    (``layers``), else as screened (the dense row of ``rows``, layer -> rows)."""
+    at = (calibration or {}).get("layers") or {}
+    return {n: float(at.get(n, rs[0]["latency"])) for n, rs in rows.items()}
 
 
 def scale(calibration: dict, dense_layers: float) -> float | None:

@@ -17,28 +17,44 @@ from lowrank.errors import LowRankError
 from .. import deploy
 
 
-class _Timer:
-    """Median batch time of a layer on ``runtime`` (``jobs.deploy``; one thread) or, on a GPU,
-    eagerly there."""
+class LayerTimer:
+    """Median batch times of layers on ``runtime`` (``jobs.deploy``; one thread) or, on a GPU,
+    eagerly there (synchronised). ``many`` times the options of one layer interleaved: every round
+    runs each of them once, in an order that alternates, after a warm-up of each; a layer's options
+    are then compared under the same conditions of a shared machine, not each at its own moment
+    (timed one after the other, 7 runs each, the same option came out up to 2.7x apart between two
+    screenings, and the allocation picks the options whose timing was lucky)."""
 
-    def __init__(self, runtime: str, device, workdir: str):
+    def __init__(self, runtime: str, device, workdir: str, repeats: int = 25, warmup: int = 3):
         self.runtime, self.device, self.workdir = runtime, str(device), workdir
+        self.repeats, self.warmup = repeats, warmup
 
     @torch.no_grad()
-    def __call__(self, module, x, repeats: int = 7) -> float:
-        module.eval()
+    def many(self, modules: list, x, repeats: int | None = None) -> list[float]:
+        """``x``: one input for all ``modules``, or one per module."""
+        xs = x if isinstance(x, (list, tuple)) else [x] * len(modules)
         if self.device.startswith("cuda") or self.runtime == "torch":
-            run, arg = module, x
+            runs, args = [m.eval() for m in modules], xs
         else:
-            run = deploy.RUNTIMES[self.runtime].prepare(module.cpu(), tuple(x.shape[1:]), 1, self.workdir)
-            arg = x.cpu().numpy()
-        run(arg)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run(arg)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+            runs = [deploy.RUNTIMES[self.runtime].prepare(m.eval().cpu(), tuple(a.shape[1:]), 1, self.workdir)
+                    for m, a in zip(modules, xs)]
+            args = [a.cpu().numpy() for a in xs]
+        sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
+        for run, arg in zip(runs, args):
+            for _ in range(self.warmup):
+                run(arg)
+        times: list[list[float]] = [[] for _ in runs]
+        for n in range(repeats or self.repeats):
+            for i in (range(len(runs)) if n % 2 == 0 else reversed(range(len(runs)))):
+                sync()
+                t0 = time.perf_counter()
+                runs[i](args[i])
+                sync()
+                times[i].append(time.perf_counter() - t0)
+        return [statistics.median(t) for t in times]
+
+    def __call__(self, module, x, repeats: int | None = None) -> float:
+        return self.many([module], x, repeats)[0]
 
 
 def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratios=(1.5, 2, 3, 4, 6, 8),
@@ -51,7 +67,7 @@ def screen_layer(name: str, module: torch.nn.Module, input_shape, methods, ratio
     rank (``rank.multiple_of``), so that the table holds the ranks the runtime will run."""
     with tempfile.TemporaryDirectory() as tmp:
         return _screen(name, module, input_shape, methods, ratios, options, batch, device, keep_factors,
-                       vbmf_weakening, _Timer(runtime, device, tmp), multiple_of)
+                       vbmf_weakening, LayerTimer(runtime, device, tmp), multiple_of)
 
 
 def _screen(name, module, input_shape, methods, ratios, options, batch, device, keep_factors, vbmf_weakening,
@@ -60,9 +76,9 @@ def _screen(name, module, input_shape, methods, ratios, options, batch, device, 
     module = module.to(device).eval()
     x = torch.randn(batch, *input_shape[1:], device=device)
     params_dense, macs_dense = lowrank.count(module, input_shape)
-    lat_dense = _latency(module, x)
     rows = [{"layer": name, "method": None, "rank": None, "target_ratio": 1.0, "source": "dense", "rel_error": 0.0,
-             "params": params_dense, "macs": macs_dense, "latency": lat_dense, "speedup": 1.0, "status": "ok"}]
+             "params": params_dense, "macs": macs_dense, "status": "ok"}]
+    timed = [(rows[0], module)]  # (row, layer): timed together at the end
     for method in methods:
         if lowrank.get_method(method).unsupported_reason(module):
             continue
@@ -79,10 +95,13 @@ def _screen(name, module, input_shape, methods, ratios, options, batch, device, 
                 continue
             layer = layer.to(device)
             params, macs = lowrank.count(layer, input_shape)
-            lat = _latency(layer, x)
             diag = getattr(factors, "diagnostics", {}) or {}
             rows.append({**row, "rank": factors.rank, "rel_error": lowrank.relative_error(module.weight, factors),
-                         "params": params, "macs": macs, "latency": lat, "speedup": lat_dense / lat,
+                         "params": params, "macs": macs,
                          "degenerate": bool(diag.get("degenerate", False)), "status": "ok",
                          **({"factors": lowrank.factors_to(factors, "cpu")} if keep_factors else {})})
+            timed.append((rows[-1], layer))
+    times = _latency.many([m for _, m in timed], x)
+    for (row, _), t in zip(timed, times):
+        row.update(latency=t, speedup=times[0] / t)
     return rows

@@ -24,18 +24,21 @@ def allocation_options(rows: dict[str, list[dict]], base, target: str,
                        calibration: dict | None = None) -> tuple[dict, float]:
     """Allocation options per layer (dense first) and the cost of what is not searched
     (``base``: the model's ``Baseline``). Under a latency target with a ``calibration``
-    (``calibrate.measure``) the fixed cost is the measured one and every layer cost is scaled so
-    that the dense layers add up to their share of the whole graph (``calibrate.scale``)."""
+    (``calibrate.measure``) the fixed cost is the measured one, each layer's dense cost is its time
+    in the calibration (``calibrate.dense_costs``), an option's that over its screened speedup, and
+    all are scaled so that the dense layers add up to their share of the whole graph
+    (``calibrate.scale``)."""
     total = {"params": base.params, "macs": base.macs, "latency": base.latency["b1"]}[target]
-    dense_sum = sum(cost(rs[0], target) for rs in rows.values())
-    k = calibrate.scale(calibration, dense_sum) if target == "latency" and calibration else None
-    if k is not None:
-        total, dense_sum = calibration["whole"], calibration["whole"] - calibration["fixed"]
-    k = k or 1.0
-    options = {n: [Option(None, None, k * cost(rs[0], target), 0.0)]
-               + [Option(r["method"], r["rank"], k * cost(r, target), r["loss"]) for r in rs[1:]]
+    measured = calibrate.dense_costs(rows, calibration) if target == "latency" and calibration else {}
+    k = calibrate.scale(calibration, sum(measured.values())) if measured else None
+    if k is None:  # additive: the costs as screened
+        options = {n: [Option(r["method"], r["rank"], cost(r, target), r["loss"] if r["method"] else 0.0) for r in rs]
+                   for n, rs in rows.items()}
+        return options, max(0.0, total - sum(os_[0].cost for os_ in options.values()))
+    options = {n: [Option(r["method"], r["rank"], k * measured[n] * r["latency"] / rs[0]["latency"],
+                          r["loss"] if r["method"] else 0.0) for r in rs]
                for n, rs in rows.items()}
-    return options, max(0.0, total - dense_sum)
+    return options, calibration["fixed"]
 
 
 def estimate(options: dict, fixed: float, choice: dict) -> float | None:
