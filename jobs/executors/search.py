@@ -206,14 +206,15 @@ def _calibrate_all(session, ms: list[SearchedModel]) -> None:
     runtime = session.spec.latency.runtime if not session.gpu else "torch"
     size = session.spec.latency.input_size
     outs = session.gather([(calibrate_task, m.env.build(m.base.state_dict), list(m.rows),
-                            deploy.timed_shape(m.base.input_shape, size), runtime, session.gpu) for m in ms],
+                            deploy.timed_shape(m.base.input_shape, size), runtime, session.gpu,
+                            {n: [r["factors"] for r in rs[1:]] for n, rs in m.rows.items()}) for m in ms],
                           options=None if session.gpu else session.timing_options())  # on a GPU: where it screened
     for m, out in zip(ms, outs):
         if isinstance(out, Exception):
             session.say(f"{m.name}: latency calibration failed ({str(out).splitlines()[0][:160]}); the layers' "
                         "times are added up as screened")
             continue
-        dense = sum(calibrate.dense_costs(m.rows, out).values())
+        dense = sum(cs[0] for cs in calibrate.option_costs(m.rows, out).values())
         k = calibrate.scale(out, dense)
         m.calibration = {**out, "layers_alone": dense, "scale": k}
         session.say(f"{m.name}: latency on {out['runtime']}: whole {out['whole'] * 1e3:.2f} ms, outside the searched "

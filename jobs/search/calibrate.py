@@ -15,11 +15,15 @@ is ``whole - fixed``; the screening's layer costs are scaled by one factor per m
 dense layers add up to it (``scale``). What is kept from the isolated timings is how the options of
 one layer, and the layers, compare with each other.
 
-The layers are screened in separate tasks, each at its own moment of a shared machine, and their
-dense times drift between tasks by up to a third; the options of one layer are timed interleaved
-with their dense layer, so their speedups hold. The calibration therefore also times every dense
-searched layer alone, interleaved with the others in its one task (``layers``), and an option's cost
-is that dense time over the option's screened speedup (``dense_costs``).
+The screening times each option interleaved with its dense layer, the weights warm in the caches:
+that holds an option's speedup over its layer from one screening to the next, but not in the
+graph. At 32 px, a ResNet-18 is bound by streaming its weights, which the graph's other layers have
+evicted by the time a layer runs: factorizing all 3x3 convs by spatial SVD at 2x, the screened
+speedups predicted 1.20x and ONNX Runtime measured 1.57x. So the calibration task also times every
+dense searched layer and every screened option alone, all of them interleaved one round after
+another (each runs after the others have been through the caches, as in the graph), and those are
+the costs the allocation uses (``option_costs``): the same example predicts 1.33x for a measured
+1.35x; Tucker-2, 1.05x for 1.07x.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ import tempfile
 
 import torch
 from torch import nn
+
+import lowrank
 
 from .. import deploy
 from ..train import measure_latency
@@ -84,19 +90,27 @@ def stubbed(model: nn.Module, names, input_shape) -> nn.Module:
     return out.eval()
 
 
-def measure(model: nn.Module, names, input_shape, *, runtime: str, device: str = "cpu", repeats: int = 30) -> dict:
-    """``{whole, fixed, layers, runtime}``: the model's median batch-1 time (seconds) on ``runtime``
-    at one thread and that of its stubbed copy, interleaved; then each layer of ``names`` alone
-    (``layers``: name -> seconds, all interleaved, at the input it sees in the model); eagerly on a
-    GPU. ``input_shape`` without the batch dimension."""
+def measure(model: nn.Module, names, input_shape, *, runtime: str, device: str = "cpu", repeats: int = 30,
+            options: dict | None = None) -> dict:
+    """``{whole, fixed, layers, options, runtime}``: the model's median batch-1 time (seconds) on
+    ``runtime`` at one thread and that of its stubbed copy, interleaved; then each layer of ``names``
+    alone (``layers``: name -> seconds) and each of its factorized options (``options``: name ->
+    seconds in the order of ``options[name]``, a list of factors), all of them interleaved in one
+    round after another, at the input each sees in the model; eagerly on a GPU. ``input_shape``
+    without the batch dimension."""
     model = model.cpu().eval()
     stub = stubbed(model, names, (1, *input_shape))
     shapes = _io_shapes(model, names, (1, *input_shape))
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(shapes[n][0], generator=gen).to(device) for n in names]
+    layers, xs, owner = [], [], []  # the modules timed, their inputs, (layer, option index or None)
+    for n in names:
+        dense, x = model.get_submodule(n), torch.randn(shapes[n][0], generator=gen).to(device)
+        for i, f in enumerate([None, *(options or {}).get(n, [])]):
+            layers.append(copy.deepcopy(dense) if f is None else lowrank.get_method(f.method).build(dense, f))
+            xs.append(x)
+            owner.append((n, None if f is None else i - 1))
     with tempfile.TemporaryDirectory() as tmp, deploy.torch_threads(1):
-        layers = LayerTimer(runtime, device, tmp).many([copy.deepcopy(model.get_submodule(n)).to(device) for n in names],
-                                                       xs, repeats)
+        times = LayerTimer(runtime, device, tmp).many([m.to(device) for m in layers], xs, repeats)
         if str(device).startswith("cuda"):
             whole = fixed = math.inf
             for _ in range(3):  # alternating rounds, the best of each
@@ -106,14 +120,30 @@ def measure(model: nn.Module, names, input_shape, *, runtime: str, device: str =
         else:
             whole, fixed = deploy.timed([model, stub], tuple(input_shape), runtime=runtime, batch=1, threads=1,
                                         repeats=repeats, workdir=tmp)
-    return {"whole": whole, "fixed": fixed, "layers": dict(zip(names, layers)), "runtime": runtime}
+    out = {"whole": whole, "fixed": fixed, "layers": {}, "options": {n: [] for n in (options or {})},
+           "runtime": runtime}
+    for (n, i), t in zip(owner, times):
+        if i is None:
+            out["layers"][n] = t
+        else:
+            out["options"][n].append(t)
+    return out
 
 
-def dense_costs(rows: dict[str, list[dict]], calibration: dict | None) -> dict[str, float]:
-    """Each searched layer's dense time alone: from the calibration's one task where it has it
-    (``layers``), else as screened (the dense row of ``rows``, layer -> rows)."""
-    at = (calibration or {}).get("layers") or {}
-    return {n: float(at.get(n, rs[0]["latency"])) for n, rs in rows.items()}
+def option_costs(rows: dict[str, list[dict]], calibration: dict | None) -> dict[str, list[float]]:
+    """layer -> the cost of each of its rows (dense first), from the calibration's one task where it
+    timed them (``layers``, ``options``), else as screened (a layer's dense time from the task, if
+    there, over each option's screened speedup)."""
+    cal = calibration or {}
+    out = {}
+    for n, rs in rows.items():
+        dense = float(cal.get("layers", {}).get(n, rs[0]["latency"]))
+        timed = cal.get("options", {}).get(n)
+        if timed is not None and len(timed) == len(rs) - 1:
+            out[n] = [dense, *map(float, timed)]
+        else:
+            out[n] = [dense * r["latency"] / rs[0]["latency"] for r in rs]
+    return out
 
 
 def scale(calibration: dict, dense_layers: float) -> float | None:

@@ -24,19 +24,18 @@ def allocation_options(rows: dict[str, list[dict]], base, target: str,
                        calibration: dict | None = None) -> tuple[dict, float]:
     """Allocation options per layer (dense first) and the cost of what is not searched
     (``base``: the model's ``Baseline``). Under a latency target with a ``calibration``
-    (``calibrate.measure``) the fixed cost is the measured one, each layer's dense cost is its time
-    in the calibration (``calibrate.dense_costs``), an option's that over its screened speedup, and
-    all are scaled so that the dense layers add up to their share of the whole graph
-    (``calibrate.scale``)."""
+    (``calibrate.measure``) the fixed cost is the measured one, every option costs what the
+    calibration task timed (``calibrate.option_costs``), and all are scaled so that the dense layers
+    add up to their share of the whole graph (``calibrate.scale``)."""
     total = {"params": base.params, "macs": base.macs, "latency": base.latency["b1"]}[target]
-    measured = calibrate.dense_costs(rows, calibration) if target == "latency" and calibration else {}
-    k = calibrate.scale(calibration, sum(measured.values())) if measured else None
+    measured = calibrate.option_costs(rows, calibration) if target == "latency" and calibration else {}
+    k = calibrate.scale(calibration, sum(cs[0] for cs in measured.values())) if measured else None
     if k is None:  # additive: the costs as screened
         options = {n: [Option(r["method"], r["rank"], cost(r, target), r["loss"] if r["method"] else 0.0) for r in rs]
                    for n, rs in rows.items()}
         return options, max(0.0, total - sum(os_[0].cost for os_ in options.values()))
-    options = {n: [Option(r["method"], r["rank"], k * measured[n] * r["latency"] / rs[0]["latency"],
-                          r["loss"] if r["method"] else 0.0) for r in rs]
+    options = {n: [Option(r["method"], r["rank"], k * c, r["loss"] if r["method"] else 0.0)
+                   for r, c in zip(rs, measured[n])]
                for n, rs in rows.items()}
     return options, calibration["fixed"]
 

@@ -25,11 +25,13 @@ def screen_task(name: str, module: torch.nn.Module, input_shape, methods: tuple,
     return {"name": name, "rows": rows, "task_seconds": time.perf_counter() - t0, "node": node_id()}
 
 
-def calibrate_task(model: torch.nn.Module, names: list, input_shape: tuple, runtime: str, gpu: bool) -> dict:
+def calibrate_task(model: torch.nn.Module, names: list, input_shape: tuple, runtime: str, gpu: bool,
+                   options: dict | None = None) -> dict:
     """The latency search's calibration (``search.calibrate.measure``): the dense model and its copy
-    with the searched layers stubbed, timed interleaved at ``input_shape`` (C, H, W)."""
+    with the searched layers stubbed, timed interleaved at ``input_shape`` (C, H, W), then every
+    searched layer and its ``options`` (layer -> factors) alone, interleaved."""
     t0 = time.perf_counter()
-    out = calibrate.measure(model, names, input_shape, runtime=runtime,
+    out = calibrate.measure(model, names, input_shape, runtime=runtime, options=options,
                             device="cuda" if gpu and torch.cuda.is_available() else "cpu")
     return {**out, "task_seconds": time.perf_counter() - t0, "node": node_id()}
 
