@@ -1,0 +1,103 @@
+"""How well does the latency search predict a factorized model's speed? Screened costs against the
+calibration task's.
+
+ResNet-18 (10 classes) at batch 1 on ONNX Runtime, one thread: every 3x3 conv but the first
+factorized by one method at one parameter ratio. The speedup over the dense model is predicted two
+ways and set beside the one measured (the two models timed interleaved, ``jobs.deploy.timed``):
+
+- *screened*: each layer's option timed interleaved with its dense layer only, weights warm, as the
+  screening times them (``jobs.search.screen.LayerTimer``);
+- *calibration*: every dense layer and every option timed alone, all interleaved one round after
+  another, as the search's calibration task times them (``jobs.search.calibrate.measure``).
+
+Both are scaled so that the dense layers add up to their share of the graph (the whole model's time
+less that of the copy with the layers stubbed), which is what the search does.
+
+    .venv/bin/python bench/latency_model.py --out bench/latency_model.out.txt   # ~6 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lowrank  # noqa: E402
+from jobs import deploy  # noqa: E402
+from jobs.models import build_model  # noqa: E402
+from jobs.search import calibrate  # noqa: E402
+from jobs.search.screen import LayerTimer  # noqa: E402
+
+
+def one(size: int, method: str, ratio: float, repeats: int) -> str:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10).eval()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    names = [n for n in convs[1:] if model.get_submodule(n).kernel_size == (3, 3)]
+    shape = (3, size, size)
+    shapes = lowrank.layer_input_shapes(model, names, (1, *shape))
+    factors = {n: lowrank.factorize_with_factors(model.get_submodule(n), method, "ratio", ratio=ratio)[1]
+               for n in names}
+    compressed, _ = lowrank.apply_factors(model, factors, input_shape=shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = LayerTimer("onnxruntime", "cpu", tmp)
+        warm = {n: timer.many([model.get_submodule(n), compressed.get_submodule(n)], torch.randn(shapes[n]))
+                for n in names}
+        cal = calibrate.measure(model, names, shape, runtime="onnxruntime", repeats=repeats,
+                                options={n: [f] for n, f in factors.items()})
+        stub = calibrate.stubbed(model, names, (1, *shape))
+        variants = []  # the stubbed model with one layer real: dense, then factorized, per layer
+        for n in names:
+            for src in (model, compressed):
+                v = copy.deepcopy(stub)
+                lowrank.replace_submodule(v, n, copy.deepcopy(src.get_submodule(n)))
+                variants.append(v)
+        t = deploy.timed([stub, *variants], shape, runtime="onnxruntime", batch=1, threads=1, repeats=repeats,
+                         workdir=tmp)
+        in_graph = [(t[1 + 2 * i] - t[0], t[2 + 2 * i] - t[0]) for i in range(len(names))]
+        whole, comp = deploy.timed([model, compressed], shape, runtime="onnxruntime", batch=1, threads=1,
+                                   repeats=repeats, workdir=tmp)
+    share, fixed = cal["whole"] - cal["fixed"], cal["fixed"]
+
+    def predicted(dense: float, option: float) -> float:
+        return cal["whole"] / (fixed + share * option / dense)
+
+    p_warm = predicted(sum(d for d, _ in warm.values()), sum(o for _, o in warm.values()))
+    p_cal = predicted(sum(cal["layers"].values()), sum(ts[0] for ts in cal["options"].values()))
+    p_graph = predicted(sum(d for d, _ in in_graph), sum(o for _, o in in_graph))
+    return (f"{size:>4} {method:>12} {ratio:>5} {whole * 1e3:>9.2f} {fixed / cal['whole']:>8.0%} "
+            f"{p_warm:>9.2f}x {p_cal:>12.2f}x {p_graph:>9.2f}x {whole / comp:>9.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
+    ap.add_argument("--methods", nargs="+", default=["spatial-svd", "tucker2"])
+    ap.add_argument("--ratio", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    lines = [f"# bench/latency_model.py, torch {torch.__version__}, ResNet-18 3x3 convs but the first, ONNX Runtime, "
+             "batch 1, one thread",
+             "size       method ratio whole ms  outside  screened  calibration  in graph  measured"]
+    print("\n".join(lines), flush=True)
+    for size in args.sizes:
+        for method in args.methods:
+            lines.append(one(size, method, args.ratio, args.repeats))
+            print(lines[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
