@@ -11,19 +11,18 @@ timed on the search's runtime beside a copy whose searched layers are *stubs* (t
 shape and dependency on the input, at a negligible cost: one input channel through a 1x1 conv
 or a 1-input linear layer, on which the runtime fuses the following BatchNorm and ReLU as it does
 on the real conv), interleaved, at batch 1 and one thread. The searched layers' share of the graph
-is ``whole - fixed``; the screening's layer costs are scaled by one factor per model so that the
-dense layers add up to it (``scale``). What is kept from the isolated timings is how the options of
-one layer, and the layers, compare with each other.
+is ``whole - fixed``; the layers' costs (below) are scaled by one factor per model so that the
+dense layers add up to it (``scale``).
 
 The screening times each option interleaved with its dense layer, the weights warm in the caches:
 that holds an option's speedup over its layer from one screening to the next, but not in the
 graph. At 32 px, a ResNet-18 is bound by streaming its weights, which the graph's other layers have
 evicted by the time a layer runs: factorizing all 3x3 convs by spatial SVD at 2x, the screened
-speedups predicted 1.20x and ONNX Runtime measured 1.57x. So the calibration task also times every
-dense searched layer and every screened option alone, all of them interleaved one round after
-another (each runs after the others have been through the caches, as in the graph), and those are
-the costs the allocation uses (``option_costs``): the same example predicts 1.33x for a measured
-1.35x; Tucker-2, 1.05x for 1.07x.
+speedups predict 1.21x and ONNX Runtime measures 1.55x (``bench/latency_model.py``). So the
+calibration task also times every dense searched layer and every screened option alone, all of them
+interleaved one round after another (each runs after the others have been through the caches, as in
+the graph), and those are the costs the allocation uses (``option_costs``): the same example then
+predicts 1.40x; Tucker-2, 1.01x for a measured 0.98x where the screened costs said 0.82x.
 """
 from __future__ import annotations
 
