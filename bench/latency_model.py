@@ -1,19 +1,25 @@
-"""How well does the latency search predict a factorized model's speed? Screened costs against the
-calibration task's.
+"""How well does the latency search predict a factorized model's speed? Screening timings, and the
+costs the allocation uses, against what is measured.
 
-ResNet-18 (10 classes) at batch 1 on ONNX Runtime, one thread: every 3x3 conv but the first
-factorized by one method at one parameter ratio. The speedup over the dense model is predicted two
-ways and set beside the one measured (the two models timed interleaved, ``jobs.deploy.timed``):
+ResNet-18 (10 classes) at batch 1 on ONNX Runtime, one thread.
 
-- *screened*: each layer's option timed interleaved with its dense layer only, weights warm, as the
-  screening times them (``jobs.search.screen.LayerTimer``);
-- *calibration*: every dense layer and every option timed alone, all interleaved one round after
-  another, as the search's calibration task times them (``jobs.search.calibrate.measure``).
+1. *Screening noise*: every third 3x3 conv at 224 px, its spatial-SVD options (1.5-6x) screened
+   twice, each time both ways: one module after another, 7 runs each after one warm-up (the timer
+   the screening had before), and all interleaved (``jobs.search.screen.LayerTimer``, 25 rounds).
+   Per layer: how far apart the two screenings put the same option's time, and its speedup over
+   the dense layer (the largest ratio over the options).
+2. *Prediction*: every 3x3 conv but the first factorized by one method at one parameter ratio. The
+   speedup over the dense model is predicted three ways and set beside the one measured (the two
+   models timed interleaved, ``jobs.deploy.timed``):
+   - *screened*: each layer's option timed interleaved with its dense layer only, weights warm, as
+     the screening times them;
+   - *calibration*: every dense layer and every option timed alone, all interleaved one round after
+     another, as the search's calibration task times them (``jobs.search.calibrate.measure``);
+   - *in graph*: each layer, dense and factorized, put alone into the stubbed model.
+   All are scaled so that the dense layers add up to their share of the graph (the whole model's
+   time less that of the copy with the layers stubbed), which is what the search does.
 
-Both are scaled so that the dense layers add up to their share of the graph (the whole model's time
-less that of the copy with the layers stubbed), which is what the search does.
-
-    .venv/bin/python bench/latency_model.py --out bench/latency_model.out.txt   # ~6 min on 2 cores
+    .venv/bin/python bench/latency_model.py --out bench/latency_model.out.txt   # ~5 min on 2 cores
 """
 from __future__ import annotations
 
@@ -36,6 +42,31 @@ from jobs import deploy  # noqa: E402
 from jobs.models import build_model  # noqa: E402
 from jobs.search import calibrate  # noqa: E402
 from jobs.search.screen import LayerTimer  # noqa: E402
+
+
+def noise(size: int = 224, ratios=(1.5, 2, 3, 4, 6)) -> list[str]:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10).eval()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    names = [n for n in convs[1:] if model.get_submodule(n).kernel_size == (3, 3)][::3]
+    shapes = lowrank.layer_input_shapes(model, names, (1, 3, size, size))
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old, new = LayerTimer("onnxruntime", "cpu", tmp, warmup=1), LayerTimer("onnxruntime", "cpu", tmp)
+        for n in names:
+            dense, x = model.get_submodule(n), torch.randn(shapes[n])
+            mods = [dense] + [lowrank.factorize_with_factors(dense, "spatial-svd", "ratio", ratio=r)[0] for r in ratios]
+
+            def spread(a, b):
+                return max(max(u / v, v / u) for u, v in zip(a, b))
+
+            seq = [[old(m, x, 7) for m in mods] for _ in range(2)]
+            inter = [new.many(mods, x) for _ in range(2)]
+            speedups = [[[t[0] / u for u in t[1:]] for t in two] for two in (seq, inter)]
+            lines.append(f"{n:>15} {spread(*seq):>10.2f}x {spread(*speedups[0]):>13.2f}x {spread(*inter):>10.2f}x "
+                         f"{spread(*speedups[1]):>13.2f}x")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def one(size: int, method: str, ratio: float, repeats: int) -> str:
@@ -87,6 +118,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    head = [f"# bench/latency_model.py, torch {torch.__version__}: screening noise, spatial SVD at 224 px; two screenings "
+            "apart by (the largest ratio over a layer's options)",
+            "          layer  sequential: time  speedup  interleaved: time  speedup"]
+    print("\n".join(head), flush=True)
+    head += noise()
     lines = [f"# bench/latency_model.py, torch {torch.__version__}, ResNet-18 3x3 convs but the first, ONNX Runtime, "
              "batch 1, one thread",
              "size       method ratio whole ms  outside  screened  calibration  in graph  measured"]
@@ -96,7 +132,7 @@ def main() -> None:
             lines.append(one(size, method, args.ratio, args.repeats))
             print(lines[-1], flush=True)
     if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+        args.out.write_text("\n".join(head + [""] + lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -131,14 +131,25 @@ def timed(models: list[nn.Module], input_shape, *, runtime: str, batch: int, thr
     (the order rotates every repetition)."""
     runs = [RUNTIMES[runtime].prepare(m.float().eval(), tuple(input_shape), threads, workdir) for m in models]
     x = np.random.default_rng(batch).standard_normal((batch, *input_shape)).astype(np.float32)
-    for _ in range(warmup):
-        for run in runs:
-            run(x)
+    return interleaved(runs, [x] * len(runs), repeats=repeats, warmup=warmup)
+
+
+def interleaved(runs: list[Callable], args: list, *, repeats: int, warmup: int, sync: Callable | None = None
+                ) -> list[float]:
+    """Median seconds of each ``runs[i](args[i])``: ``warmup`` calls of each, then ``repeats`` rounds
+    that call each once, the order reversed every other round; ``sync`` (e.g. CUDA's) around each
+    timed call."""
+    for run, arg in zip(runs, args):
+        for _ in range(warmup):
+            run(arg)
+    sync = sync or (lambda: None)
     times: list[list[float]] = [[] for _ in runs]
     for n in range(repeats):
         for i in (range(len(runs)) if n % 2 == 0 else reversed(range(len(runs)))):
+            sync()
             t0 = time.perf_counter()
-            runs[i](x)
+            runs[i](args[i])
+            sync()
             times[i].append(time.perf_counter() - t0)
     return [statistics.median(v) for v in times]
 

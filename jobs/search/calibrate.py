@@ -18,11 +18,11 @@ The screening times each option interleaved with its dense layer, the weights wa
 that holds an option's speedup over its layer from one screening to the next, but not in the
 graph. At 32 px, a ResNet-18 is bound by streaming its weights, which the graph's other layers have
 evicted by the time a layer runs: factorizing all 3x3 convs by spatial SVD at 2x, the screened
-speedups predict 1.21x and ONNX Runtime measures 1.55x (``bench/latency_model.py``). So the
+speedups predict 1.20x and ONNX Runtime measures 1.56x (``bench/latency_model.py``). So the
 calibration task also times every dense searched layer and every screened option alone, all of them
 interleaved one round after another (each runs after the others have been through the caches, as in
 the graph), and those are the costs the allocation uses (``option_costs``): the same example then
-predicts 1.40x; Tucker-2, 1.01x for a measured 0.98x where the screened costs said 0.82x.
+predicts 1.44x; Tucker-2, 1.06x for a measured 1.02x where the screened costs said 0.85x.
 """
 from __future__ import annotations
 

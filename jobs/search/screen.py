@@ -5,9 +5,7 @@ real input shape. A latency target never picks an option slower than its dense l
 option costs less and loses nothing."""
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 
 import torch
 
@@ -22,8 +20,8 @@ class LayerTimer:
     eagerly there (synchronised). ``many`` times the options of one layer interleaved: every round
     runs each of them once, in an order that alternates, after a warm-up of each; a layer's options
     are then compared under the same conditions of a shared machine, not each at its own moment
-    (timed one after the other, 7 runs each, the same option came out up to 2.7x apart between two
-    screenings, and the allocation picks the options whose timing was lucky)."""
+    (an allocation over timings taken apart picks the options whose timing was lucky;
+    ``bench/latency_model.py`` measures the spread)."""
 
     def __init__(self, runtime: str, device, workdir: str, repeats: int = 25, warmup: int = 3):
         self.runtime, self.device, self.workdir = runtime, str(device), workdir
@@ -39,19 +37,8 @@ class LayerTimer:
             runs = [deploy.RUNTIMES[self.runtime].prepare(m.eval().cpu(), tuple(a.shape[1:]), 1, self.workdir)
                     for m, a in zip(modules, xs)]
             args = [a.cpu().numpy() for a in xs]
-        sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
-        for run, arg in zip(runs, args):
-            for _ in range(self.warmup):
-                run(arg)
-        times: list[list[float]] = [[] for _ in runs]
-        for n in range(repeats or self.repeats):
-            for i in (range(len(runs)) if n % 2 == 0 else reversed(range(len(runs)))):
-                sync()
-                t0 = time.perf_counter()
-                runs[i](args[i])
-                sync()
-                times[i].append(time.perf_counter() - t0)
-        return [statistics.median(t) for t in times]
+        return deploy.interleaved(runs, args, repeats=repeats or self.repeats, warmup=self.warmup,
+                                  sync=torch.cuda.synchronize if self.device.startswith("cuda") else None)
 
     def __call__(self, module, x, repeats: int | None = None) -> float:
         return self.many([module], x, repeats)[0]
