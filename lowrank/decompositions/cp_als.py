@@ -29,11 +29,22 @@ class SweepEngine:
         self._sweep = Sweep(x.unsqueeze(0))
         self.norm2 = float(self._sweep.norm2[0])
 
-    def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable) -> float:
-        """One sweep; ``update(n, G, gamma)`` returns the new factor of mode ``n``. Updates
-        ``factors`` and ``grams`` in place and returns ``<X, X_hat>`` for the final model."""
+    def start(self, factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Sweep.start``: the first GEMM of a sweep from ``factors``, reusable by ``sweep``."""
+        return self._sweep.start([f.unsqueeze(0) for f in factors])
+
+    @staticmethod
+    def started_inner(started: tuple[torch.Tensor, torch.Tensor], factors: list[torch.Tensor]) -> float:
+        """``<X, [[factors]]>`` from ``start(factors)``'s mode-0 MTTKRP (no further GEMM)."""
+        return float((started[1][0] * factors[0]).sum())
+
+    def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable,
+              started: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+        """One sweep; ``update(n, G, gamma)`` returns the new factor of mode ``n``; ``started``:
+        ``start(factors)``'s result, if at hand. Updates ``factors`` and ``grams`` in place and
+        returns ``<X, X_hat>`` for the final model."""
         fb, gb = [f.unsqueeze(0) for f in factors], [g.unsqueeze(0) for g in grams]
-        inner = self._sweep.sweep(fb, gb, lambda n, g, gam: update(n, g[0], gam[0]).unsqueeze(0))
+        inner = self._sweep.sweep(fb, gb, lambda n, g, gam: update(n, g[0], gam[0]).unsqueeze(0), started)
         factors[:], grams[:] = [f[0] for f in fb], [g[0] for g in gb]
         return float(inner[0])
 
@@ -79,7 +90,8 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
     error changes by less than ``tol`` (absolute difference, as tensorly), falls to ``stop_at``,
     or after ``n_iter_max`` sweeps. ``linesearch``: after each sweep, try the extrapolation
     ``A_prev + s (A - A_prev)`` (Bro 1998, ``s = it^(1/3)``, halved after a miss) and keep it
-    when its error is lower (one more large GEMM per sweep). ``callback(iteration, rel_error)``
+    when its error is lower. Checking it costs the next sweep's first GEMM, which that sweep then
+    reuses: one more large GEMM per refused step, none per accepted one. ``callback(iteration, rel_error)``
     is called after every sweep. Returns ``(factors, errors)``.
     """
     if isinstance(init, (list, tuple)):
@@ -92,20 +104,23 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
     errors: list[float] = []
     update = lambda n, g, gam: solve_normal(g, gam)  # noqa: E731
     misses = 0
+    started = None  # the next sweep's first GEMM, where the line search already made it
 
     def rel(inner: float, gs) -> float:
         return math.sqrt(max(engine.norm2 - 2 * inner + engine.model_norm2(gs), 0.0)) / norm
 
     for it in range(1, n_iter_max + 1):
         prev = [f.clone() for f in factors] if linesearch else None
-        err = rel(engine.sweep(factors, grams, update), grams)
+        err = rel(engine.sweep(factors, grams, update, started), grams)
+        started = None
         if linesearch and it > 2:
             step = it ** (1.0 / 3.0) / 2 ** misses
             trial = [p + step * (f - p) for p, f in zip(prev, factors)]
             tgrams = [f.T @ f for f in trial]
-            terr = rel(engine.inner(trial), tgrams)
+            tstart = engine.start(trial)
+            terr = rel(engine.started_inner(tstart, trial), tgrams)
             if terr < err:
-                factors, grams, err = trial, tgrams, terr
+                factors, grams, err, started = trial, tgrams, terr, tstart
                 misses = max(misses - 1, 0)
             else:
                 misses = min(misses + 1, 8)
@@ -114,6 +129,7 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
         errors.append(err)
         if it % 10 == 0:  # ALS is invariant to column scaling; rebalancing only guards the range
             rebalance(factors, grams)
+            started = None  # made for the factors before rescaling
         if callback is not None:
             callback(it, err)
         if err < 1e-15 or (len(errors) > 1 and abs(errors[-2] - err) < tol) or (stop_at is not None and err <= stop_at):

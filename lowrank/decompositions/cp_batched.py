@@ -37,19 +37,24 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
     done: dict[int, list[torch.Tensor]] = {}
     errors: list[list[float]] = [[] for _ in range(batch)]
     misses = torch.zeros(batch, dtype=x.dtype, device=x.device)
+    started = None  # the next sweep's first GEMM, where every problem took its line-search step
 
     def rel(inner, gs):
         return (engine.norm2 - 2 * inner + model_norm2(gs)).clamp_min(0).sqrt() / norm
 
     for it in range(1, n_iter_max + 1):
         prev = [f.clone() for f in factors] if linesearch else None
-        err = rel(engine.sweep(factors, grams, _update), grams)
+        err = rel(engine.sweep(factors, grams, _update, started), grams)
+        started = None
         if linesearch and it > 2:
             step = (it ** (1.0 / 3.0) / 2 ** misses).view(-1, 1, 1)
             trial = [p + step * (f - p) for p, f in zip(prev, factors)]
             tgrams = [f.transpose(1, 2) @ f for f in trial]
-            terr = rel(engine.inner(trial), tgrams)
+            tstart = engine.start(trial)
+            terr = rel((tstart[1] * trial[0]).sum((1, 2)), tgrams)
             better = terr < err
+            if bool(better.all()):
+                started = tstart
             sel = better.view(-1, 1, 1)
             factors = [torch.where(sel, t, f) for t, f in zip(trial, factors)]
             grams = [torch.where(sel, t, g) for t, g in zip(tgrams, grams)]
@@ -67,6 +72,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
                        or (stop_at is not None and e <= stop_at) or it == n_iter_max)
         if it % 10 == 0:
             rebalance(factors, grams)
+            started = None  # made for the factors before rescaling
         if bool(stop.any()):
             for i in torch.nonzero(stop).flatten().tolist():
                 done[int(active[i])] = [f[i].clone() for f in factors]
@@ -76,6 +82,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
             active, norm, misses = active[keep], norm[keep], misses[keep]
             factors, grams = [f[keep] for f in factors], [g[keep] for g in grams]
             engine.keep(keep)
+            started = None if started is None else (started[0][keep], started[1][keep])
     return [_balanced(done[b]) for b in range(batch)], errors
 
 

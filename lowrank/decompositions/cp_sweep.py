@@ -79,13 +79,28 @@ def model_norm2(grams: list[torch.Tensor]) -> torch.Tensor:
     return g.sum((-2, -1))
 
 
+FUSED_BELOW = 1 << 19  # elements: below this, one broadcast multiply-and-sum beats a pass per slice
+
+
 def weighted_slices(parts: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
     """``sum_k parts.select(dim, k) * weights[:, k, None, :]``: ``parts`` ``(B, .., K, .., R)``,
-    ``weights`` ``(B, K, R)`` -> ``(B, I, R)``, one slice at a time (no ``(B, I, K, R)`` temporary)."""
+    ``weights`` ``(B, K, R)`` -> ``(B, I, R)``. Small ``parts`` in one broadcast operation (its
+    temporary stays in cache, and per-operation overhead is what bounds them); large ones one slice
+    at a time (no ``(B, I, K, R)`` temporary: there memory traffic bounds them)."""
+    if parts.numel() < FUSED_BELOW:
+        return (parts * weights.unsqueeze(1 if dim == 2 else 2)).sum(dim)
     acc = parts.select(dim, 0) * weights[:, :1]
     for k in range(1, parts.shape[dim]):
         acc.addcmul_(parts.select(dim, k), weights[:, k:k + 1])
     return acc
+
+
+def contract_rows(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``sum_i p[:, i] * u[:, i, None]``: ``p`` ``(B, I, K, R)``, ``u`` ``(B, I, R)`` -> ``(B, K, R)``
+    (``P`` contracted with the new ``U_0``, which feeds every small mode)."""
+    if p.numel() < FUSED_BELOW:
+        return (p * u.unsqueeze(2)).sum(1)
+    return torch.stack([torch.linalg.vecdot(p[:, :, k], u, dim=1) for k in range(p.shape[2])], 1)
 
 
 class Sweep:
@@ -108,17 +123,27 @@ class Sweep:
         ops = [q] + [smalls[j] for j in range(len(smalls)) if j != m]
         return torch.einsum(",".join(ins) + "->z" + letters[m] + "r", *ops)
 
-    def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable) -> torch.Tensor:
-        """One sweep; ``update(n, G, gamma)`` returns mode ``n``'s new factor from its MTTKRP ``G``
-        ``(B, I_n, R)`` and normal-equations matrix ``gamma`` ``(B, R, R)``. Updates ``factors``
-        and ``grams`` in place; returns ``<X, X_hat>`` per problem (for the cheap error
-        ``||X||^2 - 2<X, X_hat> + ||X_hat||^2``)."""
+    def start(self, factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sweep's first large GEMM for these factors: ``P = X x_1 U_1`` ``(B, I0, K, R)`` and
+        the MTTKRP of mode 0. ``<X, [[factors]]>`` is then ``sum(G_0 * U_0)`` at no further GEMM,
+        which is how line search checks an extrapolated point and starts the next sweep from it
+        with the same product."""
         b, r = factors[0].shape[0], factors[0].shape[-1]
         p = (self.x.view(b, self.i0 * self.k, self.i1) @ factors[1]).view(b, self.i0, self.k, r)
-        factors[0] = update(0, weighted_slices(p, khatri_rao(factors[2:]), 2), gram_product(grams, 0))
+        return p, weighted_slices(p, khatri_rao(factors[2:]), 2)
+
+    def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable,
+              started: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One sweep; ``update(n, G, gamma)`` returns mode ``n``'s new factor from its MTTKRP ``G``
+        ``(B, I_n, R)`` and normal-equations matrix ``gamma`` ``(B, R, R)``. ``started``: what
+        ``start(factors)`` returned for these very factors (saves the first GEMM). Updates
+        ``factors`` and ``grams`` in place; returns ``<X, X_hat>`` per problem (for the cheap
+        error ``||X||^2 - 2<X, X_hat> + ||X_hat||^2``)."""
+        b, r = factors[0].shape[0], factors[0].shape[-1]
+        p, g0 = started if started is not None else self.start(factors)
+        factors[0] = update(0, g0, gram_product(grams, 0))
         grams[0] = factors[0].transpose(1, 2) @ factors[0]
-        q = torch.stack([torch.linalg.vecdot(p[:, :, k], factors[0], dim=1) for k in range(self.k)], 1)
-        q = q.view(b, *self.small, r)
+        q = contract_rows(p, factors[0]).view(b, *self.small, r)
         for m in range(len(factors) - 2):
             factors[2 + m] = update(2 + m, self._small_mttkrp(q, factors[2:], m), gram_product(grams, 2 + m))
             grams[2 + m] = factors[2 + m].transpose(1, 2) @ factors[2 + m]

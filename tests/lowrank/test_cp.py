@@ -37,10 +37,13 @@ def test_als_error_non_increasing_and_seed_deterministic():
     assert not all(torch.equal(a, b) for a, b in zip(f1, f3))
 
 
-def test_mttkrp_matches_explicit_khatri_rao():
+@pytest.mark.parametrize("fused_below", [0, 1 << 30])  # slice by slice / in one broadcast operation
+def test_mttkrp_matches_explicit_khatri_rao(monkeypatch, fused_below):
     # the dimension-tree sweep must compute the same normal equations as the textbook ALS
+    from lowrank.decompositions import cp_sweep
     from lowrank.decompositions.cp_als import SweepEngine
 
+    monkeypatch.setattr(cp_sweep, "FUSED_BELOW", fused_below)
     x = torch.randn(5, 4, 3, 2, dtype=torch.float64)
     fs = [torch.randn(n, 3, dtype=torch.float64) for n in x.shape]
     seen = {}
@@ -177,6 +180,31 @@ def test_linesearch_reaches_the_plain_als_error_in_fewer_sweeps():
     assert fast[-1] <= plain[-1]
     assert len(fast) < 0.75 * len(plain)
     assert all(b <= a + 1e-12 for a, b in zip(fast, fast[1:]))  # a step is only taken when it lowers the error
+
+
+def test_linesearch_check_is_the_next_sweeps_first_gemm(monkeypatch):
+    """Checking an extrapolated point costs the next sweep's first GEMM, which that sweep reuses
+    when the step is taken: one large GEMM more per refused step, none per accepted one."""
+    from lowrank.decompositions import cp_sweep
+
+    calls = {"start": 0, "mode1": 0}
+    for name in calls:
+        original = getattr(cp_sweep.Sweep, name)
+
+        def counted(self, *a, _name=name, _original=original, **kw):
+            calls[_name] += 1
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(cp_sweep.Sweep, name, counted)
+    x = torch.randn(20, 16, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    _, plain = cp_als(x, 24, n_iter_max=40, tol=-1)
+    assert calls == {"start": 40, "mode1": 40}
+    calls.update(start=0, mode1=0)
+    _, errors = cp_als(x, 24, n_iter_max=40, tol=-1, linesearch=True)
+    assert calls["mode1"] == 40  # the second GEMM: once per sweep
+    # first GEMMs: 40 sweeps + 38 checks - the steps taken (whose check the next sweep reused),
+    # + the rebalancing every 10 sweeps that invalidates a reused product
+    assert 40 < calls["start"] < 40 + 38
+    assert errors[-1] < plain[-1]
 
 
 def test_float32_als_then_float64_epc_keeps_the_error_and_reports_it():
