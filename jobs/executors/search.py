@@ -214,8 +214,8 @@ def _calibrate_all(session, ms: list[SearchedModel]) -> None:
             session.say(f"{m.name}: latency calibration failed ({str(out).splitlines()[0][:160]}); the layers' "
                         "times are added up as screened")
             continue
-        dense = sum(cs[0] for cs in calibrate.option_costs(m.rows, out).values())
-        k = calibrate.scale(out, dense)
+        costs, k = calibrate.scaled_costs(m.rows, out)
+        dense = sum(cs[0] for cs in costs.values())
         m.calibration = {**out, "layers_alone": dense, "scale": k}
         session.say(f"{m.name}: latency on {out['runtime']}: whole {out['whole'] * 1e3:.2f} ms, outside the searched "
                     f"layers {out['fixed'] * 1e3:.2f} ms ({out['fixed'] / out['whole']:.0%}); the layers timed alone "

@@ -145,6 +145,13 @@ def option_costs(rows: dict[str, list[dict]], calibration: dict | None) -> dict[
     return out
 
 
+def scaled_costs(rows: dict[str, list[dict]], calibration: dict) -> tuple[dict[str, list[float]], float | None]:
+    """``option_costs`` and the ``scale`` that brings their dense costs to the graph's share (None:
+    the measurement cannot say, and the costs stay as timed alone)."""
+    costs = option_costs(rows, calibration)
+    return costs, scale(calibration, sum(cs[0] for cs in costs.values()))
+
+
 def scale(calibration: dict, dense_layers: float) -> float | None:
     """The factor that brings the layers' isolated dense costs (summed: ``dense_layers``) to their
     share of the graph; None where the measurement cannot say (the stubbed model not faster)."""

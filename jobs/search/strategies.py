@@ -28,8 +28,7 @@ def allocation_options(rows: dict[str, list[dict]], base, target: str,
     calibration task timed (``calibrate.option_costs``), and all are scaled so that the dense layers
     add up to their share of the whole graph (``calibrate.scale``)."""
     total = {"params": base.params, "macs": base.macs, "latency": base.latency["b1"]}[target]
-    measured = calibrate.option_costs(rows, calibration) if target == "latency" and calibration else {}
-    k = calibrate.scale(calibration, sum(cs[0] for cs in measured.values())) if measured else None
+    measured, k = calibrate.scaled_costs(rows, calibration) if target == "latency" and calibration else ({}, None)
     if k is None:  # additive: the costs as screened
         options = {n: [Option(r["method"], r["rank"], cost(r, target), r["loss"] if r["method"] else 0.0) for r in rs]
                    for n, rs in rows.items()}
@@ -45,20 +44,21 @@ def estimate(options: dict, fixed: float, choice: dict) -> float | None:
     None where a chosen row is not among the options (a bisected rank)."""
     dense = chosen = fixed
     for n, r in choice.items():
-        d = next(o.cost for o in options[n] if o.method is None)
-        c = d if r is None else next((o.cost for o in options[n] if o.method == r["method"] and o.rank == r["rank"]),
-                                     None)
-        if c is None:
+        o = next((o for o in options[n] if _same(o, r)), None)
+        if o is None:
             return None
-        dense, chosen = dense + d, chosen + c
+        dense, chosen = dense + options[n][0].cost, chosen + o.cost
     return dense / chosen if chosen > 0 else None
+
+
+def _same(o: Option, r: dict | None) -> bool:
+    """Whether allocation option ``o`` stands for screening row ``r`` (None = dense)."""
+    return o.method is None if r is None else (o.method == r["method"] and o.rank == r["rank"])
 
 
 def row_for(rows: dict[str, list[dict]], layer: str, o: Option) -> dict | None:
     """The screening row an allocation option stands for (None = dense)."""
-    if o.method is None:
-        return None
-    return next(r for r in rows[layer][1:] if r["method"] == o.method and r["rank"] == o.rank)
+    return None if o.method is None else next(r for r in rows[layer][1:] if _same(o, r))
 
 
 def decide(strategy: str, rows: dict[str, list[dict]], options: dict, fixed: float, search) -> dict:
