@@ -18,8 +18,13 @@ ResNet-18 (10 classes) at batch 1 on ONNX Runtime, one thread.
    - *in graph*: each layer, dense and factorized, put alone into the stubbed model.
    All are scaled so that the dense layers add up to their share of the graph (the whole model's
    time less that of the copy with the layers stubbed), which is what the search does.
+3. *What calibration costs* (``--cost MODEL..``): the calibration task's seconds on deeper networks
+   at 224 px, every 3x3 conv but the first searched with the options a screening of
+   ``spatial-svd`` and ``tucker2`` at the default candidate ratios (1.5-6x) leaves, set beside what
+   the screening spends timing the same options (each layer's options interleaved with it alone).
 
     .venv/bin/python bench/latency_model.py --out bench/latency_model.out.txt   # ~5 min on 2 cores
+    .venv/bin/python bench/latency_model.py --cost resnet18 resnet50 --out bench/latency_cost.out.txt
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import copy
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,15 +115,51 @@ def one(size: int, method: str, ratio: float, repeats: int) -> str:
             f"{p_warm:>9.2f}x {p_cal:>12.2f}x {p_graph:>9.2f}x {whole / comp:>9.2f}x")
 
 
+def cost(name: str, size: int, ratios=(1.5, 2, 3, 4, 6), methods=("spatial-svd", "tucker2")) -> str:
+    torch.manual_seed(0)
+    model = build_model(name, 1000).eval()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    names = [n for n in convs[1:] if model.get_submodule(n).kernel_size == (3, 3)]
+    shape = (3, size, size)
+    shapes = lowrank.layer_input_shapes(model, names, (1, *shape))
+    options = {n: [lowrank.factorize_with_factors(model.get_submodule(n), m, "ratio", ratio=r)[1]
+                   for m in methods for r in ratios] for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        timer, t0 = LayerTimer("onnxruntime", "cpu", tmp), time.perf_counter()
+        for n in names:
+            dense = model.get_submodule(n)
+            timer.many([dense, *(lowrank.get_method(f.method).build(dense, f) for f in options[n])],
+                       torch.randn(shapes[n]))
+        screen_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    cal = calibrate.measure(model, names, shape, runtime="onnxruntime", options=options)  # the runner's repeats
+    cal_s = time.perf_counter() - t0
+    timed = len(names) * (1 + len(ratios) * len(methods))
+    return (f"{name:>9} {size:>4} {len(names):>6} {timed:>7} {cal['whole'] * 1e3:>9.1f} {screen_s:>10.1f} "
+            f"{cal_s:>9.1f} {cal_s / screen_s:>8.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     ap.add_argument("--methods", nargs="+", default=["spatial-svd", "tucker2"])
     ap.add_argument("--ratio", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--cost", nargs="*", default=[], metavar="MODEL", help="time the calibration task on these models")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.cost:
+        lines = [f"# bench/latency_model.py --cost, torch {torch.__version__}: seconds the calibration task takes "
+                 "(ONNX Runtime, batch 1, one thread, the runner's repeats), against the screening's timing of the "
+                 "same options",
+                 "    model size layers modules  whole ms  screen s  calib s  calib/screen"]
+        print("\n".join(lines), flush=True)
+        for name in args.cost:
+            lines.append(cost(name, 224))
+            print(lines[-1], flush=True)
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
+        return
     head = [f"# bench/latency_model.py, torch {torch.__version__}: screening noise, spatial SVD at 224 px; two screenings "
             "apart by (the largest ratio over a layer's options)",
             "          layer  sequential: time  speedup  interleaved: time  speedup"]
