@@ -14,7 +14,9 @@ ResNet-18 (10 classes) at batch 1 on ONNX Runtime, one thread.
    - *screened*: each layer's option timed interleaved with its dense layer only, weights warm, as
      the screening times them;
    - *calibration*: every dense layer and every option timed alone, all interleaved one round after
-     another, as the search's calibration task times them (``jobs.search.calibrate.measure``);
+     another, as the search's calibration task times them (``jobs.search.calibrate.measure``):
+     *gross* as timed, *net* of what each layer's stub costs alone (the per-call cost), which is
+     what the search uses;
    - *in graph*: each layer, dense and factorized, put alone into the stubbed model.
    All are scaled so that the dense layers add up to their share of the graph (the whole model's
    time less that of the copy with the layers stubbed), which is what the search does.
@@ -110,9 +112,12 @@ def one(size: int, method: str, ratio: float, repeats: int) -> str:
 
     p_warm = predicted(sum(d for d, _ in warm.values()), sum(o for _, o in warm.values()))
     p_cal = predicted(sum(cal["layers"].values()), sum(ts[0] for ts in cal["options"].values()))
+    over = cal["overhead"]  # each layer's stub alone; the costs above are net of it
+    p_gross = predicted(sum(t + over[n] for n, t in cal["layers"].items()),
+                        sum(ts[0] + over[n] for n, ts in cal["options"].items()))
     p_graph = predicted(sum(d for d, _ in in_graph), sum(o for _, o in in_graph))
     return (f"{size:>4} {method:>12} {ratio:>5} {whole * 1e3:>9.2f} {fixed / cal['whole']:>8.0%} "
-            f"{p_warm:>9.2f}x {p_cal:>12.2f}x {p_graph:>9.2f}x {whole / comp:>9.2f}x")
+            f"{p_warm:>9.2f}x {p_gross:>7.2f}x {p_cal:>5.2f}x {p_graph:>9.2f}x {whole / comp:>9.2f}x")
 
 
 def cost(name: str, size: int, ratios=(1.5, 2, 3, 4, 6), methods=("spatial-svd", "tucker2")) -> str:
@@ -138,6 +143,18 @@ def cost(name: str, size: int, ratios=(1.5, 2, 3, 4, 6), methods=("spatial-svd",
             f"{cal_s:>9.1f} {cal_s / screen_s:>8.2f}")
 
 
+def cpu() -> str:
+    """The CPU's name and last-level cache, for the output's header (the timings depend on both)."""
+    import platform
+    import subprocess
+    try:
+        info = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        return f"{fields.get('Model name', platform.processor()).strip()}, L3 {fields.get('L3 cache', '?').strip()}"
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
@@ -160,14 +177,15 @@ def main() -> None:
         if args.out:
             args.out.write_text("\n".join(lines) + "\n")
         return
-    head = [f"# bench/latency_model.py, torch {torch.__version__}: screening noise, spatial SVD at 224 px; two screenings "
+    head = [f"# {cpu()}",
+            f"# bench/latency_model.py, torch {torch.__version__}: screening noise, spatial SVD at 224 px; two screenings "
             "apart by (the largest ratio over a layer's options)",
             "          layer  sequential: time  speedup  interleaved: time  speedup"]
     print("\n".join(head), flush=True)
     head += noise()
     lines = [f"# bench/latency_model.py, torch {torch.__version__}, ResNet-18 3x3 convs but the first, ONNX Runtime, "
              "batch 1, one thread",
-             "size       method ratio whole ms  outside  screened  calibration  in graph  measured"]
+             "size       method ratio whole ms  outside  screened  calibration: gross  net  in graph  measured"]
     print("\n".join(lines), flush=True)
     for size in args.sizes:
         for method in args.methods:

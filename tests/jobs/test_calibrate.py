@@ -73,6 +73,8 @@ def test_resnet18_stubbed_keeps_its_graph_and_loses_the_searched_work(tmp_path):
     # every searched layer alone, and the options given, timed in the same task: the costs the allocation uses
     assert list(out["layers"]) == names and all(t > 0 for t in out["layers"].values()), out
     assert sum(out["layers"].values()) < 2 * out["whole"], out
+    # each layer's stub alone: what a call of that shape costs, taken off every cost of the layer
+    assert list(out["overhead"]) == names and all(t > 0 for t in out["overhead"].values()), out
     assert list(out["options"]) == names[-2:] and all(len(ts) == 2 for ts in out["options"].values()), out
     for n in names[-2:]:  # layer4's 512-channel convs: 8x fewer weights run faster than 2x fewer, and than dense
         t2, t8 = out["options"][n]
