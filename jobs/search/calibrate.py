@@ -26,11 +26,13 @@ predicts 1.44x; Tucker-2, 1.06x for a measured 1.02x where the screened costs sa
 
 A module timed alone also pays what every call costs whatever it computes (the runtime's dispatch,
 the input and output copies), a large part of each time at 32 px, where a ResNet-18 conv runs for
-tens of microseconds: alone, every option's speedup is drawn towards 1. In the graph that cost is not paid per layer.
-So each layer's stub is timed alone in the same rounds, and every cost is net of it (never below a
-tenth of the time measured): at 32 px spatial SVD at 2x is then predicted 1.17x for a measured
-1.17x (1.10x gross), Tucker-2 0.74x for 0.66x (0.82x gross); over two runs at 32 and 224 px the
-prediction's error fell from 9 % to 5 % on average (``bench/latency_model.py``).
+tens of microseconds: alone, every option's speedup is drawn towards 1. In the graph that cost is
+not paid per layer. So each layer's stub is timed alone in the same rounds, and every cost is net
+of it (never below a tenth of the time measured): at 32 px spatial SVD at 2x is then predicted
+1.17x for a measured 1.17x (1.10x gross), Tucker-2 0.74x for 0.66x (0.82x gross); over two runs
+at 32 and 224 px the prediction's error fell from 9 % to 5 % on average
+(``bench/latency_model.py``), and the searches land near their target instead of past it
+(``bench/search_latency_epyc*.out.txt``).
 """
 from __future__ import annotations
 

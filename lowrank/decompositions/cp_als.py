@@ -48,10 +48,6 @@ class SweepEngine:
         factors[:], grams[:] = [f[0] for f in fb], [g[0] for g in gb]
         return float(inner[0])
 
-    def inner(self, factors: list[torch.Tensor]) -> float:
-        """``<X, [[factors]]>`` by one large GEMM (the mode-1 MTTKRP)."""
-        return float(self._sweep.inner([f.unsqueeze(0) for f in factors])[0])
-
     def model_norm2(self, grams: list[torch.Tensor]) -> float:
         return float(model_norm2(grams))
 
@@ -91,8 +87,8 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
     or after ``n_iter_max`` sweeps. ``linesearch``: after each sweep, try the extrapolation
     ``A_prev + s (A - A_prev)`` (Bro 1998, ``s = it^(1/3)``, halved after a miss) and keep it
     when its error is lower. Checking it costs the next sweep's first GEMM, which that sweep then
-    reuses: one more large GEMM per refused step, none per accepted one. ``callback(iteration, rel_error)``
-    is called after every sweep. Returns ``(factors, errors)``.
+    reuses: one more large GEMM per refused step, none per accepted one.
+    ``callback(iteration, rel_error)`` is called after every sweep. Returns ``(factors, errors)``.
     """
     if isinstance(init, (list, tuple)):
         factors = [f.to(device=x.device, dtype=x.dtype).clone() for f in init]

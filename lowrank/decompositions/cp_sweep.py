@@ -157,7 +157,3 @@ class Sweep:
         b, r = factors[0].shape[0], factors[0].shape[-1]
         qa = (self.x.view(b, self.i0, self.k * self.i1).transpose(1, 2) @ factors[0]).view(b, self.k, self.i1, r)
         return weighted_slices(qa, khatri_rao(factors[2:]), 1)
-
-    def inner(self, factors: list[torch.Tensor]) -> torch.Tensor:
-        """``<X, [[factors]]>`` per problem, by one large GEMM."""
-        return (self.mode1(factors) * factors[1]).sum((1, 2))
