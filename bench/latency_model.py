@@ -52,11 +52,16 @@ from jobs.search import calibrate  # noqa: E402
 from jobs.search.screen import LayerTimer  # noqa: E402
 
 
+def convs3x3(model: nn.Module) -> list[str]:
+    """Every 3x3 conv but the first conv of the network: the layers every table here factorizes."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return [n for n in convs[1:] if model.get_submodule(n).kernel_size == (3, 3)]
+
+
 def noise(size: int = 224, ratios=(1.5, 2, 3, 4, 6)) -> list[str]:
     torch.manual_seed(0)
     model = build_model("resnet18", 10).eval()
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    names = [n for n in convs[1:] if model.get_submodule(n).kernel_size == (3, 3)][::3]
+    names = convs3x3(model)[::3]
     shapes = lowrank.layer_input_shapes(model, names, (1, 3, size, size))
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,8 +85,7 @@ def noise(size: int = 224, ratios=(1.5, 2, 3, 4, 6)) -> list[str]:
 def one(size: int, method: str, ratio: float, repeats: int) -> str:
     torch.manual_seed(0)
     model = build_model("resnet18", 10).eval()
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    names = [n for n in convs[1:] if model.get_submodule(n).kernel_size == (3, 3)]
+    names = convs3x3(model)
     shape = (3, size, size)
     shapes = lowrank.layer_input_shapes(model, names, (1, *shape))
     factors = {n: lowrank.factorize_with_factors(model.get_submodule(n), method, "ratio", ratio=ratio)[1]
@@ -112,7 +116,8 @@ def one(size: int, method: str, ratio: float, repeats: int) -> str:
 
     p_warm = predicted(sum(d for d, _ in warm.values()), sum(o for _, o in warm.values()))
     p_cal = predicted(sum(cal["layers"].values()), sum(ts[0] for ts in cal["options"].values()))
-    over = cal["overhead"]  # each layer's stub alone; the costs above are net of it
+    over = cal["overhead"]  # each layer's stub alone; the costs above are net of it (gross: added back,
+    # exact except where a cost was floored at a tenth of its time)
     p_gross = predicted(sum(t + over[n] for n, t in cal["layers"].items()),
                         sum(ts[0] + over[n] for n, ts in cal["options"].items()))
     p_graph = predicted(sum(d for d, _ in in_graph), sum(o for _, o in in_graph))
@@ -123,8 +128,7 @@ def one(size: int, method: str, ratio: float, repeats: int) -> str:
 def cost(name: str, size: int, ratios=(1.5, 2, 3, 4, 6), methods=("spatial-svd", "tucker2")) -> str:
     torch.manual_seed(0)
     model = build_model(name, 1000).eval()
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    names = [n for n in convs[1:] if model.get_submodule(n).kernel_size == (3, 3)]
+    names = convs3x3(model)
     shape = (3, size, size)
     shapes = lowrank.layer_input_shapes(model, names, (1, *shape))
     options = {n: [lowrank.factorize_with_factors(model.get_submodule(n), m, "ratio", ratio=r)[1]

@@ -137,10 +137,12 @@ def measure(model: nn.Module, names, input_shape, *, runtime: str, device: str =
     out = {"whole": whole, "fixed": fixed, "layers": {}, "options": {n: [] for n in (options or {})},
            "overhead": {n: t for (n, i), t in zip(owner, times) if i == "stub"}, "runtime": runtime}
     for (n, i), t in zip(owner, times):
+        if i == "stub":
+            continue
         net = max(t - out["overhead"][n], 0.1 * t)
         if i is None:
             out["layers"][n] = net
-        elif i != "stub":
+        else:
             out["options"][n].append(net)
     return out
 
