@@ -170,7 +170,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.cost:
-        lines = [f"# bench/latency_model.py --cost, torch {torch.__version__}: seconds the calibration task takes "
+        lines = [f"# {cpu()}",
+                 f"# bench/latency_model.py --cost, torch {torch.__version__}: seconds the calibration task takes "
                  "(ONNX Runtime, batch 1, one thread, the runner's repeats), against the screening's timing of the "
                  "same options",
                  "    model size layers modules  whole ms  screen s  calib s  calib/screen"]

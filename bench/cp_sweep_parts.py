@@ -1,0 +1,99 @@
+"""Where a CP-ALS sweep's time goes on the small layers, and what tensorly's fit costs the OS.
+
+For ResNet-18's 64- and 128-channel 3x3 convs as the order-3 ``(T, S, 9)`` tensor of ``cp3``, at
+the rank that makes the layer 2x smaller, in float32 (the fastest of ``bench/cp_equal_error.py``'s
+settings, with line search): a sweep's time, and the share of it spent in the three Cholesky
+factorisations and solves of the ``R x R`` normal equations and in the large GEMMs with their
+contractions over the spatial modes, timed where the sweep calls them. Then the minor page
+faults and system seconds of one tensorly ``parafac`` fit against ours, same start, same sweeps.
+
+    .venv/bin/python bench/cp_sweep_parts.py --out bench/cp_sweep_parts.out.txt   # ~1 min
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.cp_speed import tensorly_fit  # noqa: E402
+from lowrank.decompositions.cp_als import cp_als, init_factors  # noqa: E402
+
+
+def in_sweep(x, rank: int, init, sweeps: int = 40) -> tuple[float, dict[str, float]]:
+    """(microseconds per sweep, share of it per part) of ``cp_als`` with line search: the parts
+    timed where the sweep calls them (``solve_normal``: Cholesky and solve; ``start`` and
+    ``mode1``: the two large GEMMs and their contractions), after one warm-up fit."""
+    from lowrank.decompositions import cp_als as cp_als_module
+    from lowrank.decompositions import cp_sweep
+
+    spent: dict[str, float] = {}
+    originals = {"solve_normal": cp_als_module.solve_normal, "start": cp_sweep.Sweep.start,
+                 "mode1": cp_sweep.Sweep.mode1}
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+            return out
+        return run
+
+    cp_als(x, rank, init=init, n_iter_max=sweeps, tol=-1, linesearch=True)
+    cp_als_module.solve_normal = timed("solve_normal", originals["solve_normal"])
+    cp_sweep.Sweep.start = timed("start", originals["start"])
+    cp_sweep.Sweep.mode1 = timed("mode1", originals["mode1"])
+    try:
+        t = time.perf_counter()
+        cp_als(x, rank, init=init, n_iter_max=sweeps, tol=-1, linesearch=True)
+        total = time.perf_counter() - t
+    finally:
+        cp_als_module.solve_normal = originals["solve_normal"]
+        cp_sweep.Sweep.start, cp_sweep.Sweep.mode1 = originals["start"], originals["mode1"]
+    return total / sweeps * 1e6, {k: v / total for k, v in spent.items()}
+
+
+def usage() -> tuple[float, int]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_stime, r.ru_minflt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    lines = [f"# bench/cp_sweep_parts.py, torch {torch.__version__}, {torch.get_num_threads()} threads, float32, cp3 at 2x, "
+             "line search; a sweep's time and the share of it in each part",
+             f"{'tensor':<10} {'rank':>5} {'sweep us':>9} {'chol + solve':>14} {'GEMMs etc.':>11}"]
+    faults = ["# one fit from the same start, same sweeps: system seconds and minor page faults",
+              f"{'tensor':<10} {'sweeps':>6} {'tl sys s':>9} {'tl faults':>10} {'ours sys s':>11} {'ours faults':>12}"]
+    for c in (64, 128):
+        g = torch.Generator().manual_seed(c)
+        x = torch.randn(c, c, 9, generator=g, dtype=torch.float64) * math.sqrt(2 / (c * 9))
+        r = (c * c * 9) // (2 * (2 * c + 9))
+        init = init_factors(x, r, "svd", seed=0)
+        per_sweep, share = in_sweep(x.float(), r, [f.float() for f in init])
+        lines.append(f"{f'{c}x{c}x9':<10} {r:>5} {per_sweep:>9.0f} {share['solve_normal']:>14.0%} "
+                     f"{share['start'] + share['mode1']:>11.0%}")
+        print(lines[-1], flush=True)
+        iters = 200 if c == 64 else 100
+        s0, m0 = usage()
+        tensorly_fit(x, init, iters, "pytorch")
+        s1, m1 = usage()
+        cp_als(x, r, init=init, n_iter_max=iters, tol=-1)
+        s2, m2 = usage()
+        faults.append(f"{f'{c}x{c}x9':<10} {iters:>6} {s1 - s0:>9.2f} {m1 - m0:>10} {s2 - s1:>11.2f} {m2 - m1:>12}")
+        print(faults[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines + faults) + "\n")
+
+
+if __name__ == "__main__":
+    main()
