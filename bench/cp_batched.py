@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cp_speed import tensorly_fit  # noqa: E402
+from lowrank.allocator import allocator_note, tune_allocator  # noqa: E402
 from lowrank.decompositions.cp_als import cp_als, init_factors  # noqa: E402
 from lowrank.decompositions.cp_batched import cp_als_batched  # noqa: E402
 
@@ -56,8 +57,11 @@ def main() -> None:
     ap.add_argument("--channels", nargs="+", type=int, default=[64, 128, 256, 512])
     ap.add_argument("--out", default=str(ROOT / "bench" / "cp_batched.out.txt"))
     args = ap.parse_args()
+    # both sides run with it (LOWRANK_MALLOC=default: without), and with no temporary of either library
+    # mmapped afresh (tensorly's column `tl s`)
+    tune_allocator(mmap_threshold=1 << 30)
     lines = [f"# {' '.join(['bench/cp_batched.py', *sys.argv[1:]])}",
-             f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64; seconds for the whole group",
+             f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64, {allocator_note()}, mmap threshold 1 GiB; seconds for the whole group",
              f"{'group':<16} {'rank':>5} {'sweeps':>6} {'one s':>7} {'batch s':>7} {'x':>5} {'tl s':>7} "
              f"{'vs tl':>6} {'GF/s':>6} {'mm':>6} {'%':>4} {'all %':>5}"]
     print("\n".join(lines), flush=True)

@@ -1,11 +1,11 @@
-"""Where a CP-ALS sweep's time goes on the small layers, and what tensorly's fit costs the OS.
+"""Where a CP-ALS sweep's time goes on the small layers.
 
 For ResNet-18's 64- and 128-channel 3x3 convs as the order-3 ``(T, S, 9)`` tensor of ``cp3``, at
 the rank that makes the layer 2x smaller, in float32 (the fastest of ``bench/cp_equal_error.py``'s
 settings, with line search): a sweep's time, and the share of it spent in the three Cholesky
 factorisations and solves of the ``R x R`` normal equations and in the large GEMMs with their
-contractions over the spatial modes, timed where the sweep calls them. Then the minor page
-faults and system seconds of one tensorly ``parafac`` fit against ours, same start, same sweeps.
+contractions over the spatial modes, timed where the sweep calls them. (What malloc's page
+faults cost, ours and tensorly's: ``bench/allocator.py``.)
 
     .venv/bin/python bench/cp_sweep_parts.py --out bench/cp_sweep_parts.out.txt   # ~1 min
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.cp_speed import tensorly_fit  # noqa: E402
+from lowrank.allocator import allocator_note, tune_allocator  # noqa: E402
 from lowrank.decompositions.cp_als import cp_als, init_factors  # noqa: E402
 
 
@@ -60,20 +59,14 @@ def in_sweep(x, rank: int, init, sweeps: int = 40) -> tuple[float, dict[str, flo
     return total / sweeps * 1e6, {k: v / total for k, v in spent.items()}
 
 
-def usage() -> tuple[float, int]:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_stime, r.ru_minflt
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    lines = [f"# bench/cp_sweep_parts.py, torch {torch.__version__}, {torch.get_num_threads()} threads, float32, cp3 at 2x, "
+    tune_allocator()  # as the runner's workers run (LOWRANK_MALLOC=default: without)
+    lines = [f"# bench/cp_sweep_parts.py, torch {torch.__version__}, {torch.get_num_threads()} threads, {allocator_note()}, float32, cp3 at 2x, "
              "line search; a sweep's time and the share of it in each part",
              f"{'tensor':<10} {'rank':>5} {'sweep us':>9} {'chol + solve':>14} {'GEMMs etc.':>11}"]
-    faults = ["# one fit from the same start, same sweeps: system seconds and minor page faults",
-              f"{'tensor':<10} {'sweeps':>6} {'tl sys s':>9} {'tl faults':>10} {'ours sys s':>11} {'ours faults':>12}"]
     for c in (64, 128):
         g = torch.Generator().manual_seed(c)
         x = torch.randn(c, c, 9, generator=g, dtype=torch.float64) * math.sqrt(2 / (c * 9))
@@ -83,16 +76,8 @@ def main() -> None:
         lines.append(f"{f'{c}x{c}x9':<10} {r:>5} {per_sweep:>9.0f} {share['solve_normal']:>14.0%} "
                      f"{share['start'] + share['mode1']:>11.0%}")
         print(lines[-1], flush=True)
-        iters = 200 if c == 64 else 100
-        s0, m0 = usage()
-        tensorly_fit(x, init, iters, "pytorch")
-        s1, m1 = usage()
-        cp_als(x, r, init=init, n_iter_max=iters, tol=-1)
-        s2, m2 = usage()
-        faults.append(f"{f'{c}x{c}x9':<10} {iters:>6} {s1 - s0:>9.2f} {m1 - m0:>10} {s2 - s1:>11.2f} {m2 - m1:>12}")
-        print(faults[-1], flush=True)
     if args.out:
-        args.out.write_text("\n".join(lines + faults) + "\n")
+        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import os
 import sys
 import warnings
 
+from lowrank.allocator import tune_allocator
+
 from .data import DataError
 from .errors import SchedulingTimeoutError
 from .models import CheckpointError, ModelError
@@ -70,6 +72,7 @@ def _quiet(debug: bool):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    tune_allocator()  # the driver's own work (pre-flight, surgery checks); the workers get it from init_ray
     parser = _parser()
     try:
         args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ import ray
 import torch
 
 import lowrank
+from lowrank.allocator import WORKER_SETUP_HOOK
 
 from . import report, spool
 from .errors import SchedulingTimeoutError
@@ -62,15 +63,19 @@ def init_ray():
     authentication mode and token come from the environment, as Ray reads them."""
     if ray.is_initialized():
         return ray
+    # every worker starts with glibc's malloc tuned (lowrank.allocator): inside a submitted job the
+    # job's runtime_env carries the hook (jobs.submit), and Ray refuses a second one from here
+    hook = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, runtime_env=None if in_job else hook)
     else:  # Ray's own default for a new local cluster: token authentication, the token generated once
         # the workers import what the driver can from here (a factory's module in the current folder)
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local",  # always our own, never another Ray found running on this machine
                  include_dashboard=bool(os.environ.get("LOWRANK_RAY_DASHBOARD")), dashboard_host="127.0.0.1",
-                 log_to_driver=False, configure_logging=True, logging_level="warning")
+                 log_to_driver=False, configure_logging=True, logging_level="warning", runtime_env=hook)
         token = Path.home() / ".ray" / "auth_token"
         if token.is_file() and token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
             token.chmod(0o600)  # Ray writes it world-readable; the token is a key to run code here

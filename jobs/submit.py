@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from lowrank.allocator import WORKER_SETUP_HOOK
+
 from .spec import SpecError, load_spec, stable_hash
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -91,7 +93,8 @@ def submit(spec_path: str, address: str, *, working_dir: str = ".", tracking_uri
     entry = f"python -m jobs run {rel.as_posix()}" + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
     # no secret travels in the job's runtime_env (the dashboard shows it): the cluster's nodes hold
     # the Ray token and the MLflow credentials in their own environment (Kubernetes Secrets)
-    runtime_env = {"working_dir": str(wd), "excludes": EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+    runtime_env = {"working_dir": str(wd), "excludes": EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"},
+                   "worker_process_setup_hook": WORKER_SETUP_HOOK}  # glibc malloc tuned in every worker
     submit_with_retry(client, entrypoint=entry, submission_id=sid, runtime_env=runtime_env)
     out(f"submitted {sid}: {entry}")
     out(f"follow: ray job logs --follow {sid} --address {address}")

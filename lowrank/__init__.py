@@ -4,10 +4,12 @@ Public contract: ``decompose``, ``factorize_layer``, ``compress_model``, ``selec
 ``evbmf``, ``cp_diagnostics``, ``count``. What a runner needs beyond it is public too:
 ``factorize_with_factors``, ``apply_factors``, ``select_layers``, ``replace_submodule``,
 ``LayerPlan``, ``RankRule`` and the method registry (``get_method``: typed options and
-capabilities). Importing this package loads neither ray, mlflow nor pydantic.
+capabilities); ``tune_allocator`` keeps glibc's malloc from faulting a sweep's temporaries in
+again. Importing this package loads neither ray, mlflow nor pydantic.
 """
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .accounting import count, layer_input_shapes, per_layer_macs
+from .allocator import tune_allocator
 from .api import decompose, factorize_layer, factorize_with_factors, relative_error
 from .decompositions.diagnostics import cp_diagnostics
 from .errors import LeftDense, LowRankError, NoStructureError, RankTooLargeError, UnsupportedLayerError
@@ -27,5 +29,5 @@ __all__ = [
     "LowRankError", "RankTooLargeError", "LeftDense", "NoStructureError", "UnsupportedLayerError", "KernelShape",
     "SVDFactors", "SpatialSVDFactors", "factors_to", "Tucker2Factors", "CPFactors", "FactorizedConv2d",
     "FactorizedLinear", "METHODS", "get_method", "list_methods", "register_method",
-    "replacement_prefix", "check_replacement", "own_forward",
+    "replacement_prefix", "check_replacement", "own_forward", "tune_allocator",
 ]

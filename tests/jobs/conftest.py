@@ -10,8 +10,10 @@ def ray_start_2_cpus():
     """One local Ray for the whole test session (ray.init takes seconds)."""
     import ray
 
+    from lowrank.allocator import WORKER_SETUP_HOOK
+
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=True,
-             logging_level="warning")
+             logging_level="warning", runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})  # as init_ray
     yield ray
     ray.shutdown()
 

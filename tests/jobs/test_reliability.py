@@ -1,6 +1,7 @@
 """Faults survived, bad input refused, nothing lost, nothing executed (issue: reliability)."""
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -97,7 +98,8 @@ def test_mlflow_server_unreachable_at_start(tmp_path, capsys):
 
 def test_local_ray_binds_loopback_and_requires_its_token(tmp_path):
     """The embedded run's own Ray: dashboard on 127.0.0.1 only, token authentication on with no
-    set-up (Ray generates the token once; we keep it readable by its owner only)."""
+    set-up (Ray generates the token once; we keep it readable by its owner only); its workers
+    start with glibc's malloc tuned (the setup hook)."""
     code = ("import os, urllib.request\nos.environ['LOWRANK_RAY_DASHBOARD'] = '1'\n"
             "from jobs.runtime import init_ray\nray = init_ray()\n"
             "url = ray._private.worker.global_worker.node.address_info['webui_url']\nprint('URL', url)\n"
@@ -108,7 +110,9 @@ def test_local_ray_binds_loopback_and_requires_its_token(tmp_path):
             "headers=header)).status)\n"
             "    except urllib.error.HTTPError as e:\n"
             "        print('HTTP', e.code)\n"
-            "print('TASK', ray.get(ray.remote(lambda: 7).remote()))\nray.shutdown()")
+            "print('TASK', ray.get(ray.remote(lambda: 7).remote()))\n"
+            "from lowrank.allocator import allocator_tuned\n"
+            "print('TUNED', ray.get(ray.remote(allocator_tuned).remote()))\nray.shutdown()")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=180,
                          env={**env, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)})
@@ -117,6 +121,8 @@ def test_local_ray_binds_loopback_and_requires_its_token(tmp_path):
     assert url.startswith("127.0.0.1:"), url
     assert out.stdout.count("HTTP ") == 2 and "HTTP 401" in out.stdout and "HTTP 200" in out.stdout, out.stdout
     assert "TASK 7" in out.stdout
+    if platform.libc_ver()[0] == "glibc":
+        assert "TUNED True" in out.stdout, out.stdout
     assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
     assert "Token authentication is enabled" not in out.stderr  # Ray's notice is not shown to the user
 
