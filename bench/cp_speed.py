@@ -3,7 +3,9 @@
 ResNet-18 conv shapes (T = S = 64, 128, 256, 512, 3x3), as the (T, S, 9) tensor of ``cp3`` and the
 (T, S, 3, 3) tensor of ``cp4``, at the ranks that make the layer 2x and 4x smaller in parameters. Both fits start from the same
 factors (ours, SVD init) and run the same number of ALS iterations with no early stop; the
-kernel is He-initialised random (no trained weights can be downloaded here). Reported: seconds,
+kernel is He-initialised random (no trained weights can be downloaded here). Each time is the
+best of three runs where a run takes under 3 s (``best_of``), after two untimed sweeps of each
+library on the shape (``warm_up``). Reported: seconds,
 speed-up, final relative error, and our achieved GFLOP/s (2 x the multiply-adds of the two
 large MTTKRP GEMMs per sweep) next to a plain float64 matmul of the same size in this process.
 Then EPC on the degenerate case of docs/algorithms.md (6.1) (random 64x64x3x3, rank 64, 1000 ALS
@@ -42,7 +44,11 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
     return 2 * m * k * n / best / 1e9
 
 
-def tensorly_fit(x: torch.Tensor, init: list[torch.Tensor], iters: int, backend: str):
+def tensorly_fit(x: torch.Tensor, init: list[torch.Tensor], iters: int, backend: str, linesearch: bool = False,
+                 stop_at: float | None = None) -> tuple[float, float, int]:
+    """tensorly's ``parafac`` from ``init``: ``iters`` sweeps, or (``stop_at``) until its error is at
+    most that, read by a callback (on a line-search sweep tensorly hands it the previous sweep's
+    error, so it may stop one sweep late). Returns (seconds, relative error, sweeps)."""
     import tensorly as tl
     from tensorly.cp_tensor import CPTensor
     from tensorly.decomposition import parafac
@@ -51,15 +57,47 @@ def tensorly_fit(x: torch.Tensor, init: list[torch.Tensor], iters: int, backend:
     conv = (lambda t: tl.tensor(t.numpy())) if backend == "numpy" else (lambda t: tl.tensor(t.clone()))
     xt = conv(x)
     cp_init = CPTensor((conv(torch.ones(init[0].shape[1], dtype=torch.float64)), [conv(f) for f in init]))
+    errors: list[float] = []
+    kw = {"tol": 0}
+    if stop_at is not None:  # tensorly records errors only with a tolerance; this one never stops it
+        kw = {"tol": 1e-300, "callback": lambda _cp, err: errors.append(float(err)) or float(err) <= stop_at}
     t0 = time.perf_counter()
-    res = parafac(xt, init[0].shape[1], n_iter_max=iters, init=cp_init, tol=0, normalize_factors=False,
-                  linesearch=False)
+    res = parafac(xt, init[0].shape[1], n_iter_max=iters, init=cp_init, normalize_factors=False,
+                  linesearch=linesearch, **kw)
     secs = time.perf_counter() - t0
     weights, factors = res
     fs = [torch.as_tensor(np.asarray(tl.to_numpy(f))) for f in factors]
     fs[0] = fs[0] * torch.as_tensor(np.asarray(tl.to_numpy(weights)))
     tl.set_backend("numpy")
-    return secs, float((x - reconstruct(fs)).norm() / x.norm())
+    return secs, float((x - reconstruct(fs)).norm() / x.norm()), max(len(errors) - 1, 0) if errors else iters
+
+
+def best_of(fit, repeats: int = 3, budget: float = 3.0) -> tuple:
+    """The fastest of ``repeats`` runs of ``fit()`` (which returns ``(seconds, ...)``), repeated only
+    while one run takes under ``budget`` seconds: the machines are shared, and a single timing of a
+    sub-second fit can be off by 2x. The same rule for both libraries."""
+    runs = [fit()]
+    while len(runs) < repeats and runs[0][0] < budget:
+        runs.append(fit())
+    return min(runs, key=lambda r: r[0])
+
+
+def timed_fit(x: torch.Tensor, rank: int, init: list[torch.Tensor], sweeps: int) -> tuple[float, float]:
+    """Our plain ALS: (seconds, relative error) for ``sweeps`` sweeps from ``init``."""
+    t0 = time.perf_counter()
+    f, _ = cp_als(x, rank, init=init, n_iter_max=sweeps, tol=-1.0)
+    secs = time.perf_counter() - t0
+    return secs, float((x - reconstruct(f)).norm() / x.norm())
+
+
+def warm_up(x: torch.Tensor, init: list[torch.Tensor]) -> None:
+    """Two untimed sweeps of each library, in each precision, on this shape: first-call costs (a
+    new GEMM shape, LAPACK's workspace) fall outside every timed fit."""
+    for dtype in (torch.float64, torch.float32):
+        cp_als(x.to(dtype), init[0].shape[1], init=[f.to(dtype) for f in init], n_iter_max=2, tol=-1.0,
+               linesearch=True)
+    for backend in ("pytorch", "numpy"):
+        tensorly_fit(x, init, 2, backend)
 
 
 def main() -> None:
@@ -88,14 +126,12 @@ def main() -> None:
                 if order == 4 and c == 512:
                     continue  # tensorly's explicit Khatri-Rao product for the 3x3 modes needs > 10 GB
                 init = init_factors(x, r, "svd", seed=0)
-                t0 = time.perf_counter()
-                f, _ = cp_als(x, r, init=init, n_iter_max=n, tol=-1.0)
-                ours = time.perf_counter() - t0
-                err = float((x - reconstruct(f)).norm() / x.norm())
-                tt, et = tensorly_fit(x, init, n, "pytorch")
-                tn, en = tensorly_fit(x, init, n, "numpy")
+                warm_up(x, init)
+                ours, err = best_of(lambda: timed_fit(x, r, init, n))
+                tt, et, _ = best_of(lambda: tensorly_fit(x, init, n, "pytorch"))
+                tn, en, _ = best_of(lambda: tensorly_fit(x, init, n, "numpy"))
                 useful = 2 * 2 * c * c * 9 * r * n  # FLOPs of the two large GEMMs per sweep
-                mm = matmul_gflops(c * 9, c, r)
+                mm = matmul_gflops(c * 9, c, r, repeats=20)
                 name = "x".join(map(str, shape))
                 print(f"| {name} | {ratio}x | {r} | {n} | {ours:.2f} | {tt:.2f} | {tt / ours:.1f} | {tn:.2f} | "
                       f"{tn / ours:.1f} | {err:.4f} | {et:.4f} | {en:.4f} | {useful / ours / 1e9:.1f} | {mm:.1f} |",

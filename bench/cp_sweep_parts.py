@@ -59,6 +59,25 @@ def in_sweep(x, rank: int, init, sweeps: int = 40) -> tuple[float, dict[str, flo
     return total / sweeps * 1e6, {k: v / total for k, v in spent.items()}
 
 
+def rates(c: int, r: int, repeats: int = 200) -> tuple[float, float, float]:
+    """Float32 GFLOP/s of the sweep's three kinds of work at one layer's sizes, each alone."""
+    g = torch.randn(r, 2 * r) / math.sqrt(2 * r)
+    gamma, rhs = g @ g.T + 0.1 * torch.eye(r), torch.randn(1, c, r)
+    x, u = torch.randn(1, c * 9, c), torch.randn(1, c, r)
+    chol = torch.linalg.cholesky_ex(gamma.unsqueeze(0))[0]
+    work = [(r ** 3 / 3, lambda: torch.linalg.cholesky_ex(gamma.unsqueeze(0))),
+            (2 * r * r * c, lambda: torch.cholesky_solve(rhs.mT, chol)),
+            (2 * c * 9 * c * r, lambda: x @ u)]
+    out = []
+    for flops, fn in work:
+        fn()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        out.append(flops * repeats / (time.perf_counter() - t) / 1e9)
+    return tuple(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -75,6 +94,12 @@ def main() -> None:
         per_sweep, share = in_sweep(x.float(), r, [f.float() for f in init])
         lines.append(f"{f'{c}x{c}x9':<10} {r:>5} {per_sweep:>9.0f} {share['solve_normal']:>14.0%} "
                      f"{share['start'] + share['mode1']:>11.0%}")
+        print(lines[-1], flush=True)
+    lines.append("# float32 rates here, GFLOP/s: the R x R Cholesky, its solve of the I x R MTTKRP, and the mode-0 GEMM")
+    lines.append(f"{'tensor':<10} {'rank':>5} {'cholesky':>9} {'solve':>6} {'GEMM':>6}")
+    for c in (64, 128):
+        r = (c * c * 9) // (2 * (2 * c + 9))
+        lines.append(f"{f'{c}x{c}x9':<10} {r:>5} " + " ".join(f"{v:>{w}.0f}" for v, w in zip(rates(c, r), (9, 6, 6))))
         print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 
 from ._common import leading_left_singular_vectors
-from .cp_sweep import Sweep, gram_product, khatri_rao, model_norm2, rebalance, solve_normal
+from .cp_sweep import (LS_FIRST_POWER, Sweep, gram_product, khatri_rao, ls_schedule, model_norm2, rebalance,
+                       solve_normal)
 
 __all__ = ["SweepEngine", "cp_als", "gram_product", "init_factors", "khatri_rao", "rebalance", "reconstruct"]
 
@@ -85,8 +86,8 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
     ``init``: ``'svd'``, ``'random'`` or a list of initial factors. Stops when the relative
     error changes by less than ``tol`` (absolute difference, as tensorly), falls to ``stop_at``,
     or after ``n_iter_max`` sweeps. ``linesearch``: after each sweep, try the extrapolation
-    ``A_prev + s (A - A_prev)`` (Bro 1998, ``s = it^(1/3)``, halved after a miss) and keep it
-    when its error is lower. Checking it costs the next sweep's first GEMM, which that sweep then
+    ``A_prev + s (A - A_prev)`` (Bro 1998, ``s = it^(1/p)``, ``p`` from 2 and one more after
+    every 4 refusals in a row) and keep it when its error is lower. Checking it costs the next sweep's first GEMM, which that sweep then
     reuses: one more large GEMM per refused step, none per accepted one.
     ``callback(iteration, rel_error)`` is called after every sweep. Returns ``(factors, errors)``.
     """
@@ -99,7 +100,7 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
     norm = math.sqrt(engine.norm2) or 1.0
     errors: list[float] = []
     update = lambda n, g, gam: solve_normal(g, gam)  # noqa: E731
-    misses = 0
+    power, refused = LS_FIRST_POWER, 0
     started = None  # the next sweep's first GEMM, where the line search already made it
 
     def rel(inner: float, gs) -> float:
@@ -110,16 +111,15 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
         err = rel(engine.sweep(factors, grams, update, started), grams)
         started = None
         if linesearch and it > 2:
-            step = it ** (1.0 / 3.0) / 2 ** misses
+            step = it ** (1.0 / power)
             trial = [p + step * (f - p) for p, f in zip(prev, factors)]
             tgrams = [f.T @ f for f in trial]
             tstart = engine.start(trial)
             terr = rel(engine.started_inner(tstart, trial), tgrams)
-            if terr < err:
+            accepted = terr < err
+            if accepted:
                 factors, grams, err, started = trial, tgrams, terr, tstart
-                misses = max(misses - 1, 0)
-            else:
-                misses = min(misses + 1, 8)
+            power, refused = ls_schedule(accepted, power, refused)
         if err < 1e-6:  # the cheap formula loses digits near an exact fit: measure directly
             err = float((x - reconstruct(factors)).norm()) / norm
         errors.append(err)

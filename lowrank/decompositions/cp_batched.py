@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cp_als import init_factors, reconstruct
-from .cp_sweep import Sweep, model_norm2, rebalance, solve_normal
+from .cp_sweep import LS_FIRST_POWER, Sweep, ls_schedule, model_norm2, rebalance, solve_normal
 
 
 def _update(n: int, g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,8 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
     active = torch.arange(batch, device=x.device)
     done: dict[int, list[torch.Tensor]] = {}
     errors: list[list[float]] = [[] for _ in range(batch)]
-    misses = torch.zeros(batch, dtype=x.dtype, device=x.device)
+    power = torch.full((batch,), LS_FIRST_POWER, dtype=x.dtype, device=x.device)  # per problem
+    refused = torch.zeros(batch, dtype=x.dtype, device=x.device)
     started = None  # the next sweep's first GEMM, where every problem took its line-search step
 
     def rel(inner, gs):
@@ -47,7 +48,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
         err = rel(engine.sweep(factors, grams, _update, started), grams)
         started = None
         if linesearch and it > 2:
-            step = (it ** (1.0 / 3.0) / 2 ** misses).view(-1, 1, 1)
+            step = (it ** (1.0 / power)).view(-1, 1, 1)
             trial = [p + step * (f - p) for p, f in zip(prev, factors)]
             tgrams = [f.transpose(1, 2) @ f for f in trial]
             tstart = engine.start(trial)
@@ -59,7 +60,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
             factors = [torch.where(sel, t, f) for t, f in zip(trial, factors)]
             grams = [torch.where(sel, t, g) for t, g in zip(tgrams, grams)]
             err = torch.where(better, terr, err)
-            misses = torch.where(better, (misses - 1).clamp_min(0), (misses + 1).clamp_max(8))
+            power, refused = ls_schedule(better.to(x.dtype), power, refused)
         if bool((err < 1e-6).any()):  # the cheap formula loses digits near an exact fit: measure directly
             exact = [float((x[active[i]] - reconstruct([f[i] for f in factors])).norm() / norm[i])
                      if err[i] < 1e-6 else float(err[i]) for i in range(len(active))]
@@ -79,7 +80,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
             keep = ~stop
             if not bool(keep.any()):
                 break
-            active, norm, misses = active[keep], norm[keep], misses[keep]
+            active, norm, power, refused = active[keep], norm[keep], power[keep], refused[keep]
             factors, grams = [f[keep] for f in factors], [g[keep] for g in grams]
             engine.keep(keep)
             started = None if started is None else (started[0][keep], started[1][keep])

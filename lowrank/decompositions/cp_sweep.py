@@ -79,6 +79,18 @@ def model_norm2(grams: list[torch.Tensor]) -> torch.Tensor:
     return g.sum((-2, -1))
 
 
+LS_FIRST_POWER, LS_REFUSALS = 2.0, 4  # line search's step it^(1/p): p from 2, one more per 4 refusals in a row
+
+
+def ls_schedule(accepted, power, refused):
+    """Bro's (1998) step schedule for line search, ``it^(1/power)``: ``power`` grows by one after
+    ``LS_REFUSALS`` refused steps in a row, so the steps shrink where extrapolation keeps missing;
+    ``(power, refused)`` after a step was ``accepted`` (a bool, or a 0/1 float tensor per problem)."""
+    refused = (refused + 1) * (1 - accepted)
+    bump = refused >= LS_REFUSALS
+    return power + bump * 1.0, refused * (1 - bump * 1)
+
+
 FUSED_BELOW = 1 << 19  # elements: below this, one broadcast multiply-and-sum beats a pass per slice
 
 
