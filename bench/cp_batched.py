@@ -59,9 +59,9 @@ def main() -> None:
     args = ap.parse_args()
     # both sides run with it (LOWRANK_MALLOC=default: without), and with no temporary of either library
     # mmapped afresh (tensorly's column `tl s`)
-    tune_allocator(mmap_threshold=1 << 30)
+    tune_allocator(mmap_threshold=1 << 30, trim_threshold=1 << 30)
     lines = [f"# {' '.join(['bench/cp_batched.py', *sys.argv[1:]])}",
-             f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64, {allocator_note()}, mmap threshold 1 GiB; seconds for the whole group",
+             f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float64, {allocator_note()}, mmap and trim thresholds 1 GiB; seconds for the whole group",
              f"{'group':<16} {'rank':>5} {'sweeps':>6} {'one s':>7} {'batch s':>7} {'x':>5} {'tl s':>7} "
              f"{'vs tl':>6} {'GF/s':>6} {'mm':>6} {'%':>4} {'all %':>5}"]
     print("\n".join(lines), flush=True)

@@ -52,10 +52,10 @@ def main() -> None:
     args = ap.parse_args()
     # both sides run with it (LOWRANK_MALLOC=default: without), and with no temporary of either library
     # mmapped afresh: tensorly's mode-2 Khatri-Rao product is 297 MB at 256 channels
-    tune_allocator(mmap_threshold=1 << 30)
+    tune_allocator(mmap_threshold=1 << 30, trim_threshold=1 << 30)
     channels = [64, 128] if args.quick else [64, 128, 256, 512]
     lines = [f"# {' '.join(['bench/cp_equal_error.py', *sys.argv[1:]])}",
-             f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {allocator_note()}, mmap threshold 1 GiB; tensorly parafac (pytorch backend) "
+             f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {allocator_note()}, mmap and trim thresholds 1 GiB; tensorly parafac (pytorch backend) "
              f"ITERS sweeps, ours until its error <= tensorly's",
              f"{'tensor':<12} {'ratio':>5} {'rank':>5} {'tl it':>5} {'tl s':>7} {'tl err':>8} | "
              f"{'plain it':>8} {'s':>6} {'x':>5} | {'ls it':>5} {'s':>6} {'x':>5} | {'ls32 it':>7} {'s':>6} {'x':>5} "

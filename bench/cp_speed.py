@@ -106,11 +106,11 @@ def main() -> None:
     args = ap.parse_args()
     # both sides run with it (LOWRANK_MALLOC=default: without), and with no temporary of either library
     # mmapped afresh: tensorly's mode-2 Khatri-Rao product is 297 MB at 256 channels
-    tune_allocator(mmap_threshold=1 << 30)
+    tune_allocator(mmap_threshold=1 << 30, trim_threshold=1 << 30)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     channels = [64, 128] if args.quick else [64, 128, 256, 512]
     iters = {64: 100, 128: 50, 256: 20, 512: 5}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, {allocator_note()}, mmap threshold 1 GiB\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, {allocator_note()}, mmap and trim thresholds 1 GiB\n")
     head = ("| tensor | ratio | rank | iters | ours s | tensorly-torch s | x | tensorly-numpy s | x "
             "| err ours | err tl-torch | err tl-numpy | ours GFLOP/s | matmul GFLOP/s |")
     print(head)

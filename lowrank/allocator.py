@@ -3,10 +3,10 @@
 glibc returns a freed block above its mmap threshold (128 KiB at start, raised dynamically) to the
 kernel at once, and trims the top of the heap above its trim threshold. A CP sweep frees and
 allocates the same megabyte-sized temporaries every few microseconds, so each sweep faults the
-same pages in again: at 128 channels ~600-800 minor page faults per sweep, a fifth of its time,
-and a training step's activations the same (``bench/allocator.py``). Raising both thresholds
+same pages in again: about a thousand minor page faults per sweep at 128 channels, and fits
+1.2-1.3x slower than with the thresholds raised (``bench/allocator.py``). Raising them
 (``mallopt``, the calls glibc documents for this) makes such blocks come back from the process's
-own heap: blocks up to 256 MiB, and up to 1 GiB of free heap top kept before it is trimmed (the
+own heap: blocks up to 256 MiB, and up to 256 MiB of free heap top kept before it is trimmed (the
 cost: a process keeps up to that much of its peak after the peak). Where a glibc refuses an mmap
 threshold above 32 MiB (``HEAP_MAX_SIZE / 2``, documented as the limit), 32 MiB is used.
 
@@ -22,7 +22,7 @@ import os
 
 MMAP_THRESHOLD = 256 << 20  # blocks above it are mmapped (and faulted in) afresh every time
 MMAP_THRESHOLD_DOCUMENTED = 32 << 20  # HEAP_MAX_SIZE / 2 on 64-bit, where a glibc enforces it
-TRIM_THRESHOLD = 1 << 30  # free heap kept at the top before it is handed back
+TRIM_THRESHOLD = 256 << 20  # free heap kept at the top before it is handed back
 WORKER_SETUP_HOOK = "lowrank.allocator.tune_allocator"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 
