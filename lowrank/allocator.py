@@ -52,4 +52,6 @@ def allocator_tuned() -> bool:
 
 def allocator_note() -> str:
     """For a benchmark's header: how this process's malloc is set."""
-    return "malloc tuned (lowrank.tune_allocator)" if _tuned else "malloc as the platform sets it (LOWRANK_MALLOC=default or not glibc)"
+    if _tuned:
+        return "malloc tuned (lowrank.tune_allocator)"
+    return "malloc as the platform sets it (LOWRANK_MALLOC=default, or not glibc)"

@@ -86,9 +86,10 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
     ``init``: ``'svd'``, ``'random'`` or a list of initial factors. Stops when the relative
     error changes by less than ``tol`` (absolute difference, as tensorly), falls to ``stop_at``,
     or after ``n_iter_max`` sweeps. ``linesearch``: after each sweep, try the extrapolation
-    ``A_prev + s (A - A_prev)`` (Bro 1998, ``s = it^(1/p)``, ``p`` from 2 and one more after
-    every 4 refusals in a row) and keep it when its error is lower. Checking it costs the next sweep's first GEMM, which that sweep then
-    reuses: one more large GEMM per refused step, none per accepted one.
+    ``A_prev + s (A - A_prev)`` (Bro 1998; ``s = it^(1/p)``, ``p`` from 2 and one more after
+    every 4 refusals in a row, ``cp_sweep.ls_schedule``) and keep it when its error is lower.
+    Checking it costs the next sweep's first GEMM, which that sweep then reuses: one more large
+    GEMM per refused step, none per accepted one.
     ``callback(iteration, rel_error)`` is called after every sweep. Returns ``(factors, errors)``.
     """
     if isinstance(init, (list, tuple)):

@@ -83,9 +83,10 @@ LS_FIRST_POWER, LS_REFUSALS = 2.0, 4  # line search's step it^(1/p): p from 2, o
 
 
 def ls_schedule(accepted, power, refused):
-    """Bro's (1998) step schedule for line search, ``it^(1/power)``: ``power`` grows by one after
-    ``LS_REFUSALS`` refused steps in a row, so the steps shrink where extrapolation keeps missing;
-    ``(power, refused)`` after a step was ``accepted`` (a bool, or a 0/1 float tensor per problem)."""
+    """The step of line search's extrapolation (Bro 1998), ``it^(1/power)``, made to shrink where
+    it keeps missing: ``power`` grows by one after ``LS_REFUSALS`` refused steps in a row (the
+    schedule tensorly's ``parafac`` uses too). ``(power, refused)`` after a step was ``accepted``
+    (a bool, or a 0/1 float tensor with one entry per problem)."""
     refused = (refused + 1) * (1 - accepted)
     bump = refused >= LS_REFUSALS
     return power + bump * 1.0, refused * (1 - bump * 1)
