@@ -25,16 +25,17 @@ MMAP_THRESHOLD_DOCUMENTED = 32 << 20  # HEAP_MAX_SIZE / 2 on 64-bit, where a gli
 TRIM_THRESHOLD = 256 << 20  # free heap kept at the top before it is handed back
 WORKER_SETUP_HOOK = "lowrank.allocator.tune_allocator"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+OFF = {"default", "off", "0", "no", "false"}  # LOWRANK_MALLOC values that leave malloc as it is
 
 _tuned = False
 
 
 def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Raise glibc's mmap and trim thresholds (bytes) for this process; True where it took effect.
-    ``LOWRANK_MALLOC=default`` leaves the allocator as it is (to measure the difference). A later
-    call with other thresholds applies them."""
+    ``LOWRANK_MALLOC=default`` (or ``off``, ``0``, ``no``, ``false``) leaves the allocator as it is,
+    to measure the difference. A later call with other thresholds applies them."""
     global _tuned
-    if os.environ.get("LOWRANK_MALLOC") == "default":
+    if os.environ.get("LOWRANK_MALLOC", "").strip().lower() in OFF:
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt

@@ -48,6 +48,14 @@ def test_tuned_sweeps_stop_faulting_their_temporaries_in_and_fit_the_same():
     assert tuned["err"] == pytest.approx(default["err"], rel=1e-12)  # where memory comes from, not what is computed
 
 
+@pytest.mark.parametrize("value", ["default", "OFF", "0"])
+def test_lowrank_malloc_off_leaves_malloc_alone(value):
+    code = "from lowrank.allocator import tune_allocator, allocator_tuned; print(tune_allocator(), allocator_tuned())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LOWRANK_MALLOC=value, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
 def test_tune_allocator_is_idempotent_and_reported():
     from lowrank.allocator import allocator_note, allocator_tuned, tune_allocator
 
