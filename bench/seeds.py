@@ -134,24 +134,56 @@ def table_phan(client, seed: int, lrs, ratio: float = 2.0) -> list[str]:
     return lines
 
 
+def per_seed_table(title: str, label_head: str, cols: list[str], rows: dict[str, list[tuple]], n: int) -> list[str]:
+    """One row per label: for each column, its value on every seed, then the mean over seeds."""
+    lines = [title, label_head + " " + " | ".join(f"{c + ' per seed':>{7 * n}} {'mean':>6}" for c in cols)]
+    for label, vals in rows.items():
+        cells = []
+        for j in range(len(cols)):
+            col = [v[j] for v in vals]
+            cells.append("".join(f"{x:>7.3f}" for x in col) + f" {sum(col) / len(col):>6.3f}")
+        lines.append(f"{label} " + " | ".join(cells))
+    return lines
+
+
 def phan_over_seeds(client, seeds, lrs, ratio: float = 2.0) -> list[str]:
     """The final top-1 and the worst fall between epochs, per learning rate and method, over seeds."""
-    lines = [f"# Phan et al. at {ratio:g}x over seeds {', '.join(map(str, seeds))}: top-1 after 3 epochs and the worst fall between "
-             f"epochs, each seed, then the mean",
-             f"{'lr':>6} {'method':<8} {'ep3 per seed':>{7 * len(seeds)}} {'mean':>6} | "
-             f"{'worst drop per seed':>{7 * len(seeds)}} {'mean':>6}"]
+    rows: dict[str, list] = {}
     for lr in lrs:
-        rows: dict[str, list] = {}
         for seed in seeds:
             for v in versions(client, phan_name(lr, seed, ratio)):
                 pts = [v["metrics"]["acc_bn"], *json.loads(v["tags"]["ft_curve"])]
-                rows.setdefault(v["tags"]["method"], []).append(
+                rows.setdefault(f"{lr:>6g} {v['tags']['method']:<8}", []).append(
                     (pts[-1], max(0.0, max(a - b for a, b in zip(pts, pts[1:])))))
-        for method, vals in rows.items():
-            ft, drop = [a for a, _ in vals], [b for _, b in vals]
-            lines.append(f"{lr:>6g} {method:<8} " + "".join(f"{a:>7.3f}" for a in ft) + f" {sum(ft) / len(ft):>6.3f} | "
-                         + "".join(f"{b:>7.3f}" for b in drop) + f" {sum(drop) / len(drop):>6.3f}")
-    return lines
+    return per_seed_table(f"# Phan et al. at {ratio:g}x over seeds {', '.join(map(str, seeds))}: top-1 after 3 epochs "
+                          f"and the worst fall between epochs, each seed, then the mean",
+                          f"{'lr':>6} {'method':<8}", ["ep3", "worst drop"], rows, len(seeds))
+
+
+def tai_over_seeds(client, seeds) -> list[str]:
+    rows: dict[str, list] = {}
+    for seed in seeds:
+        for v in versions(client, f"seeds-tai-s{seed}"):
+            t = v["tags"]
+            rows.setdefault(f"{t['method']:<12}", []).append(
+                (float(t["acc_post"]), float(t["acc_ft"]), float(t["speedup_b1"])))
+    return per_seed_table(f"# Tai et al. over seeds {', '.join(map(str, seeds))}: top-1 right after compression, after "
+                          f"fine-tuning, and the realised speedup, each seed, then the mean",
+                          f"{'method':<12}", ["post", "ft", "speedup"], rows, len(seeds))
+
+
+def kim_over_seeds(client, seeds, args) -> list[str]:
+    rows: dict[str, list] = {}
+    for k in args.weakening:
+        for seed in seeds:
+            for v in versions(client, f"seeds-kim-k{k:g}-s{seed}"):
+                t = v["tags"]
+                rows.setdefault(f"{k:>4g}", []).append(
+                    (float(t["compression_ratio"]), float(t["acc_post"]), float(t["acc_ft"]),
+                     float(t["acc_ft"]) - float(t["acc_pre"])))
+    return per_seed_table(f"# Kim et al. over seeds {', '.join(map(str, seeds))}: parameters x, top-1 right after "
+                          f"compression, after fine-tuning, and its difference from the dense model, each seed, then "
+                          f"the mean", f"{'k':>4}", ["params x", "post", "ft", "ft - pre"], rows, len(seeds))
 
 
 def table_kim(client, seed: int, args) -> list[str]:
@@ -222,8 +254,12 @@ def main() -> None:
             lines += {"phan": lambda: [x for r in args.phan_ratios for x in table_phan(client, seed, args.lrs, r)],
                       "kim": lambda: table_kim(client, seed, args),
                       "tai": lambda: table_tai(client, seed)}[claim]()
-    if "phan" in args.claims and len(args.seeds) > 1:
-        lines += [x for r in args.phan_ratios for x in phan_over_seeds(client, args.seeds, args.lrs, r)]
+    if len(args.seeds) > 1:
+        summaries = {"phan": lambda: [x for r in args.phan_ratios for x in phan_over_seeds(client, args.seeds, args.lrs, r)],
+                     "kim": lambda: kim_over_seeds(client, args.seeds, args),
+                     "tai": lambda: tai_over_seeds(client, args.seeds)}
+        for claim in args.claims:
+            lines += summaries[claim]()
     print("\n".join(lines[len(head):]))
     args.out.write_text("\n".join(lines) + "\n")
 
