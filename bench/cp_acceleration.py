@@ -11,8 +11,8 @@ tensorly's error after its sweeps of ``bench/cp_equal_error.py``, from the same 
 * ``anderson m``: type-II Anderson acceleration of the sweep map over the last ``m`` iterates
   (Tikhonov-regularised least squares), the mixed point kept only when it lowers the error.
 
-Every trial point is checked as line search checks its own: the next sweep's first GEMM gives
-``<X, X_hat>``, reused when the point is taken. Sweeps counted, not seconds.
+Every trial point is checked as line search checks its own (``SweepEngine.evaluate``: the next
+sweep's first GEMM gives ``<X, X_hat>``, reused when the point is taken). Sweeps counted, not seconds.
 
     .venv/bin/python bench/cp_acceleration.py [--out bench/cp_acceleration.out.txt]   # ~1 min
 """
@@ -45,23 +45,17 @@ class Fit:
 
     def __init__(self, x, init):
         self.engine = SweepEngine(x)
-        self.norm = math.sqrt(self.engine.norm2)
         self.factors = [f.clone() for f in init]
         self.grams = [f.T @ f for f in self.factors]
         self.started = None
 
-    def rel(self, inner, grams) -> float:
-        return math.sqrt(max(self.engine.norm2 - 2 * inner + self.engine.model_norm2(grams), 0.0)) / self.norm
-
     def sweep(self) -> float:
-        err = self.rel(self.engine.sweep(self.factors, self.grams, _update, self.started), self.grams)
+        err = self.engine.rel_error(self.engine.sweep(self.factors, self.grams, _update, self.started), self.grams)
         self.started = None
         return err
 
     def try_point(self, trial, err: float) -> tuple[float, bool]:
-        grams = [f.T @ f for f in trial]
-        start = self.engine.start(trial)
-        terr = self.rel(self.engine.started_inner(start, trial), grams)
+        terr, grams, start = self.engine.evaluate(trial)
         if terr < err:
             self.factors, self.grams, self.started = trial, grams, start
             return terr, True

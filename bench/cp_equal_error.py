@@ -11,7 +11,7 @@ until it reaches the same error (``tl-ls``), and ``x best`` is the faster of ten
 over our fastest. Every time is the best of three runs where one run takes under 3 s (``best_of``), after two
 untimed sweeps of each library on the shape. The kernels are He-initialised random (no trained weights can be downloaded here).
 
-    .venv/bin/python bench/cp_equal_error.py            # ~10 min on 2 cores
+    .venv/bin/python bench/cp_equal_error.py            # ~15 min on 2 cores
     .venv/bin/python bench/cp_equal_error.py --quick    # 64 and 128 channels
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
                 r = (c * c * 9) // (ratio * (2 * c + (9 if order == 3 else 6)))
                 n = ITERS[c]
                 init = init_factors(x, r, "svd", seed=0)
-                warm_up(x, init)
+                warm_up(x, init, dtypes=(torch.float64, torch.float32), backends=("pytorch",))
                 tl_s, tl_err, _ = best_of(lambda: tensorly_fit(x, init, n, "pytorch"))
                 cap = 4 * n
                 runs = [best_of(lambda kw=kw: ours(x, init, tl_err, cap, **kw))

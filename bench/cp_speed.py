@@ -90,13 +90,14 @@ def timed_fit(x: torch.Tensor, rank: int, init: list[torch.Tensor], sweeps: int)
     return secs, float((x - reconstruct(f)).norm() / x.norm())
 
 
-def warm_up(x: torch.Tensor, init: list[torch.Tensor]) -> None:
-    """Two untimed sweeps of each library, in each precision, on this shape: first-call costs (a
-    new GEMM shape, LAPACK's workspace) fall outside every timed fit."""
-    for dtype in (torch.float64, torch.float32):
+def warm_up(x: torch.Tensor, init: list[torch.Tensor], dtypes=(torch.float64,),
+            backends=("pytorch", "numpy")) -> None:
+    """Two untimed sweeps of ours in each of ``dtypes`` and of tensorly on each of ``backends``, on
+    this shape: first-call costs (a new GEMM shape, LAPACK's workspace) fall outside every timed fit."""
+    for dtype in dtypes:
         cp_als(x.to(dtype), init[0].shape[1], init=[f.to(dtype) for f in init], n_iter_max=2, tol=-1.0,
                linesearch=True)
-    for backend in ("pytorch", "numpy"):
+    for backend in backends:
         tensorly_fit(x, init, 2, backend)
 
 

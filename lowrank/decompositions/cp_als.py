@@ -29,15 +29,24 @@ class SweepEngine:
         self.shape = tuple(x.shape)
         self._sweep = Sweep(x.unsqueeze(0))
         self.norm2 = float(self._sweep.norm2[0])
+        self.norm = math.sqrt(self.norm2) or 1.0
 
     def start(self, factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``Sweep.start``: the first GEMM of a sweep from ``factors``, reusable by ``sweep``."""
         return self._sweep.start([f.unsqueeze(0) for f in factors])
 
-    @staticmethod
-    def started_inner(started: tuple[torch.Tensor, torch.Tensor], factors: list[torch.Tensor]) -> float:
-        """``<X, [[factors]]>`` from ``start(factors)``'s mode-0 MTTKRP (no further GEMM)."""
-        return float((started[1][0] * factors[0]).sum())
+    def rel_error(self, inner: float, grams: list[torch.Tensor]) -> float:
+        """``||X - X_hat|| / ||X||`` from ``<X, X_hat>`` and the model's Gram matrices (no
+        reconstruction: ``||X||^2 - 2<X, X_hat> + ||X_hat||^2``)."""
+        return math.sqrt(max(self.norm2 - 2 * inner + float(model_norm2(grams)), 0.0)) / self.norm
+
+    def evaluate(self, factors: list[torch.Tensor]):
+        """The error of a candidate point (line search's extrapolation) at one large GEMM, the
+        next sweep's first: ``(rel_error, grams, started)``, the last two for ``sweep`` to reuse
+        if the point is taken. ``<X, X_hat> = sum(G_0 * U_0)`` from ``start``'s mode-0 MTTKRP."""
+        grams = [f.T @ f for f in factors]
+        started = self.start(factors)
+        return self.rel_error(float((started[1][0] * factors[0]).sum()), grams), grams, started
 
     def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable,
               started: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
@@ -48,9 +57,6 @@ class SweepEngine:
         inner = self._sweep.sweep(fb, gb, lambda n, g, gam: update(n, g[0], gam[0]).unsqueeze(0), started)
         factors[:], grams[:] = [f[0] for f in fb], [g[0] for g in gb]
         return float(inner[0])
-
-    def model_norm2(self, grams: list[torch.Tensor]) -> float:
-        return float(model_norm2(grams))
 
 
 def init_factors(x: torch.Tensor, rank: int, init: str = "svd", seed: int = 0) -> list[torch.Tensor]:
@@ -98,31 +104,25 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
         factors = init_factors(x, rank, init, seed)
     engine = SweepEngine(x)
     grams = [f.T @ f for f in factors]
-    norm = math.sqrt(engine.norm2) or 1.0
     errors: list[float] = []
     update = lambda n, g, gam: solve_normal(g, gam)  # noqa: E731
     power, refused = LS_FIRST_POWER, 0
     started = None  # the next sweep's first GEMM, where the line search already made it
 
-    def rel(inner: float, gs) -> float:
-        return math.sqrt(max(engine.norm2 - 2 * inner + engine.model_norm2(gs), 0.0)) / norm
-
     for it in range(1, n_iter_max + 1):
         prev = [f.clone() for f in factors] if linesearch else None
-        err = rel(engine.sweep(factors, grams, update, started), grams)
+        err = engine.rel_error(engine.sweep(factors, grams, update, started), grams)
         started = None
         if linesearch and it > 2:
             step = it ** (1.0 / power)
             trial = [p + step * (f - p) for p, f in zip(prev, factors)]
-            tgrams = [f.T @ f for f in trial]
-            tstart = engine.start(trial)
-            terr = rel(engine.started_inner(tstart, trial), tgrams)
+            terr, tgrams, tstart = engine.evaluate(trial)
             accepted = terr < err
             if accepted:
                 factors, grams, err, started = trial, tgrams, terr, tstart
             power, refused = ls_schedule(accepted, power, refused)
         if err < 1e-6:  # the cheap formula loses digits near an exact fit: measure directly
-            err = float((x - reconstruct(factors)).norm()) / norm
+            err = float((x - reconstruct(factors)).norm()) / engine.norm
         errors.append(err)
         if it % 10 == 0:  # ALS is invariant to column scaling; rebalancing only guards the range
             rebalance(factors, grams)

@@ -103,7 +103,7 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
     if delta is None:
         delta = float((x - reconstruct(factors)).norm())
     tau = engine.norm2 - delta * delta
-    norm = math.sqrt(engine.norm2) or 1.0
+    norm = engine.norm
     if delta < 1e-7 * norm:
         # The secular equation works on squared norms, so it pins the error to about
         # sqrt(eps) * ||X||; a fit already exact to that level is returned unchanged.
