@@ -87,10 +87,15 @@ def _normalize_entry(name, entry) -> tuple[str, object, dict]:
 
 
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` (a qualified name) is."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """Put ``new`` where the submodule ``name`` (a qualified name) is, and under every other name
+    that holds the same module (a layer shared between two places stays shared, and compressed in
+    both: ``named_modules`` names it only once)."""
+    old = model.get_submodule(name)
+    aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    for alias in aliases:
+        parent_name, _, child = alias.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
 
 
 def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: bool = False,

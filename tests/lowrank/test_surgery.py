@@ -48,3 +48,32 @@ def test_the_pointwise_layers_of_a_plan_get_the_rank_settings_but_not_the_method
     _, reports = lowrank.compress_model(model, plan, input_shape=(3, 10, 10), on_error="record")
     assert [(r.name, r.method, r.status) for r in reports] == [("2", "cp3", "ok"), ("6", "svd", "ok")]
     assert reports[1].params_before / reports[1].params_after >= 1.9
+
+
+class _Tied(nn.Module):
+    """One conv held under two names and called twice: a tied layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.again = self.conv
+
+    def forward(self, x):
+        return self.again(torch.relu(self.conv(torch.relu(self.stem(x)))))
+
+
+def test_a_layer_held_under_two_names_is_replaced_under_both_and_stays_shared():
+    torch.manual_seed(0)
+    model = _Tied().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    plan = lowrank.plan_layers(model, "tucker2", (16, 16), options={"allow_larger": True})  # full rank: exact
+    assert list(plan) == ["conv"]
+    new, (rep,) = lowrank.compress_model(model, plan, input_shape=(3, 8, 8))
+    assert isinstance(new.conv, lowrank.FactorizedConv2d) and new.again is new.conv
+    assert torch.allclose(new(x), model(x), atol=1e-10)
+    assert lowrank.count(model, (3, 8, 8))[1] == 3 * 16 * 9 * 64 + 2 * rep.macs_before  # both calls counted
+    assert lowrank.count(new, (3, 8, 8))[1] == 3 * 16 * 9 * 64 + 2 * rep.macs_after
+    low, _ = lowrank.compress_model(model, lowrank.plan_layers(model, "tucker2", (4, 4)), input_shape=(3, 8, 8))
+    assert low.again is low.conv and not any(
+        type(m) is nn.Conv2d and m.weight.shape == (16, 16, 3, 3) for m in low.modules())
