@@ -118,7 +118,7 @@ def layer_rows(reports: list[dict], statuses: list[dict], timing: dict | None = 
     timing = timing or {}
     rows = []
     for r in reports:
-        row = {"layer": r["name"], "method": r["method"], "status": "ok", "reason": "",
+        row = {"layer": r["name"], "method": r["method"], "status": r.get("status", "ok"), "reason": r.get("reason", ""),
                "rank": json.dumps(r["rank"]), "rel_error": r["rel_error"], "params_before": r["params_before"],
                "params_after": r["params_after"], "macs_before": r["macs_before"], "macs_after": r["macs_after"]}
         st = next((s for s in statuses if s["name"] == r["name"]), None)

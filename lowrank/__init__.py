@@ -20,7 +20,7 @@ from .registry import METHODS, KernelShape, get_method, list_methods, register_m
 from .surgery import (LayerPlan, LayerReport, apply_factors, compress_model, plan_layers, replace_submodule,
                       select_layers, summarize)
 from .vbmf import evbmf
-from .verify import check_replacement, own_forward, replacement_prefix
+from .verify import check_replacement, model_fails, own_forward, replacement_prefix
 
 __all__ = [
     "decompose", "factorize_layer", "compress_model", "select_rank", "evbmf", "count", "cp_diagnostics",
@@ -29,5 +29,5 @@ __all__ = [
     "LowRankError", "RankTooLargeError", "LeftDense", "NoStructureError", "UnsupportedLayerError", "KernelShape",
     "SVDFactors", "SpatialSVDFactors", "factors_to", "Tucker2Factors", "CPFactors", "FactorizedConv2d",
     "FactorizedLinear", "METHODS", "get_method", "list_methods", "register_method",
-    "replacement_prefix", "check_replacement", "own_forward", "tune_allocator",
+    "replacement_prefix", "check_replacement", "model_fails", "own_forward", "tune_allocator",
 ]

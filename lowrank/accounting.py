@@ -33,7 +33,7 @@ def _example_input(model: nn.Module, input_shape) -> torch.Tensor:
     return torch.zeros(shape, **kw)
 
 
-def _forward_once(model: nn.Module, input_shape, handles: list) -> None:
+def forward_once(model: nn.Module, input_shape, handles: list) -> None:
     """One eval-mode, no-grad forward pass on zeros; restores the mode and removes ``handles``."""
     x = _example_input(model, input_shape)
     was_training = model.training
@@ -58,7 +58,7 @@ def per_layer_macs(model: nn.Module, input_shape) -> dict[str, int]:
 
     handles = [mod.register_forward_hook(record(name)) for name, mod in model.named_modules()
                if isinstance(mod, (*_CONVS, nn.Linear))]
-    _forward_once(model, input_shape, handles)
+    forward_once(model, input_shape, handles)
     return found
 
 
@@ -78,5 +78,5 @@ def layer_input_shapes(model: nn.Module, names, input_shape) -> dict[str, tuple[
         return hook
 
     handles = [mod.register_forward_pre_hook(record(name)) for name, mod in model.named_modules() if name in wanted]
-    _forward_once(model, input_shape, handles)
+    forward_once(model, input_shape, handles)
     return shapes

@@ -20,7 +20,7 @@ from .api import factorize_with_factors, relative_error
 from .ranks import RankRule
 from .errors import LeftDense, LowRankError, UnsupportedLayerError
 from .registry import get_method
-from .verify import check_replacement, replacement_prefix
+from .verify import check_replacement, model_fails, replacement_prefix
 
 
 @dataclass
@@ -135,7 +135,29 @@ def compress_model(model: nn.Module, plan: dict, *, input_shape=None, inplace: b
         if rep.status != "ok":
             rep.params_after, rep.macs_after = rep.params_before, rep.macs_before
         reports.append(rep)
+    keep_running(model, modules, reports, input_shape)
     return model, reports
+
+
+def keep_running(model: nn.Module, originals: dict, reports: list[LayerReport], input_shape) -> None:
+    """After the replacements: where the model no longer runs on a probe of ``input_shape``, put
+    the dense layers back and the factorized ones in again one at a time, leaving dense (with the
+    reason in its report) each one the model cannot run with. Nothing to check without a shape."""
+    done = [r for r in reports if r.status == "ok"]
+    if input_shape is None or not done or model_fails(model, input_shape) is None:
+        return
+    built = {r.name: model.get_submodule(r.name) for r in done}
+    for r in done:
+        replace_submodule(model, r.name, originals[r.name])
+    for r in done:
+        replace_submodule(model, r.name, built[r.name])
+        why = model_fails(model, input_shape)
+        if why:
+            replace_submodule(model, r.name, originals[r.name])
+            r.status, r.rank, r.rel_error = "skipped", None, None
+            r.params_after, r.macs_after = r.params_before, r.macs_before
+            r.reason = (f"the model fails with this layer factorized ({why}): its code uses the layer's "
+                        f"weights itself (as nn.MultiheadAttention does with out_proj): left dense")
 
 
 def _verified(module: nn.Module, new: nn.Module, prefix: nn.Module | None, in_shape) -> tuple[nn.Module, str | None]:
@@ -263,4 +285,5 @@ def apply_factors(model: nn.Module, factors_by_layer: dict, *, input_shape=None,
                 rep.macs_after = count(new, in_shape)[1]
         rep.seconds = time.perf_counter() - t0
         reports.append(rep)
+    keep_running(model, modules, reports, input_shape)
     return model, reports

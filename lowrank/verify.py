@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accounting import forward_once
+
 _TOL = 1e-4  # relative: the probe runs in float32
 
 
@@ -83,4 +85,15 @@ def check_replacement(module: nn.Module, new: nn.Module, in_shape) -> str | None
         a, b = module(x), new.to(x)(x)
     if a.shape != b.shape:
         return f"the factorized layer's output {tuple(b.shape)} differs from the layer's {tuple(a.shape)}: left dense"
+    return None
+
+
+def model_fails(model: nn.Module, input_shape) -> str | None:
+    """Why ``model`` does not run on a probe of ``input_shape`` (one line), or None when it does.
+    A layer can pass ``check_replacement`` and still break its model: a parent that reads the
+    layer's ``weight`` itself (``nn.MultiheadAttention`` does with ``out_proj``)."""
+    try:
+        forward_once(model, input_shape, [])
+    except Exception as e:  # noqa: BLE001 - the user's model; its failure is the reason
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     return None

@@ -81,8 +81,7 @@ def evaluate_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, *layer
     t_task = time.perf_counter()
     env.begin()
     model = env.dense(base_state)
-    factors = {r.name: r.factors for r in layers if r.status == "ok"}
-    new, reports = lowrank.apply_factors(model, factors, input_shape=env.input_shape)
+    new, factors, reports, statuses = assemble(model, layers, env.input_shape)
     device, val_dl, train_dl = env.device, env.val_loader(), env.train_loader()
     t0 = time.perf_counter()
     acc_post = evaluate(new, val_dl, device)
@@ -99,10 +98,25 @@ def evaluate_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, *layer
     params, macs = lowrank.count(new.cpu(), env.input_shape)
     return EvalResult(state_dict=cpu_state(new), factors=factors, acc_post=acc_post, acc_bn=acc_bn, acc_ft=acc_ft,
                       params=params, macs=macs, latency=env.latency(new),
-                      reports=[r.to_dict() for r in reports], layer_status=[r.status_row() for r in layers],
+                      reports=[r.to_dict() for r in reports], layer_status=statuses,
                       ft_losses=losses, ft_seconds=ft_seconds, device=device,
                       curves=ft_curves(curve + [acc_ft]) if finetune.eval_each_epoch and finetune.epochs else None,
                       task_seconds=time.perf_counter() - t_task, node=node_id())
+
+
+def assemble(model, layers: tuple, input_shape) -> tuple:
+    """``(compressed model, factors, reports, status rows)``: the layers' factors put in. A layer
+    that the model cannot take after all (its own forward not reproduced, or a parent reading its
+    weight) stays dense: it leaves the factors and the reports, and its status row says why."""
+    factors = {r.name: r.factors for r in layers if r.status == "ok"}
+    new, reports = lowrank.apply_factors(model, factors, input_shape=input_shape)
+    left = {r.name: r.reason for r in reports if r.status != "ok"}
+    statuses = [r.status_row() for r in layers]
+    for row in statuses:
+        if row["name"] in left:
+            row.update(status="skipped", reason=left[row["name"]])
+    return (new, {n: f for n, f in factors.items() if n not in left},
+            [r for r in reports if r.status == "ok"], statuses)
 
 
 def ft_curves(figures: list[dict]) -> dict:

@@ -49,6 +49,12 @@ def multistage_task(env: TaskEnv, base_state: dict, finetune: FinetuneSpec, stag
                 statuses[n] = LayerResult.failure(n, plan.method, e, skipped=True)
                 continue
             lowrank.replace_submodule(model, n, new)
+            why = lowrank.model_fails(model, env.input_shape)
+            if why:  # a parent reads the layer's weight itself: it keeps what it had
+                lowrank.replace_submodule(model, n, cur)
+                statuses[n] = LayerResult(n, plan.method, status="skipped",
+                                          reason=f"the model fails with this layer factorized ({why}): left dense")
+                continue
             factors[n] = lowrank.factors_to(f, "cpu")
             statuses[n] = LayerResult(n, plan.method, rank=f.rank, seconds=time.perf_counter() - t0,
                                       rel_error=lowrank.relative_error(dense.weight, f))

@@ -37,6 +37,23 @@ def tiny_net(width: int = 16, num_classes: int = 10) -> nn.Module:
     return TinyNet(width, num_classes)
 
 
+class AttentionNet(TinyNet):
+    """TinyNet with self-attention over its last feature map: nn.MultiheadAttention reads its
+    ``out_proj.weight`` itself, so that Linear cannot be factorized."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10):
+        super().__init__(width, num_classes)
+        self.attn = nn.MultiheadAttention(2 * width, 2, batch_first=True)
+
+    def forward(self, x):
+        t = self.body(self.stem(x)).flatten(2).transpose(1, 2)
+        return self.head(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+
+def attention_net(width: int = 16, num_classes: int = 10) -> nn.Module:
+    return AttentionNet(width, num_classes)
+
+
 def not_a_module(**_):
     return {"a": "dict"}
 

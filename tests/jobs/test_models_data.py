@@ -41,11 +41,13 @@ def test_a_factory_that_cannot_give_a_model_is_one_line_exit_2(make_spec, capsys
     assert expected in _line(capsys)
 
 
-def test_factory_model_end_to_end_with_its_own_padding(make_spec, ray_start_2_cpus, capsys):
-    """A network of the user's code (TF-"same"-padding convs) through a local Ray and sqlite MLflow."""
+def test_factory_model_end_to_end_with_its_own_padding(make_spec, ray_start_2_cpus, capsys, tmp_path):
+    """A network of the user's code (TF-"same"-padding convs, and self-attention whose out_proj
+    the model cannot run factorized) through a local Ray and sqlite MLflow."""
     spec, data = make_spec(mutate=lambda d: (
-        d["models"][0].update(name="mine", factory="tests.jobs.factories:tiny_net", kwargs={"width": 16}),
-        d["compression"].update(methods=["tucker2"], options={}, layers={"skip_first": False}),
+        d["models"][0].update(name="mine", factory="tests.jobs.factories:attention_net", kwargs={"width": 16}),
+        d["compression"].update(methods=["tucker2"], options={},
+                                layers={"skip_first": False, "pointwise_method": "svd"}),
         d["finetune"].update(epochs=0), d["pretrain"].update(epochs=1)))
     assert main(["run", str(spec)]) == 0, capsys.readouterr().err
     import mlflow
@@ -57,6 +59,12 @@ def test_factory_model_end_to_end_with_its_own_padding(make_spec, ray_start_2_cp
     mlflow.set_tracking_uri(data["mlflow"]["tracking_uri"])
     model = mlflow.pytorch.load_model(f"models:/lowrank-mine/{v.version}")
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 10)  # the stem's own padding kept: 16 -> 8 -> 4
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(client.download_artifacts(v.tags["run_id"], "layers/layers.parquet", str(tmp_path))).to_pydict()
+    rows = {n: (s, r) for n, s, r in zip(table["layer"], table["status"], table["reason"])}
+    assert rows["attn.out_proj"][0] == "skipped" and "MultiheadAttention" in rows["attn.out_proj"][1]
+    assert rows["head"][0] == rows["body.2"][0] == "ok"
 
 
 # ----------------------------------------------------------------------------- torchvision weights by name

@@ -77,3 +77,41 @@ def test_a_layer_held_under_two_names_is_replaced_under_both_and_stays_shared():
     low, _ = lowrank.compress_model(model, lowrank.plan_layers(model, "tucker2", (4, 4)), input_shape=(3, 8, 8))
     assert low.again is low.conv and not any(
         type(m) is nn.Conv2d and m.weight.shape == (16, 16, 3, 3) for m in low.modules())
+
+
+class _Attention(nn.Module):
+    """A conv stem, then self-attention over its pixels: nn.MultiheadAttention reads
+    ``out_proj.weight`` itself, so a factorized out_proj would break the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv = nn.Conv2d(32, 32, 3, padding=1)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        t = self.conv(torch.relu(self.stem(x))).flatten(2).transpose(1, 2)
+        return self.head(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+
+def test_a_layer_whose_parent_reads_its_weight_is_left_dense_with_the_reason_and_the_others_kept():
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    plan = lowrank.plan_layers(model, "tucker2", "ratio", options={"ratio": 2.0}, pointwise_method="svd")
+    assert set(plan) == {"conv", "attn.out_proj", "head"}
+    for apply in ("compress", "factors"):
+        if apply == "compress":
+            new, reports = lowrank.compress_model(model, plan, input_shape=(3, 6, 6))
+        else:
+            factors = {n: lowrank.decompose(model.get_submodule(n).weight, m, r)
+                       for n, (m, r) in {"conv": ("tucker2", (8, 8)), "attn.out_proj": ("svd", 4),
+                                         "head": ("svd", 4)}.items()}
+            new, reports = lowrank.apply_factors(model, factors, input_shape=(3, 6, 6))
+        by = {r.name: r for r in reports}
+        assert by["conv"].status == by["head"].status == "ok", apply
+        assert by["attn.out_proj"].status == "skipped" and "MultiheadAttention" in by["attn.out_proj"].reason
+        assert by["attn.out_proj"].params_after == by["attn.out_proj"].params_before
+        assert type(new.attn.out_proj) is type(model.attn.out_proj)
+        assert isinstance(new.conv, lowrank.FactorizedConv2d) and isinstance(new.head, lowrank.FactorizedLinear)
+        assert new(torch.randn(2, 3, 6, 6)).shape == (2, 10)
