@@ -117,16 +117,34 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(tuple(int(d) for d in dims))
 
 
+# where torchvision's MNIST / FashionMNIST datasets keep the same files under their root
+IDX_SUBFOLDERS = {"mnist": ("", "raw", "MNIST/raw"), "fashion-mnist": ("", "raw", "FashionMNIST/raw")}
+
+
+def find_idx(folder: Path, kind: str, name: str) -> Path | None:
+    """``name`` (``train-images-idx3-ubyte``) in ``folder`` or where torchvision's dataset root
+    keeps it, ``.gz`` or plain, also spelt with a dot (``train-images.idx3-ubyte``, as some
+    mirrors do)."""
+    spellings = (name, name.replace("-idx", ".idx"))
+    for sub in IDX_SUBFOLDERS[kind]:
+        for base in spellings:
+            for ext in (".gz", ""):
+                if (folder / sub / (base + ext)).is_file():
+                    return folder / sub / (base + ext)
+    return None
+
+
 def _idx(spec: DatasetSpec, seed: int):
     folder = Path(spec.folder)
     sets = []
     for split, names in IDX_FILES.items():
         found = []
         for name in names:
-            path = next((folder / (name + ext) for ext in (".gz", "") if (folder / (name + ext)).is_file()), None)
+            path = find_idx(folder, spec.kind, name)
             if path is None:
+                where = ", ".join(f"{sub}/" for sub in IDX_SUBFOLDERS[spec.kind] if sub)
                 raise DataError(f"{spec.kind} folder {str(folder)!r} lacks {name}(.gz) (the standard IDX files "
-                                f"train-*/t10k-*; nothing is downloaded)")
+                                f"train-*/t10k-*, there or in {where}; nothing is downloaded)")
             found.append(read_idx(path))
         images, labels = found
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):

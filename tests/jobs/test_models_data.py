@@ -163,6 +163,20 @@ def test_idx_readers_on_files_written_here(tmp_path, gz):
         read_idx(tmp_path / name)
 
 
+def test_idx_files_are_found_where_torchvisions_dataset_root_keeps_them_and_spelt_with_a_dot(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    _write_idx(raw, "train", 12, False, rng)
+    _write_idx(raw, "t10k", 5, True, rng)
+    for f in raw.glob("t10k-*"):  # the dotted spelling of some mirrors
+        f.rename(raw / f.name.replace("-idx", ".idx"))
+    train, val, classes = load_dataset(DatasetSpec(kind="fashion-mnist", root=tmp_path, input_size=16))
+    assert (len(train), len(val), classes) == (12, 5, 3)
+    with pytest.raises(DataError, match="lacks train-images-idx3-ubyte.* there or in raw/, MNIST/raw/"):
+        load_dataset(DatasetSpec(kind="mnist", root=tmp_path, input_size=16))  # MNIST's are not FashionMNIST's
+
+
 def test_a_folder_without_the_idx_files_is_one_line(tmp_path, make_spec, capsys):
     spec, _ = make_spec(mutate=lambda d: d["dataset"].update(kind="mnist", root=str(tmp_path)))
     assert main(["run", str(spec)]) == 2
