@@ -203,8 +203,31 @@ def pretrained_state(name: str, weights: str, num_classes: int) -> dict:
         raise ModelError(f"{name} {w.name} weights file {str(path)!r} cannot be read: {_first_line(e)}") from None
 
 
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")  # Lightning / common training loops / torchvision's references
+PREFIXES = ("module.", "model.", "_orig_mod.")  # DataParallel/DDP, Lightning's attribute, torch.compile
+
+
+def _unwrapped(state, own: dict):
+    """The model's state dict inside what a training loop saved: under one of ``WRAPPER_KEYS``
+    beside other entries (epoch, optimizer), and its keys behind the prefixes that DDP, Lightning
+    or ``torch.compile`` put in front (stripped only where every key has it and ``own`` has none)."""
+    if isinstance(state, dict) and not all(torch.is_tensor(v) for v in state.values()):
+        state = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not state:
+        return state
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in PREFIXES:
+            if all(isinstance(k, str) and k.startswith(p) for k in state) and not any(k.startswith(p) for k in own):
+                state, stripped = {k[len(p):]: v for k, v in state.items()}, True
+    return state
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state dict (optionally under a ``state_dict`` key) with ``weights_only=True``."""
+    """Load a state dict with ``weights_only=True``: as saved, or as a training loop saved it
+    (under ``state_dict`` / ``model_state_dict`` / ``model``, keys behind ``module.`` / ``model.``
+    / ``_orig_mod.``)."""
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -220,11 +243,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupted or truncated: {first}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a state dict of tensors")
     own = model.state_dict()
+    state = _unwrapped(state, own)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a state dict of tensors (accepted: a state_dict, "
+                              f"or one under {', '.join(repr(k) for k in WRAPPER_KEYS)})")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]

@@ -52,6 +52,25 @@ def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("saved", ["ddp", "lightning", "compiled", "loop"])
+def test_checkpoints_as_training_loops_save_them_are_loaded(tmp_path, saved):
+    torch.manual_seed(1)
+    want = SmallCNN(10).state_dict()
+    state = {"ddp": lambda: {f"module.{k}": v for k, v in want.items()},
+             "lightning": lambda: {"epoch": 3, "global_step": 90, "hyper_parameters": {"lr": 0.1},
+                                   "state_dict": {f"model.{k}": v for k, v in want.items()}},
+             "compiled": lambda: {f"_orig_mod.{k}": v for k, v in want.items()},
+             "loop": lambda: {"model_state_dict": {f"module.{k}": v for k, v in want.items()},
+                              "optimizer_state_dict": {"state": {}, "param_groups": []}, "epoch": 7}}[saved]()
+    torch.save(state, tmp_path / "c.pt")
+    torch.manual_seed(2)
+    got = load_checkpoint(SmallCNN(10), tmp_path / "c.pt").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    torch.save({"epoch": 3, "weights": want}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="not a state dict of tensors .accepted: a state_dict, or one under"):
+        load_checkpoint(SmallCNN(10), tmp_path / "odd.pt")
+
+
 def test_truncated_and_wrong_architecture_checkpoints(tmp_path, capsys):
     good = tmp_path / "good.pt"
     torch.save(SmallCNN(10).state_dict(), good)
