@@ -37,6 +37,15 @@ def _plain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return nn.Conv2d.forward(module, x)
 
 
+def _plain_or_none(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The plain layer's output, or None where it cannot run on ``x`` (a kernel larger than an
+    unpadded input: the module's own forward pads, the plain layer would not)."""
+    try:
+        return _plain(module, x)
+    except RuntimeError:
+        return None
+
+
 def _same_padding(module: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """TF/Keras "same" padding for this input size: ``(left, right, top, bottom)``."""
     pads = []
@@ -47,8 +56,8 @@ def _same_padding(module: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int, i
     return left, right, top, bottom
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and float((a - b).norm()) <= _TOL * max(float(b.norm()), 1e-12)
+def _close(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and a.shape == b.shape and float((a - b).norm()) <= _TOL * max(float(b.norm()), 1e-12)
 
 
 def replacement_prefix(module: nn.Module, in_shape) -> tuple[nn.Module | None, str | None]:
@@ -65,13 +74,14 @@ def replacement_prefix(module: nn.Module, in_shape) -> tuple[nn.Module | None, s
             y = module(x)
         except Exception as e:  # noqa: BLE001 - the user's layer; its failure is the reason
             return None, f"{name} fails on a probe input of shape {tuple(in_shape)}: {type(e).__name__}"
-        if _close(_plain(module, x), y):
+        plain = _plain_or_none(module, x)
+        if _close(plain, y):
             return None, None
         if isinstance(module, nn.Conv2d) and x.dim() == 4:
             pad = _same_padding(module, tuple(x.shape[-2:]))
-            if any(pad) and _close(_plain(module, F.pad(x, pad)), y):
+            if any(pad) and _close(_plain_or_none(module, F.pad(x, pad)), y):
                 return nn.ZeroPad2d(pad), None
-    plain_shape = tuple(_plain(module, x).shape) if isinstance(module, nn.Linear) or x.dim() == 4 else None
+    plain_shape = tuple(plain.shape) if plain is not None else "none: it cannot run there"
     return None, (f"{name} does not compute a plain {type(module).__mro__[1].__name__} at input {tuple(in_shape)} "
                   f"(output {tuple(y.shape)} vs {plain_shape}) and no padding reproduces it: left dense")
 
@@ -82,7 +92,11 @@ def check_replacement(module: nn.Module, new: nn.Module, in_shape) -> str | None
         return None
     x = torch.randn(*in_shape, generator=torch.Generator().manual_seed(0)).to(module.weight)
     with torch.no_grad():
-        a, b = module(x), new.to(x)(x)
+        a = module(x)
+        try:
+            b = new.to(x)(x)
+        except RuntimeError as e:
+            return f"the factorized layer fails on the layer's input {tuple(in_shape)} ({str(e).splitlines()[0][:120]}): left dense"
     if a.shape != b.shape:
         return f"the factorized layer's output {tuple(b.shape)} differs from the layer's {tuple(a.shape)}: left dense"
     return None

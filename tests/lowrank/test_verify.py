@@ -98,3 +98,20 @@ def test_a_subclass_that_computes_the_plain_layer_is_replaced_as_is():
     assert rep.status == "ok" and isinstance(new[0], lowrank.FactorizedConv2d)
     x = torch.randn(1, 3, 20, 20)
     torch.testing.assert_close(new(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_same_padding_kernel_larger_than_its_unpadded_input_is_verified_not_raised():
+    """At 2x2 maps (EfficientNet's 5x5 depthwise convs at 64 px) the plain layer cannot even run
+    without the padding: the probe must say so, not raise, and the padding stage reproduces it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=8, padding=1), nn.ReLU(), Conv2dSame(16, 24, 5)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x).shape == (2, 24, 2, 2)
+    new, [rep] = lowrank.compress_model(model, {"2": ("tucker2", (16, 24), {"allow_larger": True})},
+                                        input_shape=(3, 16, 16), on_error="record")
+    assert rep.status == "ok", rep.reason
+    assert isinstance(new[2][0], nn.ZeroPad2d)
+    torch.testing.assert_close(new(x), model(x), rtol=1e-4, atol=1e-5)
+    odd = nn.Sequential(nn.Conv2d(3, 16, 3, stride=8, padding=1), nn.ReLU(), ScaledConv(16, 24, 5, padding=2)).eval()
+    _, [rep] = lowrank.compress_model(odd, {"2": ("tucker2", (8, 8))}, input_shape=(3, 16, 16), on_error="record")
+    assert rep.status == "skipped" and "no padding reproduces it" in rep.reason
