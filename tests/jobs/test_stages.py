@@ -161,3 +161,30 @@ def test_finetuning_curve_is_evaluated_after_every_epoch_and_leaves_the_weights_
     assert json.loads(curve_tag(on.curves)["ft_curve"]) == [round(v, 4) for v in on.curves["acc_ft_epoch"]]
     assert off.curves is None and curve_tag(off.curves) == {}
     assert all(torch.equal(on.state_dict[k], off.state_dict[k]) for k in on.state_dict)
+
+
+def test_a_stage_layer_its_model_cannot_run_factorized_keeps_what_it_had():
+    """Self-attention's out_proj (nn.MultiheadAttention reads its weight itself) in stage 2: the
+    model is checked after each replacement, the layer stays dense with the reason, the rest go on."""
+    import torch
+
+    from jobs.plan import plan_sweep
+    from jobs.tasks.env import TaskEnv
+    from jobs.tasks.staged import multistage_task
+
+    data = yaml.safe_load(SPEC.read_text())
+    data.pop("from_scratch")
+    data["models"] = [{"name": "att", "factory": "tests.jobs.factories:attention_net", "num_classes": 10}]
+    data["dataset"].update(input_size=16, limit_train=128, limit_val=64)
+    data["finetune"].update(epochs=1, bn_batches=2)
+    data["compression"].update(methods=["tucker2"], rank={"strategy": "ratio", "ratio": 2}, options={},
+                               layers={"pointwise_method": "svd"},
+                               stages={"layers": [["body.2"], ["attn.out_proj", "head"]], "epochs": 1})
+    spec = parse_spec(data, "spec.yaml")
+    [cfg] = plan_sweep(spec)
+    env = TaskEnv(cfg.model.spec, spec.dataset, 0, False)
+    torch.manual_seed(0)
+    out = multistage_task(env, env.build().state_dict(), spec.finetune, cfg.stages, cfg.stage_epochs)
+    status = {s["name"]: s for s in out.layer_status}
+    assert status["attn.out_proj"]["status"] == "skipped" and "fails with this layer" in status["attn.out_proj"]["reason"]
+    assert set(out.factors) == {"body.2", "head"}
