@@ -258,21 +258,21 @@ def _raw(spec_json: str, seed: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _stats(spec_json: str, seed: int, resize: int, crop: int):
+def _stats(spec_json: str, seed: int, resize: int, crop: int, channels: int = 3):
     """Per-channel mean/std of up to ``STATS_SAMPLES`` training images as the model sees them."""
     train = _raw(spec_json, seed)[0]
     n = min(len(train), STATS_SAMPLES)
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     if isinstance(train, TensorDataset):
-        return statistics(geometry(train.tensors[0][idx], resize, crop))
-    return statistics(geometry(train[i][0][None], resize, crop)[0] for i in idx)
+        return statistics(geometry(train.tensors[0][idx], resize, crop, channels))
+    return statistics(geometry(train[i][0][None], resize, crop, channels)[0] for i in idx)
 
 
 def complete(spec: DatasetSpec, prep: Preprocess, seed: int = 0) -> Preprocess:
     """``prep`` with mean/std filled in from the training split where it has none of its own."""
     if prep.mean is not None:
         return prep
-    return prep.with_stats(*_stats(spec.model_dump_json(), seed, prep.resize, prep.crop))
+    return prep.with_stats(*_stats(spec.model_dump_json(), seed, prep.resize, prep.crop, prep.channels))
 
 
 class _Viewed(Dataset):
@@ -288,7 +288,7 @@ class _Viewed(Dataset):
 
 
 def _viewed(ds, prep: Preprocess):
-    if isinstance(ds, TensorDataset) and len(ds) * 3 * 4 * prep.crop ** 2 <= PRECOMPUTE_BYTES:
+    if isinstance(ds, TensorDataset) and len(ds) * prep.channels * 4 * prep.crop ** 2 <= PRECOMPUTE_BYTES:
         x, y = ds.tensors
         return TensorDataset(view(x, prep), y)  # small and in memory: converted once
     return _Viewed(ds, prep)

@@ -93,6 +93,7 @@ def _source(spec: SweepSpec, m: ModelSpec) -> dict:
     preprocessing version."""
     return {**({"factory": m.factory, "kwargs": m.kwargs} if m.factory else {}),
             **({"weights": m.weights} if m.weights else {}), **({"pretrained": True} if m.pretrained else {}),
+            **({"channels": m.channels} if m.channels else {}),
             **({"evaluation": spec.evaluation} if spec.evaluation != "accuracy" else {}),
             "preprocessing": PREPROCESSING}
 

@@ -10,7 +10,7 @@ import lowrank
 
 from . import preprocess
 from .data import check_sample, load_dataset
-from .models import build, load_checkpoint
+from .models import build, first_conv, load_checkpoint
 from .plan import Config, plan_sweep, select
 from .spec import SpecError, SweepSpec, check_local_paths
 from .store import check_reachable, check_tracking_uri
@@ -49,12 +49,14 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
         model = models[m.name] = build(m)  # ModelError: a factory that fails, weights that are not there
         if m.checkpoint is not None:
             load_checkpoint(model, m.checkpoint)  # CheckpointError: truncated, corrupted, wrong architecture, NaN
-        size = preprocess.for_model(spec.dataset, m, model).crop
-        dry_forward(model, m.num_classes, size, f"{source}: models.{i}")
+        _check_channels(spec, m, model, f"{source}: models.{i}")
+        prep = preprocess.for_model(spec.dataset, m, model)
+        size, channels = prep.crop, prep.channels
+        dry_forward(model, m.num_classes, size, f"{source}: models.{i}", channels=channels)
         lat = spec.latency.input_size
         if lat is not None and lat != size and comp is not None and comp.search is not None \
                 and comp.search.target == "latency":  # the search times every layer at that size
-            dry_forward(model, m.num_classes, lat, f"{source}: latency.input_size: models.{i}",
+            dry_forward(model, m.num_classes, lat, f"{source}: latency.input_size: models.{i}", channels=channels,
                         what="the latency target's input size", accepted="a latency.input_size the model can take, "
                         "or none (the data's input size)")
         if spec.from_scratch is not None:
@@ -93,15 +95,31 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
     return configs
 
 
+def _check_channels(spec: SweepSpec, m, model, where: str) -> None:
+    """A model takes grey or RGB input; a spec's normalisation has a value per channel it is fed."""
+    first = first_conv(model)
+    if m.channels is None and first is not None and first[1].in_channels not in preprocess.CHANNELS:
+        raise SpecError(f"{where}: {type(model).__name__}'s first conv {first[0]!r} takes {first[1].in_channels} "
+                        f"input channels; accepted: 1 (grey) or 3 (RGB), or models.channels where that conv is not "
+                        f"the model's input")
+    channels = preprocess.model_channels(m, model)
+    norm = spec.dataset.normalize
+    if norm is not None and channels == 1 and 3 in (len(norm.mean), len(norm.std)):
+        raise SpecError(f"dataset.normalize has 3 values but {where} ({m.name}) takes 1 channel (grey); accepted: "
+                        f"one mean and one std")
+
+
 def dry_forward(model, num_classes: int, size: int, where: str, *, what: str = "the data's input size",
-                accepted: str = "a dataset.input_size the model can take") -> None:
+                accepted: str = "a dataset.input_size the model can take", channels: int = 3) -> None:
     """The model must run at the data's input size (or ``what``) and give finite scores, one per class."""
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+            out = model(torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0)))
     except Exception as e:  # noqa: BLE001 - any failure of the user's model is the answer
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "channels" in first:
+            accepted += f"; it was fed {channels} channel(s): set models.channels (1 or 3) if that is wrong"
         raise SpecError(f"{where}: {type(model).__name__} cannot run at {what} {size}x{size} "
                         f"({type(e).__name__}: {first}); accepted: {accepted}") from None
     if not torch.is_tensor(out) or tuple(out.shape) != (2, num_classes):

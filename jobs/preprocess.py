@@ -1,10 +1,12 @@
-"""What a model sees: the evaluation view of an image (shorter side resized, centre crop, grey
-repeated to three channels, normalised) and the training augmentation, resolved per model.
+"""What a model sees: the evaluation view of an image (shorter side resized, centre crop, as many
+channels as the model takes, normalised) and the training augmentation, resolved per model.
 
 Precedence, per setting: the spec (``dataset.input_size``/``crop``, ``resize``, ``normalize``,
 ``augment``), then the model's pretrained weights (torchvision's weights transforms, a timm-style
 ``pretrained_cfg``), then the data: the crop defaults to 32 px and mean/std to the training
-split's own statistics (``with_stats``, filled in when the data is loaded).
+split's own statistics (``with_stats``, filled in when the data is loaded). Channels: the
+model's (``models.input_channels``: its first conv's, or ``models[].channels``); grey images are
+repeated for an RGB model, colour images reduced to luminance for a grey one.
 """
 from __future__ import annotations
 
@@ -13,46 +15,57 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .models import reference_preprocessing
+from .models import input_channels, reference_preprocessing
 from .spec import DatasetSpec, ModelSpec
 
 DEFAULT_CROP = 32
 STATS_SAMPLES = 2048  # training images the mean/std are computed from (seeded choice)
 # kinds whose images mean something else when mirrored (a flipped 2 is no digit)
 NO_FLIP = {"digits", "mnist"}
+CHANNELS = (1, 3)  # grey, RGB: what a model may take
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
 
 
 @dataclass(frozen=True)
 class Preprocess:
     resize: int  # the shorter side, before the centre crop
     crop: int  # the side of the square the model sees
-    mean: tuple[float, float, float] | None  # None: the training split's statistics (with_stats)
-    std: tuple[float, float, float] | None
+    mean: tuple[float, ...] | None  # one per channel; None: the training split's statistics (with_stats)
+    std: tuple[float, ...] | None
     augment: str  # none | crop | crop+flip
     source: str  # where mean/std come from: spec | weights | data
+    channels: int = 3  # what the model takes: 3 (RGB) or 1 (grey)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return (3, self.crop, self.crop)
+        return (self.channels, self.crop, self.crop)
 
     def with_stats(self, mean, std) -> "Preprocess":
-        return replace(self, mean=_three(mean), std=_three(std))
+        return replace(self, mean=per_channel(mean, self.channels), std=per_channel(std, self.channels))
 
     def describe(self) -> dict:
         """Flat, loggable: what each model of a run was fed."""
         def r(v):
             return None if v is None else [round(float(x), 4) for x in v]
-        return {"resize": self.resize, "crop": self.crop, "mean": r(self.mean), "std": r(self.std),
-                "augment": self.augment, "normalize_from": self.source}
+        return {"resize": self.resize, "crop": self.crop, "channels": self.channels, "mean": r(self.mean),
+                "std": r(self.std), "augment": self.augment, "normalize_from": self.source}
 
 
-def _three(v) -> tuple[float, float, float]:
+def per_channel(v, channels: int) -> tuple[float, ...]:
+    """One value per channel: a single value for all; RGB values averaged for a grey model."""
     v = tuple(float(x) for x in v)
-    return v * 3 if len(v) == 1 else v
+    if len(v) == channels:
+        return v
+    if len(v) == 1:
+        return v * channels
+    if channels == 1:
+        return (sum(v) / len(v),)
+    raise ValueError(f"{len(v)} values for {channels} channels")
 
 
-def resolve(dataset: DatasetSpec, reference: dict | None, agreement: bool = False) -> Preprocess:
-    """``reference``: the weights' own preprocessing (``models.reference_preprocessing``)."""
+def resolve(dataset: DatasetSpec, reference: dict | None, agreement: bool = False, channels: int = 3) -> Preprocess:
+    """``reference``: the weights' own preprocessing (``models.reference_preprocessing``);
+    ``channels``: what the model takes (1 or 3)."""
     ref = reference or {}
     crop = dataset.crop_size or ref.get("crop") or DEFAULT_CROP
     if dataset.resize is not None:
@@ -62,24 +75,36 @@ def resolve(dataset: DatasetSpec, reference: dict | None, agreement: bool = Fals
     else:
         resize = crop
     if dataset.normalize is not None:
-        mean, std, source = _three(dataset.normalize.mean), _three(dataset.normalize.std), "spec"
+        mean, std = per_channel(dataset.normalize.mean, channels), per_channel(dataset.normalize.std, channels)
+        source = "spec"
     elif ref.get("mean") is not None:
-        mean, std, source = _three(ref["mean"]), _three(ref["std"]), "weights"
+        mean, std, source = per_channel(ref["mean"], channels), per_channel(ref["std"], channels), "weights"
     else:
         mean = std = None
         source = "data"
     augment = dataset.augment or ("none" if agreement else "crop" if dataset.kind in NO_FLIP else "crop+flip")
-    return Preprocess(resize, crop, mean, std, augment, source)
+    return Preprocess(resize, crop, mean, std, augment, source, channels)
+
+
+def model_channels(m: ModelSpec, model=None) -> int:
+    """The channels a model is fed: ``models[].channels``, else its first conv's (3 when that is
+    neither 1 nor 3: pre-flight refuses such a model with the reason)."""
+    if m.channels is not None:
+        return m.channels
+    c = input_channels(model) if model is not None else None
+    return c if c in CHANNELS else 3
 
 
 def for_model(dataset: DatasetSpec, m: ModelSpec, model=None, agreement: bool = False) -> Preprocess:
-    """A model's preprocessing (``model``: the built module, for a factory's ``pretrained_cfg``)."""
-    return resolve(dataset, reference_preprocessing(m, model), agreement)
+    """A model's preprocessing (``model``: the built module, for a factory's ``pretrained_cfg``
+    and the channels its first conv takes)."""
+    return resolve(dataset, reference_preprocessing(m, model), agreement, model_channels(m, model))
 
 
-def geometry(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+def geometry(x: torch.Tensor, resize: int, crop: int, channels: int = 3) -> torch.Tensor:
     """``(N, C, H, W)`` in [0, 1] -> shorter side ``resize`` (bilinear, antialiased when
-    shrinking), centre ``crop`` x ``crop``, three channels."""
+    shrinking), centre ``crop`` x ``crop``, ``channels`` channels (grey repeated for RGB, RGB
+    reduced to luminance for grey)."""
     h, w = x.shape[-2:]
     if min(h, w) != resize:
         s = resize / min(h, w)
@@ -88,15 +113,20 @@ def geometry(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     top, left = (h - crop) // 2, (w - crop) // 2
     x = x[..., top:top + crop, left:left + crop]
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, -1, -1)
+    luma = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x[:, :3] * luma).sum(1, keepdim=True)
 
 
 def view(x: torch.Tensor, p: Preprocess) -> torch.Tensor:
     """The evaluation view: ``geometry`` then ``(x - mean) / std``; a batch or one image."""
     one = x.dim() == 3
-    x = geometry(x[None] if one else x, p.resize, p.crop)
-    mean = torch.tensor(p.mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(p.std, dtype=x.dtype).view(1, 3, 1, 1)
+    x = geometry(x[None] if one else x, p.resize, p.crop, p.channels)
+    mean = torch.tensor(p.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(p.std, dtype=x.dtype).view(1, -1, 1, 1)
     x = ((x - mean) / std).contiguous()
     return x[0] if one else x
 

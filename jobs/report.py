@@ -11,6 +11,14 @@ def quality(figures: dict) -> str:
     return "agree" if "kl" in figures else "acc"
 
 
+def clipped(text: str, n: int) -> str:
+    """``text`` cut to at most ``n`` characters at a word boundary, '...' marking the cut."""
+    if len(text) <= n:
+        return text
+    cut = text[:n - 3].rsplit(" ", 1)[0]
+    return cut.rstrip(" ,;:(") + "..."
+
+
 def metric_name(key: str, q: str) -> str:
     """``acc_*`` named as what it measures (``agree_*`` under evaluation by agreement)."""
     return q + key[3:] if key.startswith("acc_") else key

@@ -329,5 +329,6 @@ class Session:
         q = report.quality(result.acc_post)
         self.say(f"{cfg.label}: {q} post {result.acc_post['top1']:.3f} ft {result.acc_ft['top1']:.3f}, "
                  f"{base['params'] / result.params:.2f}x params -> {cfg.registered_name} v{version}"
-                 + (f" ({len(bad)} layer(s) left dense: {bad[0]['reason'][:80]})" if bad else ""))
+                 + (f" ({len(bad)} layer(s) left dense, first {bad[0]['name']}: "
+                    f"{report.clipped(bad[0]['reason'], 100)})" if bad else ""))
         return True

@@ -49,6 +49,10 @@ class ModelSpec(_Strict):
     pretrained: bool = Field(False, description="the factory's model comes with its trained weights: used as they "
                                                 "are (never pre-trained here); a timm-style pretrained_cfg on it "
                                                 "gives its preprocessing")
+    channels: Literal[1, 3] | None = Field(None, description="input channels the model takes: 1 (grey) or 3 (RGB); "
+                                                            "default: its first conv's in_channels (grey data is "
+                                                            "repeated for RGB models, colour reduced to luminance "
+                                                            "for grey ones)")
     layers: LayerSelection | None = Field(None, description="overrides compression.layers for this model")
 
     @field_validator("name")

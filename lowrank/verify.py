@@ -81,9 +81,12 @@ def replacement_prefix(module: nn.Module, in_shape) -> tuple[nn.Module | None, s
             pad = _same_padding(module, tuple(x.shape[-2:]))
             if any(pad) and _close(_plain_or_none(module, F.pad(x, pad)), y):
                 return nn.ZeroPad2d(pad), None
-    plain_shape = tuple(plain.shape) if plain is not None else "none: it cannot run there"
+    if plain is not None and plain.shape == y.shape:
+        differs = f"the same output shape {tuple(y.shape)}, other values"
+    else:
+        differs = f"output {tuple(y.shape)} vs {tuple(plain.shape) if plain is not None else 'none: it cannot run there'}"
     return None, (f"{name} does not compute a plain {type(module).__mro__[1].__name__} at input {tuple(in_shape)} "
-                  f"(output {tuple(y.shape)} vs {plain_shape}) and no padding reproduces it: left dense")
+                  f"({differs}) and no padding reproduces it: left dense")
 
 
 def check_replacement(module: nn.Module, new: nn.Module, in_shape) -> str | None:

@@ -21,9 +21,9 @@ class SameConv(nn.Conv2d):
 
 
 class TinyNet(nn.Module):
-    def __init__(self, width: int = 16, num_classes: int = 10):
+    def __init__(self, width: int = 16, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.stem = SameConv(3, width, 3, stride=2, bias=False)
+        self.stem = SameConv(in_channels, width, 3, stride=2, bias=False)
         self.body = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, padding=1),
                                   nn.BatchNorm2d(2 * width), nn.ReLU(), SameConv(2 * width, 2 * width, 3, stride=2),
                                   nn.ReLU())
@@ -33,16 +33,16 @@ class TinyNet(nn.Module):
         return self.head(self.body(self.stem(x)).mean((2, 3)))
 
 
-def tiny_net(width: int = 16, num_classes: int = 10) -> nn.Module:
-    return TinyNet(width, num_classes)
+def tiny_net(width: int = 16, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return TinyNet(width, num_classes, in_channels)
 
 
 class AttentionNet(TinyNet):
     """TinyNet with self-attention over its last feature map: nn.MultiheadAttention reads its
     ``out_proj.weight`` itself, so that Linear cannot be factorized."""
 
-    def __init__(self, width: int = 16, num_classes: int = 10):
-        super().__init__(width, num_classes)
+    def __init__(self, width: int = 16, num_classes: int = 10, in_channels: int = 3):
+        super().__init__(width, num_classes, in_channels)
         self.attn = nn.MultiheadAttention(2 * width, 2, batch_first=True)
 
     def forward(self, x):
@@ -50,8 +50,8 @@ class AttentionNet(TinyNet):
         return self.head(self.attn(t, t, t, need_weights=False)[0].mean(1))
 
 
-def attention_net(width: int = 16, num_classes: int = 10) -> nn.Module:
-    return AttentionNet(width, num_classes)
+def attention_net(width: int = 16, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return AttentionNet(width, num_classes, in_channels)
 
 
 def not_a_module(**_):

@@ -1,6 +1,7 @@
 """Your own network and weights, real data: factory models, torchvision weights by name from
 TORCH_HOME, EfficientNet-Lite0's real weights through surgery, the MNIST-family IDX readers."""
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ def _line(capsys) -> str:
     ("tests.jobs.factories:raises", {}, "failed with kwargs []: RuntimeError: the user's constructor failed"),
     ("tests.jobs.factories:tiny_net", {"depth": 3}, "failed with kwargs ['depth']: TypeError"),
     ("tests.jobs.factories:needs_224", {}, "models.0: Sequential cannot run at the data's input size 16x16"),
+    ("tests.jobs.factories:tiny_net", {"in_channels": 4},
+     "models.0: TinyNet's first conv 'stem' takes 4 input channels; accepted: 1 (grey) or 3 (RGB)"),
 ])
 def test_a_factory_that_cannot_give_a_model_is_one_line_exit_2(make_spec, capsys, factory, kwargs, expected):
     spec, _ = make_spec(mutate=lambda d: d["models"][0].update(name="mine", factory=factory, kwargs=kwargs))
@@ -42,10 +45,11 @@ def test_a_factory_that_cannot_give_a_model_is_one_line_exit_2(make_spec, capsys
 
 
 def test_factory_model_end_to_end_with_its_own_padding(make_spec, ray_start_2_cpus, capsys, tmp_path):
-    """A network of the user's code (TF-"same"-padding convs, and self-attention whose out_proj
-    the model cannot run factorized) through a local Ray and sqlite MLflow."""
+    """A network of the user's code (a grey-input stem with TF-"same" padding, and self-attention
+    whose out_proj the model cannot run factorized) through a local Ray and sqlite MLflow."""
     spec, data = make_spec(mutate=lambda d: (
-        d["models"][0].update(name="mine", factory="tests.jobs.factories:attention_net", kwargs={"width": 16}),
+        d["models"][0].update(name="mine", factory="tests.jobs.factories:attention_net",
+                              kwargs={"width": 16, "in_channels": 1}),
         d["compression"].update(methods=["tucker2"], options={},
                                 layers={"skip_first": False, "pointwise_method": "svd"}),
         d["finetune"].update(epochs=0), d["pretrain"].update(epochs=1)))
@@ -58,7 +62,10 @@ def test_factory_model_end_to_end_with_its_own_padding(make_spec, ray_start_2_cp
     assert v.tags["method"] == "tucker2" and float(v.tags["compression_ratio"]) > 1.2
     mlflow.set_tracking_uri(data["mlflow"]["tracking_uri"])
     model = mlflow.pytorch.load_model(f"models:/lowrank-mine/{v.version}")
-    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 10)  # the stem's own padding kept: 16 -> 8 -> 4
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)  # the stem's own padding kept: 16 -> 8 -> 4
+    run = client.get_run(v.tags["run_id"])
+    assert run.data.params["preprocess.channels"] == "1" and len(json.loads(run.data.params["preprocess.mean"])) == 1
+    assert v.tags["latency_input"].startswith("1x16x16")
     import pyarrow.parquet as pq
 
     table = pq.read_table(client.download_artifacts(v.tags["run_id"], "layers/layers.parquet", str(tmp_path))).to_pydict()

@@ -88,6 +88,38 @@ def test_without_weights_the_data_gives_its_statistics_and_grey_feeds_three_chan
     assert preprocess.resolve(DatasetSpec(kind="fashion-mnist"), None, agreement=True).augment == "none"
 
 
+def test_a_grey_model_is_fed_one_channel_and_colour_is_reduced_to_luminance_for_it(tmp_path, make_spec, capsys):
+    grey = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(1), torch.nn.LazyLinear(10))
+    m = ModelSpec(name="g", factory="tests.jobs.factories:tiny_net", kwargs={"in_channels": 1})
+    p = preprocess.for_model(DatasetSpec(input_size=16), m, grey)
+    assert p.channels == 1 and p.input_shape == (1, 16, 16)
+    train, _, _ = load_dataset(DatasetSpec(input_size=16), 0, p)
+    x = torch.stack([train[i][0] for i in range(64)])
+    assert x.shape[1:] == (1, 16, 16) and abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.15
+    rgb = torch.rand(2, 3, 8, 8)
+    luma = 0.2989 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    assert torch.allclose(preprocess.geometry(rgb, 8, 8, channels=1)[:, 0], luma)
+    assert preprocess.geometry(rgb[:, :1], 8, 8).shape[1] == 3  # grey for an RGB model: repeated
+    folder = _photos(tmp_path / "photos")  # colour photographs for a grey model: one channel, its own statistics
+    spec = DatasetSpec(kind="imagefolder", root=folder, input_size=32, workers=0)
+    train, _, _ = load_dataset(spec, 0, preprocess.resolve(spec, None, channels=1))
+    assert train[0][0].shape == (1, 32, 32)
+    assert preprocess.resolve(DatasetSpec(normalize={"mean": [0.5], "std": [0.25]}), None, channels=1).mean == (0.5,)
+    assert preprocess.resolve(DatasetSpec(), {"crop": 224, "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.2, 0.2)},
+                              channels=1).mean == pytest.approx((0.5,))  # weights' RGB values averaged
+    path, _ = make_spec(mutate=lambda d: (
+        d["models"][0].update(name="g", factory="tests.jobs.factories:tiny_net", kwargs={"in_channels": 1}),
+        d["dataset"].update(normalize={"mean": [0.5, 0.5, 0.5], "std": [0.2]})))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "normalize has 3 values but" in err and "takes 1 channel (grey)" in err
+    path, _ = make_spec(mutate=lambda d: d["models"][0].update(name="g", factory="tests.jobs.factories:tiny_net",
+                                                               kwargs={"in_channels": 1}, channels=3))
+    assert main(["validate", str(path)]) == 2  # told 3 channels, its stem takes 1: the forward says so
+    err = capsys.readouterr().err.strip()
+    assert "cannot run at the data's input size" in err and "set models.channels (1 or 3)" in err
+
+
 @pytest.mark.parametrize("dataset,expected", [
     ({"input_size": 32, "crop": 28}, "crop (28) and input_size (32) are one setting"),
     ({"crop": 64, "resize": 48}, "resize (48) is smaller than the crop (64)"),
