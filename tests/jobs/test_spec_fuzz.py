@@ -78,7 +78,7 @@ def _base_models(folder: Path) -> dict:
     d["compression"] = {"methods": ["tucker2"], "rank": {"strategy": "ratio", "ratio": 2.0}}
     d["dataset"]["input_size"] = 64
     d["models"] = [{"name": "mine", "factory": "tests.jobs.factories:tiny_net", "kwargs": {"width": 8},
-                    "num_classes": 10},
+                    "num_classes": 10, "channels": 3},
                    {"name": "squeezenet1_1", "weights": "IMAGENET1K_V1", "num_classes": 1000}]
     return d
 
