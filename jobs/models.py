@@ -142,6 +142,8 @@ def _first_line(e: Exception) -> str:
 def resolve_factory(path: str):
     """``'package.module:attr.attr'`` -> the callable (ModelError when it cannot be had)."""
     module_name, _, attrs = path.partition(":")
+    with contextlib.suppress(ImportError):  # user code that imports torchvision (or timm) needs its op schemas
+        import_torchvision()
     try:
         obj = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - the user's module: any import failure is the answer

@@ -44,6 +44,19 @@ def test_a_factory_that_cannot_give_a_model_is_one_line_exit_2(make_spec, capsys
     assert expected in _line(capsys)
 
 
+def test_a_factory_from_a_library_that_imports_torchvision_works_in_a_fresh_process(make_spec):
+    """User code importing torchvision (or timm, which does) on this CPU-only torch: the factory
+    is imported after torchvision's op schemas are defined, in a fresh interpreter as a user runs it."""
+    import subprocess
+    import sys
+
+    spec, _ = make_spec(mutate=lambda d: d["models"][0].update(
+        name="tvgrey", factory="torchvision.models:resnet18", kwargs={"num_classes": 10}))
+    out = subprocess.run([sys.executable, "-m", "jobs", "validate", str(spec)], cwd=Path(__file__).parents[2],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "is a valid sweep spec" in out.stdout, out.stderr
+
+
 def test_factory_model_end_to_end_with_its_own_padding(make_spec, ray_start_2_cpus, capsys, tmp_path):
     """A network of the user's code (a grey-input stem with TF-"same" padding, and self-attention
     whose out_proj the model cannot run factorized) through a local Ray and sqlite MLflow."""
