@@ -51,6 +51,22 @@ def _soft(y: torch.Tensor) -> bool:
     return y.is_floating_point() and y.dim() == 2
 
 
+def main_logits(out) -> torch.Tensor:
+    """The main head's logits of a training-mode forward: the output itself, or the first of an
+    auxiliary-head model's outputs (torchvision's GoogLeNet / Inception ``.logits``, a tuple, a
+    ``{"logits": ...}`` dict)."""
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    raise TypeError(f"the model's training-mode forward returned a {type(out).__name__}; accepted: a tensor of "
+                    f"logits, a tuple whose first item is, or an object or dict with 'logits'")
+
+
 def kl_to(logits: torch.Tensor, target_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
     """KL(teacher || student) from both models' logits (nats)."""
     return nn.functional.kl_div(nn.functional.log_softmax(logits.float(), 1),
@@ -88,7 +104,7 @@ def train_epochs(model: nn.Module, dl: DataLoader, *, epochs: int, lr: float, op
                 for m in model.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
-            out = model(x)
+            out = main_logits(model(x))  # auxiliary heads (GoogLeNet's) left out of the loss
             loss = kl_to(out, y) if _soft(y) else nn.functional.cross_entropy(out, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch + 1}")

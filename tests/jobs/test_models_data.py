@@ -1,6 +1,7 @@
 """Your own network and weights, real data: factory models, torchvision weights by name from
 TORCH_HOME, EfficientNet-Lite0's real weights through surgery, the MNIST-family IDX readers."""
 import gzip
+import math
 import json
 from pathlib import Path
 
@@ -233,3 +234,35 @@ def test_an_image_folder_with_train_and_val_is_split_as_it_says(tmp_path):
     Image.new("RGB", (10, 10)).save(tmp_path / "val" / "cat" / "0.png")
     with pytest.raises(DataError, match="train/ and val/ name different classes"):
         load_dataset(DatasetSpec(kind="imagefolder", root=tmp_path, input_size=16, batch_size=3))
+
+
+@pytest.mark.parametrize("wrap", ["googlenet", "tuple", "dict"])
+def test_a_model_with_auxiliary_heads_trains_on_its_main_logits(wrap):
+    """torchvision's GoogLeNet built by a factory keeps its auxiliary heads: in training mode it
+    returns GoogLeNetOutputs(logits, aux2, aux1); other networks return a tuple or a dict."""
+    from torch import nn
+
+    from jobs.train import evaluate, loader, main_logits, train_epochs
+
+    class Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.aux = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                                nn.Flatten(), nn.Linear(8, 10)), nn.Linear(3, 10)
+
+        def forward(self, x):
+            y = self.body(x)
+            if not self.training:
+                return y
+            return (y, self.aux(x.mean((2, 3)))) if wrap == "tuple" else {"logits": y, "aux": self.aux(x.mean((2, 3)))}
+
+    tv = import_torchvision()
+    model = tv.models.googlenet(num_classes=10, aux_logits=True, init_weights=True) if wrap == "googlenet" else Aux()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+    ds = torch.utils.data.TensorDataset(x, y)
+    losses = train_epochs(model, loader(ds, 32, shuffle=True), epochs=2, lr=0.01)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert 0 <= evaluate(model, loader(ds, 32, shuffle=False))["top1"] <= 1
+    with pytest.raises(TypeError, match="accepted: a tensor of logits"):
+        main_logits("not logits")
