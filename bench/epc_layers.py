@@ -11,9 +11,11 @@ and after BatchNorm recalibration.
 Networks: EfficientNet-Lite0 with its real ImageNet weights (its stem is the one conv CP applies to:
 the others are depthwise or 1x1), quality = top-1 agreement and KL(dense || compressed) on
 scikit-image's photographs (no labels needed); the small CNN and ResNet-18 trained here on
-Fashion-MNIST (every conv but the first), quality = top-1 on held-out images.
+Fashion-MNIST (every conv but the first; ResNet-18's 64- and 128-channel stages, as the default sweep), quality =
+top-1 on held-out images.
 
-    .venv/bin/python bench/epc_layers.py --out bench/epc_layers.out.txt     # ~30 min on 2 cores
+    .venv/bin/python bench/epc_layers.py --models efficientnet smallcnn --out bench/epc_layers.out.txt   # ~15 min
+    .venv/bin/python bench/epc_layers.py --models resnet18 --out bench/epc_layers_resnet18.out.txt
 """
 from __future__ import annotations
 
@@ -39,13 +41,16 @@ from jobs.spec import DatasetSpec  # noqa: E402
 from jobs.train import evaluate, loader, recalibrate_bn  # noqa: E402
 
 METHODS = ("cp3", "cp3-epc")
+# ResNet-18: its 64- and 128-channel stages, as the embedded default sweep (EPC at 1,000 sweeps on a 512-channel
+# layer, rank 1141, takes about as long as the whole small CNN)
+LAYERS = {"resnet18": ["layer1.*", "layer2.*"]}
 
 
-def fits(model, ratio: float, epc_sweeps: int, skip_first: bool) -> dict[str, dict[str, lowrank.CPFactors]]:
+def fits(model, ratio: float, epc_sweeps: int, skip_first: bool, include=None) -> dict[str, dict]:
     """layer -> method -> factors, at the rank that makes the layer ``ratio`` x smaller."""
     modules = dict(model.named_modules())
     out = {}
-    for name in lowrank.select_layers(model, "cp3", skip_first=skip_first):
+    for name in lowrank.select_layers(model, "cp3", skip_first=skip_first, include=include):
         if modules[name].groups != 1:  # depthwise: one input channel per group, nothing for CP to share
             continue
         rank = lowrank.RankRule.of("ratio", ratio=ratio).resolve(modules[name], "cp3", groups=1)
@@ -133,7 +138,7 @@ def main() -> None:
                          f"top-1 on {len(val)} held-out images; dense {quality(model)}")
         print(lines[-1], flush=True)
         for ratio in args.ratios:
-            fitted = fits(model, ratio, args.epc_sweeps, skip)
+            fitted = fits(model, ratio, args.epc_sweeps, skip, LAYERS.get(name))
             new = rows(name, model, ratio, fitted, quality, shape, recal)
             lines += new
             print("\n".join(new), flush=True)
