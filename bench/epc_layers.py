@@ -12,15 +12,19 @@ Networks: EfficientNet-Lite0 with its real ImageNet weights (its stem is the one
 the others are depthwise or 1x1), quality = top-1 agreement and KL(dense || compressed) on
 scikit-image's photographs (no labels needed); the small CNN and ResNet-18 trained here on
 Fashion-MNIST (every conv but the first; ResNet-18's 64- and 128-channel stages, as the default sweep), quality =
-top-1 on held-out images.
+top-1 on held-out images. With ``--ft-lrs``, the Fashion-MNIST networks with all those layers
+compressed are then fine-tuned ``--ft-epochs`` epochs at each rate (SGD with momentum, cosine
+schedule, the training augmentation), top-1 after every epoch (bn = after BatchNorm recalibration,
+before any step).
 
     .venv/bin/python bench/epc_layers.py --models efficientnet smallcnn --out bench/epc_layers.out.txt   # ~15 min
     .venv/bin/python bench/epc_layers.py --models resnet18 --out bench/epc_layers_resnet18.out.txt
+    .venv/bin/python bench/epc_layers.py --models resnet18 --ratios 2 --ft-lrs 0.001 0.01 0.05 \
+        --out bench/epc_layers_resnet18_ft.out.txt
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 import time
@@ -36,9 +40,9 @@ from bench.efficientnet_agreement import agreement, views  # noqa: E402
 from bench.epc_shrinkage import pretrained  # noqa: E402
 from examples.pretrained import efficientnet_lite0, write_photos  # noqa: E402
 from jobs.data import load_dataset  # noqa: E402
-from jobs.preprocess import resolve  # noqa: E402
+from jobs.preprocess import Augmented, resolve  # noqa: E402
 from jobs.spec import DatasetSpec  # noqa: E402
-from jobs.train import evaluate, loader, recalibrate_bn  # noqa: E402
+from jobs.train import evaluate, loader, recalibrate_bn, train_epochs  # noqa: E402
 
 METHODS = ("cp3", "cp3-epc")
 # ResNet-18: its 64- and 128-channel stages, as the embedded default sweep (EPC at 1,000 sweeps on a 512-channel
@@ -87,6 +91,23 @@ def rows(label: str, model, ratio: float, fitted: dict, quality, shape, recal) -
     return out
 
 
+def curves(label: str, model, ratio: float, fitted: dict, shape, plain, prep, vdl, lrs, epochs: int) -> list[str]:
+    """Fine-tuning curves of the model with every fitted layer compressed, per rate and method."""
+    out = []
+    for lr in lrs:
+        for method in METHODS:
+            new, _ = lowrank.apply_factors(model, {n: by[method] for n, by in fitted.items()}, input_shape=shape)
+            recalibrate_bn(new, plain, 20)
+            curve = [evaluate(new, vdl)["top1"]]
+            torch.manual_seed(0)
+            train_epochs(new, Augmented(plain, prep.augment, 0), epochs=epochs, lr=lr,
+                         on_epoch=lambda e, loss, new=new: curve.append(evaluate(new, vdl)["top1"]))
+            drop = max(0.0, *(a - b for a, b in zip(curve, curve[1:])))
+            out.append(f"{label:<10} {ratio:>4g} fine-tuned at lr {lr:<6g} {method:<8} bn {curve[0]:.3f} -> "
+                       + " ".join(f"{v:.3f}" for v in curve[1:]) + f"  (worst fall {drop:.3f})")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["efficientnet", "smallcnn", "resnet18"])
@@ -94,6 +115,8 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=12000)
     ap.add_argument("--epochs", type=int, default=15, help="pre-training epochs on Fashion-MNIST")
     ap.add_argument("--epc-sweeps", type=int, default=1000)
+    ap.add_argument("--ft-lrs", nargs="*", type=float, default=[], help="fine-tuning rates (Fashion-MNIST networks)")
+    ap.add_argument("--ft-epochs", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "epc_layers.out.txt"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -140,6 +163,8 @@ def main() -> None:
         for ratio in args.ratios:
             fitted = fits(model, ratio, args.epc_sweeps, skip, LAYERS.get(name))
             new = rows(name, model, ratio, fitted, quality, shape, recal)
+            if args.ft_lrs and name != "efficientnet":
+                new += curves(name, model, ratio, fitted, shape, plain, prep, vdl, args.ft_lrs, args.ft_epochs)
             lines += new
             print("\n".join(new), flush=True)
         lines.append(f"# {name}: {time.perf_counter() - t0:.0f} s")
