@@ -11,6 +11,15 @@ def quality(figures: dict) -> str:
     return "agree" if "kl" in figures else "acc"
 
 
+def chance_note(acc: dict, num_classes: int, source: str) -> str:
+    """A warning for a model trained here that is no better than guessing: top-1 at most 1.2x the
+    chance level of its ``num_classes`` outputs (agreement figures and given weights: none)."""
+    if "kl" in acc or source not in ("trained", "cache") or acc["top1"] > 1.2 / num_classes:
+        return ""
+    return (f" (no better than chance, 1/{num_classes}: pre-training did not learn; "
+            f"check pretrain.lr and epochs, or give a checkpoint)")
+
+
 def clipped(text: str, n: int) -> str:
     """``text`` cut to at most ``n`` characters at a word boundary, '...' marking the cut."""
     if len(text) <= n:

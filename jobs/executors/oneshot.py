@@ -23,10 +23,11 @@ def run_oneshot(session, configs: list) -> None:
             session.fail(key if kind == "base" else key.label, out)
         elif kind == "base":
             bases[key] = out
+            cfgs = by_model[key]
             say(f"{key}: baseline ready ({out.source}, {out.train_seconds:.1f}s) "
                 f"{report.quality(out.acc)}_pre {out.acc['top1']:.3f}, "
-                f"{out.params / 1e6:.2f}M params, {out.macs / 1e6:.1f}M MACs")
-            cfgs = by_model[key]
+                f"{out.params / 1e6:.2f}M params, {out.macs / 1e6:.1f}M MACs"
+                + report.chance_note(out.acc, cfgs[0].model.spec.num_classes, out.source))
             env = session.env(cfgs[0])
             model = env.build(out.state_dict)
             base_ref = session.put(out.state_dict)

@@ -17,7 +17,8 @@ def run_staged(session, configs: list) -> None:
         elif kind == "base":
             bases[key] = out
             say(f"{key}: baseline ready ({out.source}) "
-                f"{report.quality(out.acc)}_pre {out.acc['top1']:.3f}")
+                f"{report.quality(out.acc)}_pre {out.acc['top1']:.3f}"
+                + report.chance_note(out.acc, by_model[key][0].model.spec.num_classes, out.source))
             base_ref = session.put(out.state_dict)
             for cfg in by_model[key]:
                 session.submit(multistage_task, session.env(cfg), base_ref, spec.finetune, cfg.stages,

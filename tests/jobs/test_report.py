@@ -33,3 +33,13 @@ def test_summary_marks_the_candidate():
     row.update(speedup_b1=1.37, timed_on="onnxruntime 3x32x32")
     text = format_summary([row])
     assert "   1.37 " in text and text.endswith("batch 1, one thread, on onnxruntime 3x32x32)")
+
+
+def test_a_model_trained_here_no_better_than_chance_is_named_in_the_progress_line():
+    from jobs.report import chance_note
+
+    assert "no better than chance, 1/10" in chance_note({"top1": 0.087}, 10, "trained")
+    assert "pre-training did not learn" in chance_note({"top1": 0.119}, 10, "cache")
+    assert chance_note({"top1": 0.13}, 10, "trained") == ""  # above 1.2x chance
+    assert chance_note({"top1": 0.05}, 10, "weights") == ""  # given weights: not ours to judge by labels
+    assert chance_note({"top1": 0.05, "kl": 2.0}, 10, "trained") == ""  # agreement, not accuracy
