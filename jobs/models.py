@@ -293,14 +293,3 @@ def reference_preprocessing(m, model: nn.Module | None = None) -> dict | None:
     pct = float(cfg.get("crop_pct") or 1.0)
     return {"crop": crop, "resize": int(math.floor(crop / pct)) if crop else None,
             "mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"])}
-
-
-def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    """The first ``nn.Conv2d`` a model holds (definition order): what its input usually meets."""
-    return next(((n, c) for n, c in model.named_modules() if isinstance(c, nn.Conv2d)), None)
-
-
-def input_channels(model: nn.Module) -> int | None:
-    """The channels a model's input has: its first conv's ``in_channels`` (None without a conv)."""
-    first = first_conv(model)
-    return None if first is None else first[1].in_channels

@@ -10,7 +10,7 @@ import lowrank
 
 from . import preprocess
 from .data import check_sample, load_dataset
-from .models import build, first_conv, load_checkpoint
+from .models import build, load_checkpoint
 from .plan import Config, plan_sweep, select
 from .spec import SpecError, SweepSpec, check_local_paths
 from .store import check_reachable, check_tracking_uri
@@ -97,9 +97,10 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
 
 def _check_channels(spec: SweepSpec, m, model, where: str) -> None:
     """A model takes grey or RGB input; a spec's normalisation has a value per channel it is fed."""
-    first = first_conv(model)
-    if m.channels is None and first is not None and first[1].in_channels not in preprocess.CHANNELS:
-        raise SpecError(f"{where}: {type(model).__name__}'s first conv {first[0]!r} takes {first[1].in_channels} "
+    first = lowrank.first_conv(model)
+    taken = model.get_submodule(first).in_channels if first is not None else 3
+    if m.channels is None and taken not in preprocess.CHANNELS:
+        raise SpecError(f"{where}: {type(model).__name__}'s first conv {first!r} takes {taken} "
                         f"input channels; accepted: 1 (grey) or 3 (RGB), or models.channels where that conv is not "
                         f"the model's input")
     channels = preprocess.model_channels(m, model)

@@ -5,7 +5,7 @@ Precedence, per setting: the spec (``dataset.input_size``/``crop``, ``resize``, 
 ``augment``), then the model's pretrained weights (torchvision's weights transforms, a timm-style
 ``pretrained_cfg``), then the data: the crop defaults to 32 px and mean/std to the training
 split's own statistics (``with_stats``, filled in when the data is loaded). Channels: the
-model's (``models.input_channels``: its first conv's, or ``models[].channels``); grey images are
+model's (its first conv's ``in_channels``, or ``models[].channels``); grey images are
 repeated for an RGB model, colour images reduced to luminance for a grey one.
 """
 from __future__ import annotations
@@ -15,7 +15,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .models import input_channels, reference_preprocessing
+import lowrank
+
+from .models import reference_preprocessing
 from .spec import DatasetSpec, ModelSpec
 
 DEFAULT_CROP = 32
@@ -91,7 +93,8 @@ def model_channels(m: ModelSpec, model=None) -> int:
     neither 1 nor 3: pre-flight refuses such a model with the reason)."""
     if m.channels is not None:
         return m.channels
-    c = input_channels(model) if model is not None else None
+    first = lowrank.first_conv(model) if model is not None else None
+    c = model.get_submodule(first).in_channels if first is not None else 3
     return c if c in CHANNELS else 3
 
 

@@ -20,14 +20,6 @@ def chance_note(acc: dict, num_classes: int, source: str) -> str:
             f"check pretrain.lr and epochs, or give a checkpoint)")
 
 
-def clipped(text: str, n: int) -> str:
-    """``text`` cut to at most ``n`` characters at a word boundary, '...' marking the cut."""
-    if len(text) <= n:
-        return text
-    cut = text[:n - 3].rsplit(" ", 1)[0]
-    return cut.rstrip(" ,;:(") + "..."
-
-
 def metric_name(key: str, q: str) -> str:
     """``acc_*`` named as what it measures (``agree_*`` under evaluation by agreement)."""
     return q + key[3:] if key.startswith("acc_") else key

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import textwrap
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -330,5 +331,5 @@ class Session:
         self.say(f"{cfg.label}: {q} post {result.acc_post['top1']:.3f} ft {result.acc_ft['top1']:.3f}, "
                  f"{base['params'] / result.params:.2f}x params -> {cfg.registered_name} v{version}"
                  + (f" ({len(bad)} layer(s) left dense, first {bad[0]['name']}: "
-                    f"{report.clipped(bad[0]['reason'], 100)})" if bad else ""))
+                    f"{textwrap.shorten(bad[0]['reason'], 100, placeholder='...')})" if bad else ""))
         return True

@@ -17,14 +17,14 @@ from .factors import CPFactors, SpatialSVDFactors, SVDFactors, Tucker2Factors, f
 from .layers import FactorizedConv2d, FactorizedLinear
 from .ranks import RankRule, select_rank
 from .registry import METHODS, KernelShape, get_method, list_methods, register_method
-from .surgery import (LayerPlan, LayerReport, apply_factors, compress_model, plan_layers, replace_submodule,
-                      select_layers, summarize)
+from .surgery import (LayerPlan, LayerReport, apply_factors, compress_model, first_conv, plan_layers,
+                      replace_submodule, select_layers, summarize)
 from .vbmf import evbmf
 from .verify import check_replacement, model_fails, own_forward, replacement_prefix
 
 __all__ = [
     "decompose", "factorize_layer", "compress_model", "select_rank", "evbmf", "count", "cp_diagnostics",
-    "factorize_with_factors", "apply_factors", "select_layers", "replace_submodule", "LayerPlan", "RankRule",
+    "factorize_with_factors", "apply_factors", "select_layers", "first_conv", "replace_submodule", "LayerPlan", "RankRule",
     "per_layer_macs", "layer_input_shapes", "relative_error", "plan_layers", "summarize", "LayerReport",
     "LowRankError", "RankTooLargeError", "LeftDense", "NoStructureError", "UnsupportedLayerError", "KernelShape",
     "SVDFactors", "SpatialSVDFactors", "factors_to", "Tucker2Factors", "CPFactors", "FactorizedConv2d",

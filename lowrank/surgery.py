@@ -203,6 +203,12 @@ def _compress_one(model, name, module, method, rank, options, in_shape, on_error
     rep.diagnostics = dict(getattr(factors, "diagnostics", {}) or {})
 
 
+def first_conv(model: nn.Module) -> str | None:
+    """The qualified name of the first ``nn.Conv2d`` a model holds (definition order): the conv its
+    input usually meets (None without one)."""
+    return next((n for n, mod in model.named_modules() if isinstance(mod, nn.Conv2d)), None)
+
+
 def select_layers(model: nn.Module, method: str, *, include=None, exclude=None, skip_first: bool = True,
                   pointwise_method: str | None = None) -> dict[str, str]:
     """``{qualified name: method}`` for every layer ``method`` applies to, in model order.
@@ -214,11 +220,11 @@ def select_layers(model: nn.Module, method: str, *, include=None, exclude=None, 
     m = get_method(method)
     pw = get_method(pointwise_method) if pointwise_method else None
     chosen: dict[str, str] = {}
-    first_conv = next((n for n, mod in model.named_modules() if isinstance(mod, nn.Conv2d)), None)
+    first = first_conv(model)
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Conv2d, nn.Linear)):
             continue
-        if skip_first and name == first_conv:
+        if skip_first and name == first:
             continue
         if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
