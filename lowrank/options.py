@@ -31,7 +31,7 @@ class Tucker2Options:
 
 @dataclass(frozen=True)
 class CPOptions:
-    init: str = _opt("svd", choices=("svd", "random"))
+    init: str = _opt("svd", choices=("svd", "random", "slices"))  # lowrank.decompositions.cp_init.INITS
     seed: int = _opt(0, min=0)
     n_iter_max: int = _opt(500, min=1)  # ALS sweeps
     tol: float = _opt(1e-8, min=0.0)  # change of the relative error that stops ALS

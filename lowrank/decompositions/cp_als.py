@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._common import leading_left_singular_vectors
+from .cp_init import init_factors
 from .cp_sweep import (LS_FIRST_POWER, Sweep, gram_product, khatri_rao, ls_schedule, model_norm2, rebalance,
                        solve_normal)
 
@@ -59,37 +59,12 @@ class SweepEngine:
         return float(inner[0])
 
 
-def init_factors(x: torch.Tensor, rank: int, init: str = "svd", seed: int = 0) -> list[torch.Tensor]:
-    """``'svd'``: leading left singular vectors of each unfolding (random columns where the rank
-    exceeds the mode size); ``'random'``: standard normal. Seeded, so deterministic."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    out = []
-    for n, size in enumerate(x.shape):
-        if init == "random":
-            f = torch.randn(size, rank, generator=gen, dtype=x.dtype)
-        elif init == "svd":
-            unf = x.movedim(n, 0).reshape(size, -1)
-            k = min(rank, size)
-            u = leading_left_singular_vectors(unf, k).cpu()
-            if rank > k:
-                u = torch.cat([u, torch.randn(size, rank - k, generator=gen, dtype=x.dtype)], dim=1)
-            f = u
-        else:
-            raise ValueError(f"unknown init {init!r}; accepted: 'svd', 'random'")
-        out.append(f.to(x.device))
-    if init == "random":  # scale so that the initial model has the data's norm
-        model = reconstruct(out)
-        s = (x.norm() / model.norm().clamp_min(1e-300)) ** (1.0 / len(out))
-        out = [f * s for f in out]
-    return out
-
-
 def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max: int = 500, tol: float = 1e-8,
            callback: Callable | None = None, linesearch: bool = False,
            stop_at: float | None = None) -> tuple[list[torch.Tensor], list[float]]:
     """Fit a rank-``rank`` CP model to ``x`` by ALS.
 
-    ``init``: ``'svd'``, ``'random'`` or a list of initial factors. Stops when the relative
+    ``init``: ``'svd'``, ``'random'``, ``'slices'`` (``cp_init.INITS``) or a list of initial factors. Stops when the relative
     error changes by less than ``tol`` (absolute difference, as tensorly), falls to ``stop_at``,
     or after ``n_iter_max`` sweeps. ``linesearch``: after each sweep, try the extrapolation
     ``A_prev + s (A - A_prev)`` (Bro 1998; ``s = it^(1/p)``, ``p`` from 2 and one more after
