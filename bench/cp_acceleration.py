@@ -1,4 +1,5 @@
-"""Sweeps to tensorly's error: Bro's line search against Anderson acceleration and Nesterov momentum.
+"""Sweeps to tensorly's error: Bro's line search against exact line search, Anderson acceleration,
+Nesterov momentum, and line search from the ``slices`` start.
 
 The question behind it: can an acceleration of the ALS map reach a given error in fewer sweeps than
 the line search ``cp_als(linesearch=True)`` uses? For ResNet-18's 64- and 128-channel 3x3 convs as
@@ -9,7 +10,13 @@ tensorly's error after its sweeps of ``bench/cp_equal_error.py``, from the same 
 * ``nesterov``: ``A + beta (A - A_prev)`` after every sweep, ``beta = k / (k + 3)``, restarted
   (``k = 0``) when the step would raise the error (Mitchell, Ye, De Sterck 2020, in spirit);
 * ``anderson m``: type-II Anderson acceleration of the sweep map over the last ``m`` iterates
-  (Tikhonov-regularised least squares), the mixed point kept only when it lowers the error.
+  (Tikhonov-regularised least squares), the mixed point kept only when it lowers the error;
+* ``els``: exact line search along the sweep's direction (Rajih, Comon, Harshman 2008): the squared
+  error at ``A_prev + t (A - A_prev)`` (every factor) is a polynomial of degree 6 in ``t``,
+  interpolated here from 13 exact evaluations, and ``t`` is its global minimiser (``t = 1`` is
+  the sweep's own point, so the step never does worse than plain ALS);
+* ``ls slices``: ``ls`` from the ``slices`` start (``lowrank.decompositions.cp_init``) instead of
+  the shared SVD start.
 
 Every trial point is checked as line search checks its own (``SweepEngine.evaluate``: the next
 sweep's first GEMM gives ``<X, X_hat>``, reused when the point is taken). Sweeps counted, not seconds.
@@ -23,6 +30,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cp_speed import tensorly_fit  # noqa: E402
 from lowrank.allocator import tune_allocator  # noqa: E402
-from lowrank.decompositions.cp_als import SweepEngine, cp_als, init_factors  # noqa: E402
+from lowrank.decompositions.cp_als import SweepEngine, cp_als, init_factors, reconstruct  # noqa: E402
 from lowrank.decompositions.cp_sweep import solve_normal  # noqa: E402
 
 ITERS = {64: 200, 128: 100}
@@ -109,13 +117,35 @@ def anderson(x, init, target, cap, m: int, reg: float = 1e-10) -> int:
     return cap
 
 
+def exact_line_search(x, init, target, cap) -> int:
+    fit, ts = Fit(x, init), np.linspace(-2.0, 6.0, 13)
+    for it in range(1, cap + 1):
+        before = [f.clone() for f in fit.factors]
+        err = fit.sweep()
+        if it > 1:
+            d = [a - b for a, b in zip(fit.factors, before)]
+            vals = [float(((x - reconstruct([b + t * e for b, e in zip(before, d)])) ** 2).sum()) for t in ts]
+            poly = np.polyfit(ts, vals, 6)
+            crit = [r.real for r in np.roots(np.polyder(poly)) if abs(r.imag) < 1e-9] + [1.0]
+            t = min(crit, key=lambda c: np.polyval(poly, c))
+            err, _ = fit.try_point([b + t * e for b, e in zip(before, d)], err)
+        if err <= target:
+            return it
+    return cap
+
+
+def line_search_from_slices(x, init, target, cap) -> int:
+    return line_search(x, init_factors(x, init[0].shape[1], "slices"), target, cap)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     tune_allocator()
     methods = {"ls": line_search, "nesterov": nesterov, **{f"anderson {m}": (lambda *a, m=m: anderson(*a, m=m))
-                                                             for m in (3, 5, 10)}}
+                                                             for m in (3, 5, 10)},
+               "els": exact_line_search, "ls slices": line_search_from_slices}
     lines = ["# bench/cp_acceleration.py: sweeps to reach tensorly's error from the same start (float64, cap 4x "
              "tensorly's sweeps)",
              f"{'tensor':<10} {'ratio':>5} {'rank':>5} {'tl it':>5} {'tl err':>8} " + " ".join(f"{k:>11}" for k in methods)]
