@@ -21,7 +21,7 @@ tensorly's error after its sweeps of ``bench/cp_equal_error.py``, from the same 
 Every trial point is checked as line search checks its own (``SweepEngine.evaluate``: the next
 sweep's first GEMM gives ``<X, X_hat>``, reused when the point is taken). Sweeps counted, not seconds.
 
-    .venv/bin/python bench/cp_acceleration.py [--out bench/cp_acceleration.out.txt]   # ~1 min
+    .venv/bin/python bench/cp_acceleration.py [--out bench/cp_acceleration.out.txt]   # ~3 min
 """
 from __future__ import annotations
 
