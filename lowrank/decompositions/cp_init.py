@@ -3,16 +3,17 @@
 A tensor is viewed as ``(I0, I1, K_1, ..., K_q)``: two channel modes and small spatial modes.
 
 ``slices`` is the best rank-``R`` CP model whose spatial factors are restricted to the left
-singular vectors ``c_1..c_K`` of the spatial unfolding (``K = prod K_m``). Rotating the spatial
-mode onto them, ``X = sum_j M_j o c_j`` with ``I0 x I1`` slices ``M_j``; the ``c_j`` are
-orthonormal, so the error of a model ``sum_j N_j o c_j`` splits as ``sum_j ||M_j - N_j||^2``, and
-a CP model of rank ``R`` gives each slice some rank ``r_j`` with ``sum_j r_j = R``. By Eckart-Young,
-per slice, and since each slice's singular values decrease, the optimum keeps the ``R`` largest
-singular values ``s_{j,i}`` over all slices: component ``(j, i)`` is ``(s u_{j,i}, v_{j,i}, c_j)``.
-Its error is ``sqrt(sum of the dropped s^2) / ||X||``. For ``q > 1`` spatial modes each ``c_j`` is
-then replaced by its best rank-one approximation (leading singular vectors of its unfoldings),
-which is no longer optimal but stays a close start. Where ``R`` exceeds the ``K * min(I0, I1)``
-candidate terms, the rest are small random columns.
+singular vectors of the spatial modes' unfoldings (``P_m``, ``K_m x K_m``, one per spatial mode).
+The products ``c_j = p_{a_1} o .. o p_{a_q}`` (``j = (a_1, .., a_q)``, ``K = prod K_m`` of them)
+are orthonormal, so rotating every spatial mode onto its basis gives ``X = sum_j M_j o c_j`` with
+``I0 x I1`` slices ``M_j``, and the error of a model ``sum_j N_j o c_j`` splits as
+``sum_j ||M_j - N_j||^2``. A CP model of rank ``R`` of that kind gives each slice some rank ``r_j``
+with ``sum_j r_j = R``; by Eckart-Young per slice, and since each slice's singular values
+decrease, the optimum keeps the ``R`` largest singular values ``s_{j,i}`` over all slices:
+component ``(j, i)`` is ``(sqrt(s) u_{j,i}, sqrt(s) v_{j,i}, p_{a_1}, .., p_{a_q})``, and its error is
+``sqrt(sum of the dropped s^2) / ||X||``. For ``cp3`` (one spatial mode of ``kh*kw``) the ``c_j``
+are the singular vectors of that mode; for ``cp4`` they are rank-one ``kh x kw`` by construction.
+Where ``R`` exceeds the ``K * min(I0, I1)`` candidate terms, the rest are small random columns.
 """
 from __future__ import annotations
 
@@ -49,43 +50,27 @@ def random_init(x: torch.Tensor, rank: int, seed: int = 0) -> list[torch.Tensor]
     return [f * s for f in out]
 
 
-def _rank_one(c: torch.Tensor, small: tuple[int, ...]) -> list[torch.Tensor]:
-    """Columns ``c`` ``(K, R)`` as rank-one tensors of shape ``small``: one ``(K_m, R)`` factor per
-    mode, leading singular vectors of each unfolding, the first scaled by ``<c, u_1 o .. o u_q>``."""
-    if len(small) == 1:
-        return [c]
-    t = c.T.reshape(-1, *small)  # (R, K_1, .., K_q)
-    vecs = []
-    for m in range(len(small)):
-        unf = t.movedim(m + 1, 1).reshape(t.shape[0], small[m], -1)
-        u, _, _ = torch.linalg.svd(unf, full_matrices=False)
-        vecs.append(u[:, :, 0])  # (R, K_m)
-    proj = t
-    for v in vecs:  # contract each mode with its vector: the scale of the rank-one term
-        proj = torch.einsum("rk...,rk->r...", proj, v)
-    return [(vecs[0] * proj.unsqueeze(1)).T] + [v.T for v in vecs[1:]]
-
-
 def slices_init(x: torch.Tensor, rank: int, seed: int = 0) -> list[torch.Tensor]:
-    """The best CP model on the spatial singular vectors (module docstring): a spatial SVD,
-    then an SVD of each rotated ``I0 x I1`` slice, keeping the ``rank`` largest terms."""
+    """The best CP model on the spatial modes' singular vectors (module docstring): an orthonormal
+    basis per spatial mode, an SVD of each rotated ``I0 x I1`` slice, the ``rank`` largest terms."""
     i0, i1, *small = x.shape
-    k = math.prod(small)
-    flat = x.reshape(i0 * i1, k)
-    _, c = torch.linalg.eigh(flat.T @ flat)  # (K, K), ascending
-    c = c.flip(-1)
-    slices = (flat @ c).T.reshape(k, i0, i1)  # M_j = X x_s c_j
+    bases = [torch.linalg.svd(x.movedim(2 + m, 0).reshape(k, -1), full_matrices=False)[0] for m, k in enumerate(small)]
+    core = x
+    for m, u in enumerate(bases):  # rotate spatial mode m onto its basis
+        core = torch.tensordot(core, u, dims=([2], [0]))  # the rotated mode moves to the end
+    slices = core.reshape(i0, i1, -1).permute(2, 0, 1)  # (K, I0, I1), slice j = multi-index (a_1, .., a_q)
     u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # (K, I0, m), (K, m), (K, m, I1)
     m = s.shape[1]
-    keep = torch.argsort(s.flatten(), descending=True)[: min(rank, k * m)]
+    keep = torch.argsort(s.flatten(), descending=True)[: min(rank, s.numel())]
     j, i = keep // m, keep % m
-    scale = s[j, i].clamp_min(0)
-    a = u[j, :, i].T * scale.sqrt()
-    b = vh[j, i, :].T * scale.sqrt()
-    factors = [a, b, *_rank_one(c[:, j], tuple(small))]
+    scale = s[j, i].clamp_min(0).sqrt()
+    factors = [u[j, :, i].T * scale, vh[j, i, :].T * scale]
+    sizes = [b.shape[1] for b in bases]
+    for n, basis in enumerate(bases):  # slice j's vector in spatial mode n
+        factors.append(basis[:, (j // math.prod(sizes[n + 1:])) % sizes[n]])
     if rank > keep.numel():  # more components than candidate terms: small random ones
         gen, extra = _generator(seed), rank - keep.numel()
-        tiny = 1e-3 * float(scale.min() if scale.numel() else x.norm()) ** (1.0 / len(factors))
+        tiny = 1e-3 * float(s[j, i].min() if keep.numel() else x.norm()) ** (1.0 / len(factors))
         factors = [torch.cat([f, tiny * torch.randn(f.shape[0], extra, generator=gen, dtype=x.dtype).to(x.device)], 1)
                    for f in factors]
     return factors

@@ -42,20 +42,25 @@ def test_slices_recovers_low_rank_slices_on_orthonormal_spatial_vectors():
     assert _rel(x, init_factors(x, sum(ranks), "svd")) > 1  # the svd start's random columns
 
 
-def test_slices_is_the_best_model_on_the_spatial_singular_vectors():
+@pytest.mark.parametrize("shape", [(12, 10, 9), (12, 10, 3, 3), (9, 7, 2, 3)])
+def test_slices_is_the_best_model_on_the_spatial_singular_vectors(shape):
     """Its error is that of keeping the R largest singular values over all rotated slices (numpy,
     independently), and no other split of the rank across the slices does better."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(12, 10, 9, generator=g, dtype=torch.float64) * torch.linspace(1, 0.1, 9, dtype=torch.float64)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.linspace(1, 0.1, shape[-1], dtype=torch.float64)
     rank = 17
-    xn = x.numpy()
-    u, _, _ = np.linalg.svd(xn.reshape(-1, 9).T)  # spatial singular vectors (9 x 9)
-    sv = np.stack([np.linalg.svd(np.einsum("abk,k->ab", xn, u[:, j]), compute_uv=False) for j in range(9)])
-    total = float((xn ** 2).sum())
-    best = math.sqrt(total - np.sort(sv.ravel())[::-1][:rank].__pow__(2).sum()) / math.sqrt(total)
+    core = x.numpy()
+    for m in range(2, len(shape)):  # rotate every spatial mode onto its left singular vectors
+        u = np.linalg.svd(np.moveaxis(x.numpy(), m, 0).reshape(shape[m], -1))[0]
+        core = np.moveaxis(np.tensordot(core, u, axes=([m], [0])), -1, m)
+    slices = np.moveaxis(core.reshape(shape[0], shape[1], -1), -1, 0)
+    sv = np.stack([np.linalg.svd(sl, compute_uv=False) for sl in slices])
+    total = float((core ** 2).sum())
+    assert total == pytest.approx(float((x ** 2).sum()), rel=1e-12)  # an orthonormal rotation
+    best = math.sqrt(total - (np.sort(sv.ravel())[::-1][:rank] ** 2).sum()) / math.sqrt(total)
     err = _rel(x, init_factors(x, rank, "slices"))
     assert err == pytest.approx(best, rel=1e-9)
-    even = [2] * 8 + [1]  # the same rank spread evenly over the slices
+    even = [rank // len(sv) + (j < rank % len(sv)) for j in range(len(sv))]  # the same rank spread evenly
     assert err < math.sqrt(total - sum((sv[j, :r] ** 2).sum() for j, r in enumerate(even))) / math.sqrt(total)
 
 
