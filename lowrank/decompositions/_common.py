@@ -21,9 +21,9 @@ def fix_signs(u: torch.Tensor, *others: torch.Tensor):
 
 def leading_left_singular_vectors(x: torch.Tensor, r: int) -> torch.Tensor:
     """Top-``r`` left singular vectors of a matrix ``x`` (columns orthonormal, signs fixed)."""
-    if x.shape[0] < x.shape[1] and r < x.shape[0]:
+    if x.shape[0] < x.shape[1] and r <= x.shape[0]:
         # wide matrix: the leading eigenvectors of the small Gram matrix X X^T span the same
-        # subspace and cost one GEMM plus a (rows x rows) eigendecomposition
+        # subspace and cost one GEMM plus a (rows x rows) eigendecomposition, the whole basis too
         _, v = torch.linalg.eigh(x @ x.T)
         u = v.flip(-1)
     else:

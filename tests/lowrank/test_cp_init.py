@@ -85,6 +85,21 @@ def test_slices_with_more_components_than_terms_is_exact_and_finite():
     assert errors[-1] < 1e-3 and all(math.isfinite(e) for e in errors)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_slices_keeps_no_zero_terms_of_rank_deficient_slices(dtype):
+    """Slices of rank 3 and 2 (5 terms) asked for 9 components: the 4 beyond are small random
+    columns, not the zero singular values of the slices, which would give zero columns."""
+    g = torch.Generator().manual_seed(3)
+    c = _orthonormal(9, g)
+    x = sum(m[:, :, None] * c[:, j] for j, m in enumerate(_slices([3, 2], 12, 10, g))).to(dtype)
+    factors = init_factors(x, 9, "slices")
+    for f in factors:  # every column well away from zero, the normal equations well posed
+        assert f.dtype == dtype and float(f.norm(dim=0).min()) > 1e-6 * float(f.norm(dim=0).max())
+    assert _rel(x, factors) < (1e-6 if dtype == torch.float64 else 1e-3)
+    _, errors = cp_als(x, 9, init=factors, n_iter_max=5)
+    assert all(math.isfinite(e) for e in errors)
+
+
 def test_slices_through_the_library_and_the_option_check():
     w = torch.randn(16, 12, 3, 3)
     for method in ("cp3", "cp4"):
