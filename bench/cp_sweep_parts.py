@@ -5,9 +5,13 @@ the rank that makes the layer 2x smaller, in float32 (the fastest of ``bench/cp_
 settings, with line search): a sweep's time, and the share of it spent in the three Cholesky
 factorisations and solves of the ``R x R`` normal equations and in the large GEMMs with their
 contractions over the spatial modes, timed where the sweep calls them. (What malloc's page
-faults cost, ours and tensorly's: ``bench/allocator.py``.)
+faults cost, ours and tensorly's: ``bench/allocator.py``.) Last, for 64-512 channels in float32
+and float64: a sweep's time with the normal equations solved by ``torch.linalg.cholesky_ex`` and
+``cholesky_solve`` against LAPACK's ``potrf``/``potrs`` called directly
+(``lowrank/decompositions/_lapack.py``), interleaved, best of three, and the share of
+``cholesky_ex``'s time that its ``tril_`` takes (torch's profiler, 20 factorisations).
 
-    .venv/bin/python bench/cp_sweep_parts.py --out bench/cp_sweep_parts.out.txt   # ~1 min
+    .venv/bin/python bench/cp_sweep_parts.py --out bench/cp_sweep_parts.out.txt   # ~3 min
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lowrank.allocator import allocator_note, tune_allocator  # noqa: E402
+from lowrank.decompositions import _lapack, cp_sweep  # noqa: E402
 from lowrank.decompositions.cp_als import cp_als, init_factors  # noqa: E402
 
 
@@ -78,6 +83,37 @@ def rates(c: int, r: int, repeats: int = 200) -> tuple[float, float, float]:
     return tuple(out)
 
 
+def solve_paths(x, rank: int, init, sweeps: int) -> tuple[float, float]:
+    """Microseconds per sweep (line search) with torch's Cholesky and with LAPACK's direct, each
+    the best of three fits, the two interleaved."""
+    best = {"torch": float("inf"), "direct": float("inf")}
+    paths = {"torch": _lapack._torch_solve, "direct": _lapack.cholesky_solve_right}
+    try:
+        for _ in range(3):
+            for name, fn in paths.items():
+                cp_sweep.cholesky_solve_right = fn
+                t = time.perf_counter()
+                cp_als(x, rank, init=init, n_iter_max=sweeps, tol=-1, linesearch=True)
+                best[name] = min(best[name], (time.perf_counter() - t) / sweeps * 1e6)
+    finally:
+        cp_sweep.cholesky_solve_right = paths["direct"]
+    return best["torch"], best["direct"]
+
+
+def tril_share(rank: int, dtype: torch.dtype) -> float:
+    """The share of ``torch.linalg.cholesky_ex``'s time in its ``tril`` (profiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(1, rank, 2 * rank, dtype=dtype) / math.sqrt(2 * rank)
+    gamma = a @ a.mT + 0.1 * torch.eye(rank, dtype=dtype)
+    torch.linalg.cholesky_ex(gamma)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            torch.linalg.cholesky_ex(gamma)
+    spent = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    return spent.get("aten::tril", 0.0) / max(sum(spent.values()), 1e-9)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -101,6 +137,18 @@ def main() -> None:
         r = (c * c * 9) // (2 * (2 * c + 9))
         lines.append(f"{f'{c}x{c}x9':<10} {r:>5} " + " ".join(f"{v:>{w}.0f}" for v, w in zip(rates(c, r), (9, 6, 6))))
         print(lines[-1], flush=True)
+    lines.append(f"# a sweep (line search), us: the normal equations by torch.linalg against {_lapack.lapack_note()}")
+    lines.append(f"{'tensor':<10} {'rank':>5} {'dtype':>7} {'torch us':>9} {'direct us':>9} {'x':>5} {'tril in chol':>12}")
+    for c in (64, 128, 256, 512):
+        g = torch.Generator().manual_seed(c)
+        x = torch.randn(c, c, 9, generator=g, dtype=torch.float64) * math.sqrt(2 / (c * 9))
+        r = (c * c * 9) // (2 * (2 * c + 9))
+        init = init_factors(x, r, "svd", seed=0)
+        for dtype in (torch.float32, torch.float64):
+            t_torch, t_direct = solve_paths(x.to(dtype), r, [f.to(dtype) for f in init], max(4, 1280 // c))
+            lines.append(f"{f'{c}x{c}x9':<10} {r:>5} {str(dtype)[6:]:>7} {t_torch:>9.0f} {t_direct:>9.0f} "
+                         f"{t_torch / t_direct:>5.2f} {tril_share(r, dtype):>12.0%}")
+            print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

@@ -24,18 +24,18 @@ from collections.abc import Callable
 
 import torch
 
+from ._lapack import cholesky_solve_right
+
 
 def solve_normal(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """``G Gamma^{-1}`` (``Gamma`` symmetric PSD) for one problem, ``(I, R)`` and ``(R, R)``, or a
-    batch, ``(B, I, R)`` and ``(B, R, R)``: Cholesky, the pseudo-inverse where ``Gamma`` is singular."""
-    chol, info = torch.linalg.cholesky_ex(gamma)
-    out = torch.cholesky_solve(g.mT, chol).mT
-    bad = (info != 0).reshape(-1)
+    batch, ``(B, I, R)`` and ``(B, R, R)``: Cholesky (``_lapack``), the pseudo-inverse where
+    ``Gamma`` is singular."""
+    flat_g, flat_gamma = g.reshape(-1, *g.shape[-2:]), gamma.reshape(-1, *gamma.shape[-2:])
+    out, bad = cholesky_solve_right(flat_g, flat_gamma)
     if bool(bad.any()):
-        flat_g, flat_gamma, flat_out = (t.reshape(-1, *t.shape[-2:]) for t in (g, gamma, out))
-        flat_out[bad] = flat_g[bad] @ torch.linalg.pinv(flat_gamma[bad], hermitian=True)
-        out = flat_out.reshape(out.shape)
-    return out
+        out[bad] = flat_g[bad] @ torch.linalg.pinv(flat_gamma[bad], hermitian=True)
+    return out.reshape(g.shape)
 
 
 def rebalance(factors: list[torch.Tensor], grams: list[torch.Tensor] | None = None) -> None:
