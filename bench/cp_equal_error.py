@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cp_speed import best_of, tensorly_fit, warm_up  # noqa: E402
 from lowrank.allocator import allocator_note, tune_allocator  # noqa: E402
+from lowrank.decompositions._lapack import lapack_note  # noqa: E402
 from lowrank.decompositions.cp_als import cp_als, init_factors, reconstruct  # noqa: E402
 
 ITERS = {64: 200, 128: 100, 256: 40, 512: 12}
@@ -64,7 +65,7 @@ def main() -> None:
     tune_allocator(mmap_threshold=1 << 30, trim_threshold=1 << 30)
     channels = [64, 128] if args.quick else [64, 128, 256, 512]
     lines = [f"# {' '.join(['bench/cp_equal_error.py', *sys.argv[1:]])}",
-             f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {allocator_note()}, mmap and trim thresholds 1 GiB; tensorly parafac (pytorch backend) "
+             f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {allocator_note()}, mmap and trim thresholds 1 GiB, ours with {lapack_note()}; tensorly parafac (pytorch backend) "
              f"ITERS sweeps, ours until its error <= tensorly's",
              f"{'tensor':<12} {'ratio':>5} {'rank':>5} {'tl it':>5} {'tl s':>7} {'tl err':>8} | "
              f"{'plain it':>8} {'s':>6} {'x':>5} | {'ls it':>5} {'s':>6} {'x':>5} | {'ls32 it':>7} {'s':>6} {'x':>5} "

@@ -137,7 +137,7 @@ def main() -> None:
         r = (c * c * 9) // (2 * (2 * c + 9))
         lines.append(f"{f'{c}x{c}x9':<10} {r:>5} " + " ".join(f"{v:>{w}.0f}" for v, w in zip(rates(c, r), (9, 6, 6))))
         print(lines[-1], flush=True)
-    lines.append(f"# a sweep (line search), us: the normal equations by torch.linalg against {_lapack.lapack_note()}")
+    lines.append(f"# a sweep (line search), us, its normal equations by torch.linalg (cholesky_ex, cholesky_solve) or by LAPACK called directly ({_lapack.lapack_note()})")
     lines.append(f"{'tensor':<10} {'rank':>5} {'dtype':>7} {'torch us':>9} {'direct us':>9} {'x':>5} {'tril in chol':>12}")
     for c in (64, 128, 256, 512):
         g = torch.Generator().manual_seed(c)
