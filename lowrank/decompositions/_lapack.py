@@ -3,8 +3,9 @@ CPU build carries (``?potrf`` and ``?potrs``, which ``libtorch_cpu`` exports fro
 
 ``torch.linalg.cholesky_ex`` copies ``Gamma`` into column-major order, factors it, and then zeroes
 the upper triangle of that copy (a strided ``tril_``). ``cholesky_solve`` reads only the lower
-triangle, so that pass is wasted, and it is slow: at ``R = 566`` in float32 it took 0.75 ms of the
-1.56 ms the factorisation took. Here nothing is transposed or zeroed. ``Gamma`` is symmetric, so
+triangle, so that pass is wasted, and it is slow: a third to a half of ``cholesky_ex``'s time for
+``R = 134 .. 1141`` (``bench/cp_sweep_parts.py``, ``tril in chol``). Here nothing is transposed or
+zeroed. ``Gamma`` is symmetric, so
 its row-major data is its column-major data. ``G``, ``(I, R)`` row-major, is ``G^T`` column-major,
 and ``potrs`` overwrites it with ``Gamma^{-1} G^T``, which read row-major is ``G Gamma^{-1}``.
 

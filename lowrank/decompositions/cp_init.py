@@ -54,8 +54,7 @@ def random_init(x: torch.Tensor, rank: int, seed: int = 0) -> list[torch.Tensor]
 
 def _batched_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.linalg.svd(m, full_matrices=False)`` of a stack of matrices, from the eigenvectors of
-    the smaller Gram matrix (a batched ``eigh`` is several times cheaper than a batched SVD at 512
-    channels). Singular values below ``sqrt(eps)`` of the largest lose their relative accuracy this
+    the smaller Gram matrix (a batched ``eigh`` costs less than a batched SVD). Singular values below ``sqrt(eps)`` of the largest lose their relative accuracy this
     way, and ``slices_init`` keeps none below ``10 sqrt(eps)`` of it."""
     wide = m.shape[-2] <= m.shape[-1]
     a = m if wide else m.transpose(-2, -1)
