@@ -23,7 +23,7 @@ from .plan import Config
 from .results import Baseline, EvalResult
 from .spec import SpecError, SweepSpec
 from .store import with_retries
-from .tasks.env import TaskEnv
+from .tasks.env import TaskEnv, with_task_threads
 from .tasks.timing import timing_task
 from .tracking import HEARTBEAT_SECONDS, Tracker
 
@@ -180,14 +180,14 @@ class Session:
                        self.spec.evaluation == "agreement", self.spec.latency.runtime, self.spec.latency.input_size)
 
     def remote(self, fn):
-        return self.ray.remote(fn).options(**self.options)
+        return self.ray.remote(with_task_threads(fn)).options(**self.options)
 
     def put(self, value):
         return self.ray.put(value)
 
     # ------------------------------------------------------------------ the wait loop
     def start(self, fn, *args, key, fetch: bool = True, options: dict | None = None):
-        ref = (self.ray.remote(fn).options(**options) if options else self.remote(fn)).remote(*args)
+        ref = (self.ray.remote(with_task_threads(fn)).options(**options) if options else self.remote(fn)).remote(*args)
         self._inflight[ref] = (key, fetch)
         self.result.timings.setdefault("first_submit", time.perf_counter())
         return ref
@@ -270,7 +270,7 @@ class Session:
         cfg, base, result, model, _ = pending
         dense = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build(dense_state)
         layers = [s["name"] for s in result.layer_status if s["status"] == "ok"]
-        ref = self.ray.remote(timing_task).options(**self.timing_options()).remote(
+        ref = self.ray.remote(with_task_threads(timing_task)).options(**self.timing_options()).remote(
             dense, model, tuple(base["input_shape"]), self.spec.latency, layers)
         self._inflight[ref] = ((_TIMING, pending), True)
 
