@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,15 @@ def curve_tag(curves: dict | None) -> dict:
     version, so that the registry alone shows how fine-tuning went."""
     key = next((k for k in (curves or {}) if k.endswith("_ft_epoch") and not k.startswith("kl")), None)
     return {"ft_curve": json.dumps([round(float(v), 4) for v in curves[key]])} if key else {}
+
+
+def candidate_key(version) -> tuple:
+    """What ``set_candidate`` maximises over a registered model's versions (their tags)."""
+    t = version.tags
+    speedup = float(t.get("speedup_b1", "nan"))
+    return (float(t.get("acc_ft", t.get("agree_ft"))), float(t.get("compression_ratio", 0)),
+            float(t.get("mac_ratio", 0)), -int(t.get("degenerate_layers", 0)),
+            speedup if math.isfinite(speedup) else 0.0, t.get("config_hash", ""))
 
 
 class Tracker(SweepLock):
@@ -205,14 +215,14 @@ class Tracker(SweepLock):
             self.client.set_terminated(rid, status="FINISHED")
 
     def set_candidate(self, name: str) -> str | None:
-        """Alias ``candidate`` on the version with the best fine-tuned accuracy (then the higher
-        compression ratio)."""
+        """Alias ``candidate`` on the version with the best fine-tuned accuracy; among equals (a
+        few hundred validation images tie often) the smaller, then the one with fewer MACs, fewer
+        degenerate layers, the faster (``speedup_b1``), and last the configuration hash, so that
+        the choice never depends on which version finished first."""
         versions = [v for v in self.registered_versions(name) if "acc_ft" in v.tags or "agree_ft" in v.tags]
         if not versions:
             return None
-        best = max(versions, key=lambda v: (float(v.tags.get("acc_ft", v.tags.get("agree_ft"))),
-                                            float(v.tags.get("compression_ratio", 0)),
-                                            -int(v.version)))
+        best = max(versions, key=candidate_key)
         self.client.set_registered_model_alias(name, "candidate", best.version)
         return best.version
 
