@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..search.strategies import neighbours, row_for
+from ..tasks.env import with_task_threads
 from ..tasks.search import tune_trial
 
 
@@ -34,7 +35,7 @@ def tune_search(session, m, cfg, options: dict, fixed: float) -> dict:
     choices = [{n: row_for(m.rows, n, o) for n, o in a.items()} for a in allocs]
     session.say(f"{cfg.label}: {len(choices)} trials near the budget solution, ASHA over {epochs} epoch(s)")
     trainable = tune.with_parameters(
-        tune_trial, env=m.env, base_state=m.base.state_dict, finetune=spec.finetune,
+        with_task_threads(tune_trial), env=m.env, base_state=m.base.state_dict, finetune=spec.finetune,
         allocations=[{n: r["factors"] for n, r in c.items() if r is not None} for c in choices])
     trainable = tune.with_resources(trainable, {"cpu": session.options["num_cpus"], "gpu": session.options["num_gpus"]})
     scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(ts.grace_epochs, epochs),
