@@ -42,6 +42,7 @@ def main() -> None:
     rows = [("wall time of the sweep", t["wall"]),
             (f"work inside Ray tasks / {t['slots']} slots", ideal),
             ("  of which layer decompositions / slots", t["decompose_seconds"] / t["slots"]),
+            ("  of which the timing step (holds every slot of its node) / slots", t["timing_seconds"] / t["slots"]),
             ("Ray start-up", t["ray_init"]),
             ("MLflow logging + registration (driver)", t["mlflow"]),
             ("runner on the critical path: start-up before the first task (MLflow store, Ray start)", t["startup"]),

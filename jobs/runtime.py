@@ -54,8 +54,8 @@ class SweepResult:
     points: list = field(default_factory=list)  # extra Pareto points (Ray Tune trials)
     pareto: list = field(default_factory=list)  # the Pareto table logged to the parent run
     timings: dict = field(default_factory=lambda: {"ray_init": 0.0, "mlflow": 0.0, "task_seconds": 0.0,
-                                                   "decompose_seconds": 0.0, "slots": 1, "wall": 0.0,
-                                                   "startup": 0.0, "tail": 0.0})
+                                                   "decompose_seconds": 0.0, "timing_seconds": 0.0, "slots": 1,
+                                                   "wall": 0.0, "startup": 0.0, "tail": 0.0})
 
 
 def init_ray():
@@ -225,6 +225,10 @@ class Session:
                 except Exception as e:  # noqa: BLE001 - one task failing does not stop the sweep
                     out = e
                 if isinstance(key, tuple) and key and key[0] is _TIMING:  # the session's own step
+                    if isinstance(out, dict):  # slot-seconds: it held timing_options()' CPUs
+                        held = self.timing_options()["num_cpus"] / self.options["num_cpus"]
+                        self.result.timings["timing_seconds"] += out.get("task_seconds", 0.0) * held
+                        self.result.timings["task_seconds"] += out.get("task_seconds", 0.0) * held
                     self._timed(key[1], out)
                     continue
                 if not isinstance(out, Exception):
