@@ -179,15 +179,17 @@ class Session:
         return TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, self.gpu, cfg.model.prep,
                        self.spec.evaluation == "agreement", self.spec.latency.runtime, self.spec.latency.input_size)
 
-    def remote(self, fn):
-        return self.ray.remote(with_task_threads(fn)).options(**self.options)
+    def remote(self, fn, options: dict | None = None):
+        """``fn`` as a Ray task with the tasks' resources (or ``options``), run with as many torch
+        threads as it is given CPUs (``with_task_threads``)."""
+        return self.ray.remote(with_task_threads(fn)).options(**(options or self.options))
 
     def put(self, value):
         return self.ray.put(value)
 
     # ------------------------------------------------------------------ the wait loop
     def start(self, fn, *args, key, fetch: bool = True, options: dict | None = None):
-        ref = (self.ray.remote(with_task_threads(fn)).options(**options) if options else self.remote(fn)).remote(*args)
+        ref = self.remote(fn, options).remote(*args)
         self._inflight[ref] = (key, fetch)
         self.result.timings.setdefault("first_submit", time.perf_counter())
         return ref
@@ -225,11 +227,7 @@ class Session:
                 except Exception as e:  # noqa: BLE001 - one task failing does not stop the sweep
                     out = e
                 if isinstance(key, tuple) and key and key[0] is _TIMING:  # the session's own step
-                    if isinstance(out, dict):  # slot-seconds: it held timing_options()' CPUs
-                        held = self.timing_options()["num_cpus"] / self.options["num_cpus"]
-                        self.result.timings["timing_seconds"] += out.get("task_seconds", 0.0) * held
-                        self.result.timings["task_seconds"] += out.get("task_seconds", 0.0) * held
-                    self._timed(key[1], out)
+                    self._timed(*key[1:], out)
                     continue
                 if not isinstance(out, Exception):
                     self._account(out)
@@ -274,15 +272,20 @@ class Session:
         cfg, base, result, model, _ = pending
         dense = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build(dense_state)
         layers = [s["name"] for s in result.layer_status if s["status"] == "ok"]
-        ref = self.ray.remote(with_task_threads(timing_task)).options(**self.timing_options()).remote(
-            dense, model, tuple(base["input_shape"]), self.spec.latency, layers)
-        self._inflight[ref] = ((_TIMING, pending), True)
+        options = self.timing_options()
+        ref = self.remote(timing_task, options).remote(dense, model, tuple(base["input_shape"]), self.spec.latency,
+                                                       layers)
+        self._inflight[ref] = ((_TIMING, pending, options["num_cpus"] / self.options["num_cpus"]), True)
 
-    def _timed(self, pending: tuple, out) -> None:
+    def _timed(self, pending: tuple, slots_held: float, out) -> None:
         cfg, base, result, model, path = pending
         if isinstance(out, Exception):  # the version is still registered, with the in-task figures
             self.say(f"{cfg.label}: timing failed ({task_error(out)}); tagged with the in-task figures")
             out = {**result.latency, "note": f"timing failed: {task_error(out)}"}
+        else:  # work in slot-seconds: the step held slots_held tasks' CPUs
+            work = out.get("task_seconds", 0.0) * slots_held
+            self.result.timings["timing_seconds"] += work
+            self.result.timings["task_seconds"] += work
         result.latency = out
         spool.save(path, base, result)
         self._register(cfg, base, result, model, path)
