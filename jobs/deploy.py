@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
+import re
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -26,11 +29,19 @@ from torch import nn
 
 import lowrank
 
-OPSET = 17
+OPSET = 17  # the TorchScript exporter's
+DYNAMO_OPSET = 18  # the torch.export-based exporter's lowest
 
 
 class RuntimeUnavailable(RuntimeError):
     """A runtime cannot run this model here (the reason is the message)."""
+
+
+def failure(e: BaseException, width: int = 300) -> str:
+    """One line for a tag or a log saying why export or timing failed: the message alone where it
+    is our own ``RuntimeUnavailable``, else the exception's type and its first line."""
+    text = str(e).strip().splitlines()[0][:width] if str(e).strip() else ""
+    return text if isinstance(e, RuntimeUnavailable) else f"{type(e).__name__}: {text}"
 
 
 def timed_shape(input_shape, size: int | None) -> tuple:
@@ -40,16 +51,71 @@ def timed_shape(input_shape, size: int | None) -> tuple:
     return shape if size is None else (*shape[:-2], size, size)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Nothing reaches this process's stdout or stderr, including what C++ writes to the file
+    descriptors themselves: the TorchScript exporter prints the whole TorchScript graph to fd 2
+    when an operator fails, hundreds of lines per model."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")  # deprecation notices, constant-folding warnings
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def _reason(e: BaseException, width: int = 110) -> str:
+    """One line for an exporter's failure: the innermost cause (the torch.export-based exporter
+    wraps the operator that failed in generic advice), without terminal colour codes."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:width] if text else ''}"
+
+
+def _torchscript_export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=OPSET, input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+
+
+def _dynamo_export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=DYNAMO_OPSET, input_names=["input"],
+                      output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+
+
+# Tried in order. The TorchScript exporter gives the graphs every figure in the README was timed on; the
+# torch.export-based one (onnxscript) takes what it cannot, e.g. an adaptive pooling whose output size
+# does not divide its input's (ONNX has no such operator, and torch.export decomposes it).
+EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], None]] = {
+    "torchscript": _torchscript_export, "dynamo": _dynamo_export}
+
+
 def export_onnx(model: nn.Module, input_shape, path: str | Path, *, check: bool = True) -> Path:
-    """Export ``model`` (eval mode, float32) to ONNX with a dynamic batch dimension; with
-    ``check`` the file is run once in ONNX Runtime and compared with PyTorch's output."""
+    """Export ``model`` (eval mode, float32) to ONNX with a dynamic batch dimension, by the first
+    of ``EXPORTERS`` that takes it; with ``check`` the file is run once in ONNX Runtime and
+    compared with PyTorch's output. Where none takes it, the error names each one's reason."""
     model = model.eval()
     path = Path(path)
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and graph dumps
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=OPSET, input_names=["input"],
-                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    failures = []
+    for name, export in EXPORTERS.items():
+        try:
+            with _quiet():
+                export(model, x, path)
+            break
+        except Exception as e:  # noqa: BLE001 - exporters fail in many ways; the next one may take it
+            failures.append(f"{name}: {_reason(e)}")
+    else:
+        raise RuntimeUnavailable("no ONNX exporter takes the model (" + "; ".join(failures) + ")")
     if check:
         with torch.no_grad():
             want = model(x).numpy()

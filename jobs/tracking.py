@@ -188,7 +188,7 @@ class Tracker(SweepLock):
             try:
                 path = deploy.export_onnx(copy.deepcopy(model).float(), input_shape, Path(tmp) / "model.onnx")
             except Exception as e:  # noqa: BLE001 - a user's model the exporter cannot take: pt2 only
-                return f"not exported ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+                return f"not exported ({deploy.failure(e)})"
             import onnxruntime  # the runtime a user loads it with; named so MLflow need not infer it
 
             self.mlflow.onnx.log_model(onnx.load(str(path)), name="onnx", pip_requirements=[

@@ -24,7 +24,7 @@ def timing_task(dense, compressed, input_shape: tuple, latency: LatencySpec, lay
     try:
         rows = deploy.paired(dense, compressed, shape, runtime=latency.runtime, **kw)
     except Exception as e:  # noqa: BLE001 - export or runtime failures of a user's model: timed eagerly instead
-        note = f"{latency.runtime} could not run the model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        note = f"{latency.runtime} could not run the model ({deploy.failure(e)})"
         rows = deploy.paired(dense, compressed, shape, runtime="torch", **kw)
     runtime = rows[0]["runtime"]
     try:

@@ -58,6 +58,53 @@ def test_a_padding_stage_in_front_of_a_factorized_layer_exports_exactly(tmp_path
                                    rtol=1e-4, atol=1e-5)
 
 
+class _OddPool(nn.Module):
+    """A factorizable conv, then an adaptive pooling to 2 x 3 from 7 x 7: sizes that do not divide,
+    which ONNX has no operator for and the TorchScript exporter refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.head = nn.Linear(32 * 6, 10)
+
+    def forward(self, x):
+        x = self.conv(self.stem(x).relu()).relu()
+        return self.head(nn.functional.adaptive_avg_pool2d(x, (2, 3)).flatten(1))
+
+
+def test_a_model_the_torchscript_exporter_refuses_exports_by_the_next_one_silently(tmp_path, capfd):
+    small, [rep] = lowrank.compress_model(_OddPool().eval(), {"conv": ("tucker2", (8, 8), {})}, input_shape=(3, 14, 14))
+    assert rep.status == "ok"
+    with pytest.raises(Exception):
+        with deploy._quiet():
+            deploy.EXPORTERS["torchscript"](small.eval(), torch.randn(2, 3, 14, 14), tmp_path / "t.onnx")
+    capfd.readouterr()
+    path = deploy.export_onnx(small, (3, 14, 14), tmp_path / "m.onnx")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")  # no TorchScript graph dump on the file descriptors
+    for batch in (1, 3):  # the batch axis stays dynamic
+        x = torch.randn(batch, 3, 14, 14)
+        with torch.no_grad():
+            np.testing.assert_allclose(deploy._session(path, 1).run(None, {"input": x.numpy()})[0], small(x).numpy(),
+                                       rtol=1e-4, atol=1e-5)
+
+
+class _NoOnnx(nn.Module):
+    def forward(self, x):
+        g = x[:, 0, :3, :3]
+        return torch.linalg.eigh(g @ g.transpose(1, 2))[0]
+
+
+def test_a_model_no_exporter_takes_gets_one_line_naming_each_exporters_reason(tmp_path, capfd):
+    with pytest.raises(deploy.RuntimeUnavailable) as e:
+        deploy.export_onnx(_NoOnnx(), (3, 8, 8), tmp_path / "m.onnx")
+    msg = str(e.value)
+    assert "\n" not in msg and "\x1b" not in msg
+    assert "torchscript: " in msg and "dynamo: " in msg and "eigh" in msg
+    assert capfd.readouterr() == ("", "")
+
+
 @pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
 def test_paired_timing_tells_the_faster_model_from_the_slower(runtime):
     """The 'compressed' model here is eight times the dense one's work: the ratio must say so,
@@ -136,5 +183,7 @@ def test_a_model_onnx_cannot_take_is_still_compressed_timed_eagerly_and_register
         d.update(latency={"batches": [1], "threads": [1], "repeats": 3})))
     assert main(["run", str(spec)]) == 0, capsys.readouterr().err
     [v] = MlflowClient(data["mlflow"]["tracking_uri"]).search_model_versions("name='lowrank-odd'")
-    assert v.tags["latency_runtime"].startswith("torch (onnxruntime could not run the model (UnsupportedOperatorError")
-    assert v.tags["onnx"].startswith("not exported (UnsupportedOperatorError") and float(v.tags["speedup_b1"]) > 0
+    for tag in (v.tags["latency_runtime"], v.tags["onnx"]):  # each exporter's reason, named
+        assert "torchscript: UnsupportedOperatorError" in tag and "dynamo: DispatchError" in tag and "cummax" in tag
+    assert v.tags["latency_runtime"].startswith("torch (onnxruntime could not run the model (no ONNX exporter takes")
+    assert v.tags["onnx"].startswith("not exported (no ONNX exporter takes") and float(v.tags["speedup_b1"]) > 0
