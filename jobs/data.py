@@ -318,11 +318,12 @@ def load_dataset(spec: DatasetSpec, seed: int = 0, prep: Preprocess | None = Non
     return _load_cached(spec.model_dump_json(), seed, prep)
 
 
-def default_workers(spec: DatasetSpec) -> int:
+def default_workers(spec: DatasetSpec, cpus: int | None = None) -> int:
     """``dataset.workers``, or for sets decoded as they are read (image folders) up to 4 worker
-    processes, one CPU left to the training loop; 0 for sets in memory."""
+    processes, one CPU left to the training loop: of ``cpus``, the CPUs a Ray task was given (a
+    1-CPU task decodes inline, as Ray counts it), else of the machine; 0 for sets in memory."""
     if spec.workers is not None:
         return spec.workers
     if spec.kind not in ("imagefolder", "images"):
         return 0
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return max(0, min(4, (cpus or os.cpu_count() or 1) - 1))

@@ -156,7 +156,9 @@ class TaskEnv:
 
     @property
     def workers(self) -> int:
-        return default_workers(self.dataset)
+        """DataLoader workers: sized to the task's CPUs, not the node's (a 1-CPU task on a
+        16-core node would otherwise start 4 decoding processes beside its training loop)."""
+        return default_workers(self.dataset, assigned_cpus())
 
     def val_loader(self, subset: int | None = None):
         val = self.data[1]
