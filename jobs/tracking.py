@@ -237,6 +237,8 @@ class Tracker(SweepLock):
                       "stopped_early": str(x["stopped_early"]).lower(), "chosen": str(x["chosen"]).lower()})
             rid = run.info.run_id
             self.client.log_param(rid, "allocation", x["allocation"][:6000])
+            if x.get("threads") is not None:  # torch's threads in the trial: the CPUs Tune gave it
+                self.client.log_param(rid, "torch_threads", int(x["threads"]))
             for h in x["history"]:
                 self.client.log_metric(rid, "acc", h["acc"], step=h["epoch"])
                 self.client.log_metric(rid, "loss", h["loss"], step=h["epoch"])

@@ -93,4 +93,4 @@ def _record(r, allocs: list, epochs: int) -> dict:
             "error": None if r.error is None else str(r.error).splitlines()[0][:300],
             "acc": history[-1]["acc"] if history else None,
             "params": float(r.metrics.get("params", float("nan"))) if r.metrics else float("nan"),
-            "history": history}
+            "threads": r.metrics.get("threads") if r.metrics else None, "history": history}

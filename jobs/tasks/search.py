@@ -74,7 +74,7 @@ def tune_trial(config: dict, *, env: TaskEnv, base_state: dict, finetune: Finetu
 
     def report(epoch: int, loss: float) -> None:
         tune.report({"epoch": epoch, "acc": evaluate(new, val_dl, device)["top1"], "loss": loss, "params": params,
-                     "macs": macs})
+                     "macs": macs, "threads": torch.get_num_threads()})  # the trial's CPUs (with_task_threads)
 
     train_epochs(new, train_dl, epochs=finetune.epochs, lr=finetune.lr, optimizer=finetune.optimizer, device=device,
                  on_epoch=report)

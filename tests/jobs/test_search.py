@@ -52,6 +52,7 @@ def test_vbmf_tolerance_and_tune_end_to_end_with_cached_screening(tmp_path, make
     trials = client.search_runs([exp], "tags.kind = 'tune-trial'")
     assert len(trials) == 3 and sum(t.data.tags["chosen"] == "true" for t in trials) == 1
     assert {t.info.status for t in trials} <= {"FINISHED", "KILLED"}
+    assert {t.data.params["torch_threads"] for t in trials} == {"1"}  # the trial's 1 CPU, not the node's 2
     chosen = next(t for t in trials if t.data.tags["chosen"] == "true")
     assert chosen.info.status == "FINISHED" and len(client.get_metric_history(chosen.info.run_id, "acc")) == 2
     for t in trials:  # ASHA stopped ones ran fewer epochs than the chosen one
