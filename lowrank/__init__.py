@@ -4,7 +4,8 @@ Public contract: ``decompose``, ``factorize_layer``, ``compress_model``, ``selec
 ``evbmf``, ``cp_diagnostics``, ``count``. What a runner needs beyond it is public too:
 ``factorize_with_factors``, ``apply_factors``, ``select_layers``, ``replace_submodule``,
 ``LayerPlan``, ``RankRule`` and the method registry (``get_method``: typed options and
-capabilities); ``tune_allocator`` keeps glibc's malloc from faulting a sweep's temporaries in
+capabilities); ``fuse_pointwise`` merges 1x1 convs with nothing non-linear between them, for
+deployment; ``tune_allocator`` keeps glibc's malloc from faulting a sweep's temporaries in
 again. Importing this package loads neither ray, mlflow nor pydantic.
 """
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
@@ -14,6 +15,7 @@ from .api import decompose, factorize_layer, factorize_with_factors, relative_er
 from .decompositions.diagnostics import cp_diagnostics
 from .errors import LeftDense, LowRankError, NoStructureError, RankTooLargeError, UnsupportedLayerError
 from .factors import CPFactors, SpatialSVDFactors, SVDFactors, Tucker2Factors, factors_to
+from .fuse import fuse_pointwise
 from .layers import FactorizedConv2d, FactorizedLinear
 from .ranks import RankRule, select_rank
 from .registry import METHODS, KernelShape, get_method, list_methods, register_method
@@ -29,5 +31,5 @@ __all__ = [
     "LowRankError", "RankTooLargeError", "LeftDense", "NoStructureError", "UnsupportedLayerError", "KernelShape",
     "SVDFactors", "SpatialSVDFactors", "factors_to", "Tucker2Factors", "CPFactors", "FactorizedConv2d",
     "FactorizedLinear", "METHODS", "get_method", "list_methods", "register_method",
-    "replacement_prefix", "check_replacement", "model_fails", "own_forward", "tune_allocator",
+    "replacement_prefix", "check_replacement", "model_fails", "own_forward", "tune_allocator", "fuse_pointwise",
 ]

@@ -153,6 +153,43 @@ def test_timing_at_another_input_size_than_the_data():
     assert macs[0] / macs[1] != pytest.approx(lowrank.count(dense, (3, 16, 16))[1] / lowrank.count(small, (3, 16, 16))[1])
 
 
+def _pointwise_pairs() -> tuple[nn.Module, nn.Module]:
+    """Two SVD-factorized 1x1 convs with a BatchNorm between: their inner stages merge at export
+    (and in the dense model the two 64 -> 64 convs, a linear chain as well)."""
+    dense = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64),
+                          nn.Conv2d(64, 64, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        dense[3].running_var.uniform_(0.5, 2)
+        dense[3].running_mean.uniform_(-1, 1)
+    small, reports = lowrank.compress_model(dense.eval(), {"2": ("svd", 16, {}), "4": ("svd", 16, {})},
+                                            input_shape=(3, 12, 12))
+    assert [r.status for r in reports] == ["ok", "ok"]
+    return dense, small.eval()
+
+
+def test_export_merges_pointwise_chains_and_the_file_still_computes_the_model(tmp_path):
+    import onnx
+
+    _, small = _pointwise_pairs()
+    convs = {}
+    for fuse in (False, True):
+        path = deploy.export_onnx(small, (3, 12, 12), tmp_path / f"m{fuse}.onnx", fuse=fuse)  # checked inside
+        convs[fuse] = sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
+        x = torch.randn(3, 3, 12, 12)
+        with torch.no_grad():
+            np.testing.assert_allclose(deploy._session(path, 1).run(None, {"input": x.numpy()})[0], small(x).numpy(),
+                                       rtol=1e-4, atol=1e-5)
+    assert convs == {False: 5, True: 3}  # the 3x3 conv, 64 -> 16 (merged twice), 16 -> 64
+
+
+def test_timing_says_what_the_export_merged():
+    dense, small = _pointwise_pairs()
+    out = timing_task(dense, small, (3, 12, 12), LatencySpec(batches=[1], threads=[1], repeats=3))
+    assert out["runtime"] == "onnxruntime" and out["note"] == "1x1 conv pairs merged at export: 2 (dense: 1)"
+    eager = timing_task(dense, small, (3, 12, 12), LatencySpec(runtime="torch", batches=[1], threads=[1], repeats=3))
+    assert eager["note"] == ""  # eager PyTorch runs the model as it is
+
+
 def test_latency_settings_are_checked_in_one_line(tmp_path):
     path, data = write_spec(tmp_path, "tiny.yaml")
     for bad, expected in (({"runtime": "tensorrt"}, "latency.runtime: Input should be 'onnxruntime', 'torch' or "
