@@ -125,3 +125,12 @@ def test_neighbouring_svd_factorized_pointwise_convs_merge_across_the_layers():
     assert sorted(m.weight.shape[:2] for m in fused.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
                   ) == [(16, 64), (64, 16)]
     assert lowrank.count(fused, (3, 8, 8))[1] < lowrank.count(small, (3, 8, 8))[1]
+
+
+def test_batchnorm_without_affine_merges_and_without_running_statistics_is_left():
+    plain = nn.BatchNorm2d(32, affine=False).double()
+    with torch.no_grad():
+        plain.running_var.uniform_(0.5, 2)
+    _check_exact(Chain(_pw(16, 32), plain, _pw(32, 8)), 1)
+    batch_stats = nn.BatchNorm2d(32, track_running_stats=False).double()  # normalises by each batch: not linear
+    assert lowrank.fuse_pointwise(Chain(_pw(16, 32), batch_stats, _pw(32, 8)).eval())[1] == 0
