@@ -3,10 +3,11 @@ and paired timing of the dense and the compressed model on one runtime.
 
 Runtimes are registered in ``RUNTIMES``: ``onnxruntime`` (ONNX Runtime, CPU execution provider,
 all graph optimisations: it folds BatchNorm into the convs before it and fuses conv + ReLU by
-itself; before export, chains of 1x1 convs that nothing non-linear separates are merged where that
-saves work, which it does not do: ``lowrank.fuse_pointwise``), ``torch`` (eager) and ``torch-compile`` (inductor). The two models are timed in one
-process, interleaved (the order alternates every repetition), and the medians are compared: the
-machines are shared and noisy, so only the ratio is trusted.
+itself; it merges no two convs, so before export chains of 1x1 convs that nothing non-linear
+separates are merged where that saves work: ``lowrank.fuse_pointwise``), ``torch`` (eager) and
+``torch-compile`` (inductor). The two models are timed in one process, interleaved (the order
+alternates every repetition), and the medians are compared: the machines are shared and noisy,
+so only the ratio is trusted.
 """
 from __future__ import annotations
 
