@@ -105,9 +105,7 @@ def run_search(session, configs: list) -> None:
                           else decide(cfg.strategy, m.rows, options, fixed, search))
             except InfeasibleTarget as e:
                 total = sum(o.cost for os_ in options.values() for o in os_ if o.method is None) + fixed
-                hint = (f" ({fixed / total:.0%} of the model's {search.target} lie outside the searched layers: "
-                        f"widen the layer selection)") if fixed > 0.2 * total else ""
-                session.fail(cfg.label, f"{e}{hint}")
+                session.fail(cfg.label, f"{e}{_outside_hint(m, fixed, total, search.target)}")
                 continue
             except Exception as e:  # noqa: BLE001 - e.g. Ray Tune failing: the other strategies still run
                 session.fail(cfg.label, e)
@@ -115,6 +113,30 @@ def run_search(session, configs: list) -> None:
             choices.append((m, cfg, choice, estimate(options, fixed, choice)))
     # 5. evaluate + fine-tune every chosen configuration at once; log as they finish
     _evaluate_all(session, choices)
+
+
+def _outside_hint(m: SearchedModel, fixed: float, total: float, target: str) -> str:
+    """Why an unreachable target is so, where most of the cost lies outside the searched layers:
+    the layers the spec's selection left out that a method could take, with their share of the
+    model's MACs (where it is large, widening helps), or that there are none: the rest is what no
+    method factorizes (depthwise convs, activations, pooling), and only a lower ratio is reachable."""
+    if fixed <= 0.2 * total:
+        return ""
+    share = f"{fixed / total:.0%} of the model's {target} lie outside the searched layers"
+    model = m.env.build()
+    widest = set()
+    for method in m.plan.methods:
+        widest |= set(lowrank.select_layers(model, method, skip_first=False, pointwise_method="svd"))
+    more = sorted(widest - set(m.plan.candidates))
+    if not more:
+        return (f" ({share}, in what none of the methods factorizes: depthwise convs, activations, pooling; "
+                f"no wider layer selection reaches further)")
+    macs = lowrank.per_layer_macs(model, m.env.input_shape)
+    left = sum(macs.get(n, 0) for n in more) / max(1, sum(macs.values()))
+    largest = max(more, key=lambda n: macs.get(n, 0))
+    return (f" ({share}; compression.layers leaves out {len(more)} layer(s) a method could take, "
+            f"{left:.0%} of the model's MACs, the most in {largest}" + (": widen the layer selection)" if left >= 0.1 else
+                                                                   "; the rest no method factorizes)"))
 
 
 def _screen_all(session, ms: list[SearchedModel], search) -> None:

@@ -184,3 +184,28 @@ def test_a_latency_target_at_a_size_the_model_cannot_take_is_refused_before_ray(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "latency.input_size: models.0: VGG cannot run at the latency target's input size 16x16" \
         in err[0] and "accepted: a latency.input_size the model can take" in err[0], err
+
+
+@pytest.mark.parametrize("layers,expected", [
+    ({"include": ["features.3"]}, r"compression.layers leaves out 5 layer\(s\) a method could take, \d+% of the "
+                                  r"model's MACs, the most in features\.(6|9|12): widen the layer selection\)$"),
+    ({"skip_first": False, "pointwise_method": "svd"}, r"in what none of the methods factorizes: depthwise convs, "
+                                                       r"activations, pooling; no wider layer selection reaches further\)$"),
+])
+def test_an_unreachable_target_says_whether_a_wider_layer_selection_would_help(make_spec, layers, expected):
+    """Most of the latency outside the searched layers: either the spec left layers out that a
+    method could take (widen), or the rest is what no method factorizes (a mobile network's
+    depthwise convs: widening cannot help, and saying so saves a user a useless re-run)."""
+    from jobs.executors.search import SearchedModel, _outside_hint
+    from jobs.plan import plan_sweep
+    from jobs.spec import load_spec
+    from jobs.tasks.env import TaskEnv
+
+    path, _ = make_spec("tiny-search.yaml", lambda d: d["compression"].update(layers=layers))
+    spec = load_spec(path)
+    cfg = next(c for c in plan_sweep(spec) if c.strategy)
+    m = SearchedModel(cfgs=[cfg], env=TaskEnv(cfg.model.spec, spec.dataset, spec.seed, False))
+    assert _outside_hint(m, 0.1, 1.0, "latency") == ""  # little outside: nothing to explain
+    hint = _outside_hint(m, 0.7, 1.0, "latency")
+    assert hint.startswith(" (70% of the model's latency lie outside the searched layers")
+    assert re.search(expected, hint), hint
