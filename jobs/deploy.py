@@ -57,22 +57,25 @@ def timed_shape(input_shape, size: int | None) -> tuple:
 def _quiet():
     """Nothing reaches this process's stdout or stderr, including what C++ writes to the file
     descriptors themselves: the TorchScript exporter prints the whole TorchScript graph to fd 2
-    when an operator fails, hundreds of lines per model."""
+    when an operator fails, hundreds of lines per model. (Where a descriptor is closed, only
+    Python's streams are redirected.)"""
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with open(os.devnull, "w") as null, warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")  # deprecation notices, constant-folding warnings
-            os.dup2(null.fileno(), 1)
-            os.dup2(null.fileno(), 2)
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = {}
+    with open(os.devnull, "w") as null, warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")  # deprecation notices, constant-folding warnings
+        try:
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):
+                    saved[fd] = os.dup(fd)
+                    os.dup2(null.fileno(), fd)
             yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
+        finally:
+            for fd, copy_ in saved.items():
+                os.dup2(copy_, fd)
+                os.close(copy_)
 
 
 def _reason(e: BaseException, width: int = 110) -> str:
