@@ -7,7 +7,8 @@ For each timed input size (``--sizes``: 224, ImageNet's; 32, the Fashion-MNIST/C
 each method alone (``spatial-svd``, ``tucker2``) and ranks as chosen or in multiples of 16
 (``rank.multiple_of``): one sweep through the real runner (local Ray, sqlite MLflow) with
 ``compression.search`` strategy ``budget``, ``target: latency`` at ``--ratio``, on ONNX Runtime at
-batch 1, one thread, screened and timed at that size (``latency.input_size``). Every figure is read
+batch 1, one thread (``--runtime``: another of ``latency.runtime``), screened and timed at that size
+(``latency.input_size``). Every figure is read
 back from the registry: ``speedup_b1`` (the timing step, dense interleaved), ``mac_ratio_timed``
 (MACs at the timed size), ``speedup_per_mac_b1`` (their quotient; the target is >= 0.85), the
 speedup the search predicted (``search_predicted_ratio``: its latency model, calibrated against the
@@ -15,6 +16,8 @@ whole graph), the dense model's top-1 (``acc_pre``) and the layers the search le
 
     .venv/bin/python bench/search_latency.py                  # about 13 minutes on 2 cores (8 sweeps)
     .venv/bin/python bench/search_latency.py --sizes 32 --methods tucker2 --multiples 16
+    .venv/bin/python bench/search_latency.py --sizes 32 --multiples 16 --runtime torch-compile \
+        --out bench/search_latency_compile.out.txt
     .venv/bin/python bench/search_latency.py --sizes 32 --multiples 1 --data fashion-mnist \
         --checkpoint .cache/bench/fashion-resnet18-s0-e40-nNone.pt --out /tmp/search_latency_fashion.out.txt
 """
@@ -47,7 +50,7 @@ def spec(size: int, method: str, multiple: int, args) -> dict:
                         "rank": {"strategy": "ratio", "ratio": 2, "multiple_of": multiple},
                         "search": {"strategies": ["budget"], "target": "latency", "ratio": args.ratio,
                                    "candidate_ratios": [1.5, 2, 3, 4, 6], "val_batches": 4, "bn_batches": 5}}
-    d["latency"] = {"runtime": "onnxruntime", "batches": [1], "threads": [1], "input_size": size, "repeats": args.repeats}
+    d["latency"] = {"runtime": args.runtime, "batches": [1], "threads": [1], "input_size": size, "repeats": args.repeats}
     return d
 
 
@@ -57,6 +60,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["spatial-svd", "tucker2"])
     ap.add_argument("--multiples", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--ratio", type=float, default=1.5, help="the latency target (speedup at batch 1)")
+    ap.add_argument("--runtime", choices=["onnxruntime", "torch", "torch-compile"], default="onnxruntime",
+                    help="latency.runtime: where the search screens and the versions are timed")
     ap.add_argument("--repeats", type=int, default=40, help="interleaved repetitions of the timing step")
     ap.add_argument("--data", choices=["digits", "fashion-mnist"], default="digits")
     ap.add_argument("--checkpoint", default=None, help="ResNet-18 state dict (10 classes) instead of pre-training")
@@ -77,7 +82,7 @@ def main() -> None:
 
     weights = f", weights {Path(args.checkpoint).name}" if args.checkpoint else ""
     lines = [f"# {' '.join(['bench/search_latency.py', *sys.argv[1:]])}",
-             f"# ResNet-18 ({args.data}, 32 px training{weights}), search budget, target latency {args.ratio:g}x; ONNX Runtime, "
+             f"# ResNet-18 ({args.data}, 32 px training{weights}), search budget, target latency {args.ratio:g}x; {args.runtime}, "
              f"batch 1, one thread, timed at the size named",
              "| size | method | ranks | speedup b1 | predicted | MACs x (timed size) | speedup / MAC reduction | >= 0.85 | "
              "params x | acc_pre | acc_ft | layers left dense | s |",
