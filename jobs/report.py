@@ -11,6 +11,18 @@ def quality(figures: dict) -> str:
     return "agree" if "kl" in figures else "acc"
 
 
+def finetune_note(acc_post: dict, acc_bn: dict | None, acc_ft: dict, epochs: int, margin: float = 0.01) -> str:
+    """A warning where fine-tuning left the model worse on the validation set than it was before it
+    (right after compression, or after BatchNorm recalibration) by more than ``margin``: the
+    registered model is the fine-tuned one, and a learning rate too high for it is the usual cause."""
+    before = max(a["top1"] for a in (acc_post, acc_bn) if a)
+    if epochs <= 0 or acc_ft["top1"] >= before - margin:
+        return ""
+    q = quality(acc_post)
+    return (f"fine-tuning lowered {q} from {before:.3f} to {acc_ft['top1']:.3f} (the registered model is the "
+            f"fine-tuned one): check finetune.lr and epochs")
+
+
 def chance_note(acc: dict, num_classes: int, source: str) -> str:
     """A warning for a model trained here that is no better than guessing: top-1 at most 1.2x the
     chance level of its ``num_classes`` outputs (agreement figures and given weights: none)."""

@@ -334,6 +334,8 @@ class Session:
         if slower:
             self.say(f"{cfg.label}: {len(slower)} factorized layer(s) slower than dense on "
                      f"{result.latency['runtime']} (batch 1, one thread), first {slower[0]}")
+        if note := report.finetune_note(result.acc_post, result.acc_bn, result.acc_ft, self.spec.finetune.epochs):
+            self.say(f"{cfg.label}: {note}")
         q = report.quality(result.acc_post)
         self.say(f"{cfg.label}: {q} post {result.acc_post['top1']:.3f} ft {result.acc_ft['top1']:.3f}, "
                  f"{base['params'] / result.params:.2f}x params -> {cfg.registered_name} v{version}"

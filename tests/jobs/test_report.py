@@ -43,3 +43,17 @@ def test_a_model_trained_here_no_better_than_chance_is_named_in_the_progress_lin
     assert chance_note({"top1": 0.13}, 10, "trained") == ""  # above 1.2x chance
     assert chance_note({"top1": 0.05}, 10, "weights") == ""  # given weights: not ours to judge by labels
     assert chance_note({"top1": 0.05, "kl": 2.0}, 10, "trained") == ""  # agreement, not accuracy
+
+
+def test_fine_tuning_that_made_the_model_worse_is_said():
+    from jobs.report import finetune_note
+
+    post, bn = {"top1": 0.568}, {"top1": 0.602}
+    note = finetune_note(post, bn, {"top1": 0.486}, epochs=1)
+    assert note == ("fine-tuning lowered acc from 0.602 to 0.486 (the registered model is the fine-tuned one): "
+                    "check finetune.lr and epochs")  # against the better of post and BN-recalibrated
+    assert finetune_note(post, None, {"top1": 0.560}, epochs=1) == ""  # within 0.01: noise of a small val set
+    assert finetune_note(post, None, {"top1": 0.70}, epochs=1) == ""
+    assert finetune_note(post, None, {"top1": 0.40}, epochs=0) == ""  # nothing was fine-tuned
+    assert finetune_note({"top1": 0.9, "kl": 0.1}, None, {"top1": 0.5, "kl": 0.9}, epochs=2).startswith(
+        "fine-tuning lowered agree from 0.900 to 0.500")
