@@ -40,10 +40,16 @@ class RuntimeUnavailable(RuntimeError):
 
 
 def failure(e: BaseException, width: int = 300) -> str:
-    """One line for a tag or a log saying why export or timing failed: the message alone where it
-    is our own ``RuntimeUnavailable``, else the exception's type and its first line."""
-    text = str(e).strip().splitlines()[0][:width] if str(e).strip() else ""
-    return text if isinstance(e, RuntimeUnavailable) else f"{type(e).__name__}: {text}"
+    """One line saying why export or timing failed, for a tag or a log: the message alone where it
+    is our own ``RuntimeUnavailable``; else the innermost cause's type and first line (the
+    torch.export-based exporter wraps the operator that failed in generic advice), without
+    terminal colour codes."""
+    if not isinstance(e, RuntimeUnavailable):
+        while e.__cause__ is not None:
+            e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    first = text.splitlines()[0][:width] if text else ""
+    return first if isinstance(e, RuntimeUnavailable) else f"{type(e).__name__}: {first}"
 
 
 def timed_shape(input_shape, size: int | None) -> tuple:
@@ -76,15 +82,6 @@ def _quiet():
             for fd, copy_ in saved.items():
                 os.dup2(copy_, fd)
                 os.close(copy_)
-
-
-def _reason(e: BaseException, width: int = 110) -> str:
-    """One line for an exporter's failure: the innermost cause (the torch.export-based exporter
-    wraps the operator that failed in generic advice), without terminal colour codes."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:width] if text else ''}"
 
 
 def _torchscript_export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
@@ -131,7 +128,7 @@ def _export_checked(exported: nn.Module, model: nn.Module, x: torch.Tensor, path
                 export(exported, x, path)
             break
         except Exception as e:  # noqa: BLE001 - exporters fail in many ways; the next one may take it
-            failures.append(f"{name}: {_reason(e)}")
+            failures.append(f"{name}: {failure(e, 110)}")
     else:
         raise RuntimeUnavailable("no ONNX exporter takes the model (" + "; ".join(failures) + ")")
     if check:

@@ -22,6 +22,8 @@ import copy
 import torch
 from torch import fx, nn
 
+from .reparam import bn_affine
+
 
 def _pointwise(m: nn.Module) -> bool:
     """A plain ``nn.Conv2d`` (not a subclass: a QAT conv or one with its own ``forward`` computes
@@ -41,21 +43,12 @@ def _module(gm: fx.GraphModule, node: fx.Node | None) -> nn.Module | None:
     return gm.get_submodule(node.target)
 
 
-def _bn_affine(bn: nn.BatchNorm2d, channels: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(D, c)`` of an eval-mode BatchNorm: ``bn(y) = D * y + c`` per channel."""
-    var, mean = bn.running_var.to(like), bn.running_mean.to(like)
-    gamma = bn.weight.to(like) if bn.weight is not None else torch.ones(channels, dtype=like.dtype, device=like.device)
-    beta = bn.bias.to(like) if bn.bias is not None else torch.zeros(channels, dtype=like.dtype, device=like.device)
-    d = gamma / torch.sqrt(var + bn.eps)
-    return d, beta - d * mean
-
-
 @torch.no_grad()
 def _merged(a: nn.Conv2d, bn: nn.BatchNorm2d | None, b: nn.Conv2d) -> nn.Conv2d:
     wa, wb = a.weight[:, :, 0, 0].double(), b.weight[:, :, 0, 0].double()
     m = wa.shape[0]
     ba = a.bias.double() if a.bias is not None else wa.new_zeros(m)
-    d, c = _bn_affine(bn, m, wa) if bn is not None else (wa.new_ones(m), wa.new_zeros(m))
+    d, c = (t.to(wa) for t in bn_affine(bn)) if bn is not None else (wa.new_ones(m), wa.new_zeros(m))
     w = wb @ (d[:, None] * wa)
     bias = wb @ (d * ba + c) + (b.bias.double() if b.bias is not None else 0)
     has_bias = a.bias is not None or bn is not None or b.bias is not None

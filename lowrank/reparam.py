@@ -99,6 +99,20 @@ def to_lowrank_bn(model: nn.Module, *, rank: int | None = None, ratio: float | N
     return model, reports
 
 
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, c)``, float64, with ``bn(y) = s * y + c`` per channel in eval mode: ``s = gamma /
+    sqrt(var + eps)``, ``c = beta - s * mean`` (mean 0 and variance 1 where it keeps no running
+    statistics, gamma 1 and beta 0 where it has no affine)."""
+    ref = next(iter([*bn.parameters(), *bn.buffers()]), None)
+    ones = torch.ones(bn.num_features, dtype=torch.float64, device=ref.device if ref is not None else None)
+    mean = bn.running_mean.double() if bn.running_mean is not None else torch.zeros_like(ones)
+    var = bn.running_var.double() if bn.running_var is not None else ones
+    gamma = bn.weight.double() if bn.weight is not None else ones
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(ones)
+    s = gamma / torch.sqrt(var + bn.eps)
+    return s, beta - s * mean
+
+
 @torch.no_grad()
 def fold_layer(layer: LowRankBNConv2d) -> tuple[FactorizedConv2d, SpatialSVDFactors]:
     """The BatchNorm folded into the vertical conv: ``V' = V * s``, ``b' = (b - mean) * s + beta``
@@ -112,17 +126,13 @@ def fold_layer(layer: LowRankBNConv2d) -> tuple[FactorizedConv2d, SpatialSVDFact
     g, k = geo.groups, vertical.out_channels // geo.groups
     (kh, kw), c_g, n_g = geo.kernel, geo.in_channels // g, geo.out_channels // g
     v = vertical.weight.double()
-    mean = bn.running_mean.double() if bn.running_mean is not None else torch.zeros(k * g, dtype=torch.float64)
-    var = bn.running_var.double() if bn.running_var is not None else torch.ones(k * g, dtype=torch.float64)
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
-    s = gamma / torch.sqrt(var + bn.eps)
-    b = vertical.bias.double() if vertical.bias is not None else torch.zeros_like(mean)
+    s, shift = bn_affine(bn)
+    b = vertical.bias.double() if vertical.bias is not None else torch.zeros_like(s)
     dt = vertical.weight.dtype
     f = SpatialSVDFactors(vertical=(v * s[:, None, None, None]).to(dt).reshape(g, k, c_g, kh),
                           horizontal=horizontal.weight.detach().reshape(g, n_g, k, kw).clone(),
                           shape=(geo.out_channels, c_g, kh, kw),
-                          vertical_bias=((b - mean) * s + beta).to(dt).reshape(g, k))
+                          vertical_bias=(b * s + shift).to(dt).reshape(g, k))
     template = geometry_to_conv(geo, device=vertical.weight.device, dtype=dt)
     if horizontal.bias is not None:
         template.bias.copy_(horizontal.bias)
