@@ -7,6 +7,7 @@ import base64
 import contextlib
 import fcntl
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -120,6 +121,32 @@ def with_retries(fn, *, what: str, attempts: int = 6, first_delay: float = 1.0, 
                 say(f"{what} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); retrying in {delay:.0f}s")
             time.sleep(delay)
             delay *= 2
+
+
+_LOST = re.compile(r"API request to \S+ failed with (timeout )?exception")
+
+
+def answer_lost(e: BaseException) -> bool:
+    """The request may have reached the server but no answer came back (the connection dropped
+    or timed out), as opposed to the server answering with an error."""
+    return type(e).__name__ == "MlflowException" and bool(_LOST.search(str(e)))
+
+
+def create_once(create, find, *, attempts: int = 3):
+    """``create()`` for a write that must not happen twice. Since MLflow 3.18 the client no longer
+    re-sends a create whose answer was lost (3.17 did, so creates could land twice); the
+    error reaches us instead. Then ``find()`` looks for what the create made (None if it never
+    reached the server), and the create is sent again only when nothing was found."""
+    for i in range(attempts):
+        try:
+            return create()
+        except Exception as e:
+            if not answer_lost(e) or i == attempts - 1:
+                raise
+            found = find()
+            if found is not None:
+                return found
+            time.sleep(0.5 * 2**i)
 
 
 @contextlib.contextmanager

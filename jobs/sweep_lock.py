@@ -7,8 +7,9 @@ import json
 import os
 import socket
 import time
+import uuid
 
-from .store import redact
+from .store import create_once, redact
 
 LOCK_TTL_SECONDS = float(os.environ.get("LOWRANK_LOCK_TTL", "180"))
 HEARTBEAT_SECONDS = 20.0
@@ -73,14 +74,14 @@ class SweepLock:
         return stale
 
     def start_parent(self, sweep: str, spec_dict: dict) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                     tags={"sweep": sweep, "kind": "sweep", "heartbeat": f"{time.time():.3f}",
-                                           "driver": f"{_hostname()}:{os.getpid()}"})
+        run = self.create_run(f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
+                              {"sweep": sweep, "kind": "sweep", "heartbeat": f"{time.time():.3f}",
+                               "driver": f"{_hostname()}:{os.getpid()}"})
         rid = run.info.run_id
         me = run.data.tags["driver"]
         fresh = [r for r in self._running_parents(sweep) if self._heartbeat_age(r) < LOCK_TTL_SECONDS]
         for r in [r for r in fresh if r.info.run_id != rid and r.data.tags.get("driver") == me]:
-            # our own create, re-sent by MLflow's client after its answer was lost: not another driver
+            # our own create, re-sent by MLflow's client (before 3.18) after its answer was lost
             self.client.set_tag(r.info.run_id, "failure", f"duplicate of {rid} (a re-sent create)")
             self.client.set_terminated(r.info.run_id, status="KILLED")
             fresh.remove(r)
@@ -93,6 +94,17 @@ class SweepLock:
         safe = redact(spec_dict)
         self.client.log_text(rid, json.dumps(safe, indent=2, default=str), "spec.json")
         return rid
+
+    def create_run(self, run_name: str, tags: dict):
+        """``MlflowClient.create_run`` that makes one run even where the server's answer is lost:
+        the run carries a unique ``attempt`` tag, by which ``create_once`` finds what it made."""
+        tags = {**tags, "attempt": uuid.uuid4().hex}
+
+        def made():
+            runs = self.client.search_runs([self.experiment_id], f"tags.attempt = '{tags['attempt']}'")
+            return runs[0] if runs else None
+
+        return create_once(lambda: self.client.create_run(self.experiment_id, run_name=run_name, tags=tags), made)
 
     def heartbeat(self, run_id: str) -> None:
         self.client.set_tag(run_id, "heartbeat", f"{time.time():.3f}")

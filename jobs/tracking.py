@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import deploy, report
-from .store import redact, sqlite_init_lock
+from .store import create_once, redact, sqlite_init_lock
 from .sweep_lock import HEARTBEAT_SECONDS, LOCK_TTL_SECONDS, SweepLock, SweepRunningError  # noqa: F401 - re-exported
 
 PIP_REQUIREMENTS = ["torch==2.13.0"]
@@ -115,10 +115,9 @@ class Tracker(SweepLock):
         mlflow = self.mlflow
         from mlflow.entities import Metric  # deferred with MLflow itself
 
-        run = self.client.create_run(self.experiment_id, run_name=f"{cfg.model.name}-{cfg.method}",
-                                     tags={"mlflow.parentRunId": parent_id, "sweep": cfg.sweep, "kind": "config",
-                                           "config_hash": cfg.config_hash, "model": cfg.model.name,
-                                           "method": cfg.method})
+        run = self.create_run(f"{cfg.model.name}-{cfg.method}",
+                              {"mlflow.parentRunId": parent_id, "sweep": cfg.sweep, "kind": "config",
+                               "config_hash": cfg.config_hash, "model": cfg.model.name, "method": cfg.method})
         rid = run.info.run_id
         self._supersede(parent_id, cfg.config_hash, rid)
         metrics = report.config_metrics(base, result)
@@ -159,10 +158,11 @@ class Tracker(SweepLock):
         # the version is created with its tags in one call: a driver killed here never leaves a
         # version without its config_hash (which a re-run would then duplicate)
         with contextlib.redirect_stderr(io.StringIO()):  # "Created version ..." chatter; errors still raise
-            mv = mlflow.register_model(info.model_uri, cfg.registered_name, tags=tags)
-        # MLflow's HTTP client re-sends any request whose answer was lost (urllib3 Retry on every
-        # method), so a create that reached the server just before it went away can land twice
-        # inside this one call; the earliest version stays, later copies are deleted
+            mv = create_once(lambda: mlflow.register_model(info.model_uri, cfg.registered_name, tags=tags),
+                             lambda: self.keep_one_version(cfg))
+        # MLflow's HTTP client before 3.18 re-sent any request whose answer was lost (urllib3 Retry
+        # on every method), so a create that reached the server just before it went away could land
+        # twice inside this one call; the earliest version stays, later copies are deleted
         kept = self.keep_one_version(cfg)
         version = str(kept.version if kept is not None else mv.version)
         self.client.set_terminated(rid, status="FINISHED")
@@ -198,10 +198,10 @@ class Tracker(SweepLock):
     def _log_stages(self, config_run: str, cfg, stages: list[dict], q: str = "acc") -> None:
         """One child run per stage under the configuration's run."""
         for h in stages:
-            run = self.client.create_run(
-                self.experiment_id, run_name=f"{cfg.model.name}-{cfg.method}-stage{h['stage']}",
-                tags={"mlflow.parentRunId": config_run, "sweep": cfg.sweep, "kind": "stage",
-                      "model": cfg.model.name, "config_hash": cfg.config_hash, "stage": str(h["stage"])})
+            run = self.create_run(
+                f"{cfg.model.name}-{cfg.method}-stage{h['stage']}",
+                {"mlflow.parentRunId": config_run, "sweep": cfg.sweep, "kind": "stage",
+                 "model": cfg.model.name, "config_hash": cfg.config_hash, "stage": str(h["stage"])})
             rid = run.info.run_id
             self.client.log_param(rid, "layers", h["layers"])
             self.client.log_param(rid, "ratio", h["ratio"])
@@ -230,11 +230,11 @@ class Tracker(SweepLock):
         """Ray Tune trials of one configuration: a child run each (kind ``tune-trial``) with the
         allocation, whether ASHA stopped it, and top-1 per epoch as a metric history."""
         for x in records:
-            run = self.client.create_run(
-                self.experiment_id, run_name=f"{cfg.model.name}-tune-trial-{x['trial']}",
-                tags={"mlflow.parentRunId": parent_id, "sweep": cfg.sweep, "kind": "tune-trial",
-                      "model": cfg.model.name, "config_hash": cfg.config_hash, "trial": str(x["trial"]),
-                      "stopped_early": str(x["stopped_early"]).lower(), "chosen": str(x["chosen"]).lower()})
+            run = self.create_run(
+                f"{cfg.model.name}-tune-trial-{x['trial']}",
+                {"mlflow.parentRunId": parent_id, "sweep": cfg.sweep, "kind": "tune-trial",
+                 "model": cfg.model.name, "config_hash": cfg.config_hash, "trial": str(x["trial"]),
+                 "stopped_early": str(x["stopped_early"]).lower(), "chosen": str(x["chosen"]).lower()})
             rid = run.info.run_id
             self.client.log_param(rid, "allocation", x["allocation"][:6000])
             if x.get("threads") is not None:  # torch's threads in the trial: the CPUs Tune gave it

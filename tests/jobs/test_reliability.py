@@ -1,4 +1,5 @@
 """Faults survived, bad input refused, nothing lost, nothing executed (issue: reliability)."""
+import contextlib
 import json
 import os
 import platform
@@ -431,7 +432,8 @@ def test_copies_left_by_an_older_runner_resolve_to_the_earliest_version(tmp_path
 class _AnswerLosingProxy:
     """An HTTP proxy in front of a real MLflow server that forwards the first request whose path
     ends with ``suffix`` and then hangs up instead of answering, as a server that goes away right
-    after it committed does. MLflow's client re-sends it (urllib3 ``Retry`` on every method)."""
+    after it committed does. MLflow's client before 3.18 re-sends it (urllib3 ``Retry`` on every
+    method); from 3.18 the client raises and the tracker has to find what the create made."""
 
     def __init__(self, upstream_port: int, suffix: str):
         import http.client
@@ -477,55 +479,80 @@ class _AnswerLosingProxy:
         self.server.shutdown()
 
 
-def test_a_create_whose_answer_is_lost_and_resent_by_mlflow_leaves_one_version(tmp_path):
-    """Seen in the suite under load: the server committed a ``model-versions/create`` and went away
-    before answering; MLflow's client re-sent it inside the one ``register_model`` call, so the
-    configuration had two versions. The tracker keeps the earliest and deletes the copy."""
-    from mlflow import MlflowClient
-
-    from jobs.tracking import Tracker
-
+@contextlib.contextmanager
+def _lossy_server(tmp_path, suffix: str):
+    """A real MLflow server and an ``_AnswerLosingProxy`` in front of it: (server URI, proxy)."""
     port = _free_port()
     server = _start_mlflow_server(tmp_path / "server", port)
     proxy = None
     try:
         _wait_up(f"http://127.0.0.1:{port}")
-        proxy = _AnswerLosingProxy(port, "/model-versions/create")
+        proxy = _AnswerLosingProxy(port, suffix)
+        yield f"http://127.0.0.1:{port}", proxy
+    finally:
+        if proxy:
+            proxy.close()
+        os.killpg(server.pid, signal.SIGTERM)
+
+
+def test_a_create_whose_answer_is_lost_and_resent_by_mlflow_leaves_one_version(tmp_path):
+    """Seen in the suite under load: the server committed a ``model-versions/create`` and went away
+    before answering. MLflow's client before 3.18 re-sent it inside the one ``register_model`` call
+    (two versions: the tracker keeps the earliest and deletes the copy); from 3.18 the call raises
+    and the tracker finds the version the create made instead of registering another."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking import Tracker
+
+    with _lossy_server(tmp_path, "/model-versions/create") as (uri, proxy):
         cfg, base, result, model, _ = _one_result(tmp_path)
         tracker = Tracker(f"http://127.0.0.1:{proxy.port}", "lossy")
         version = tracker.log_config(tracker.start_parent(cfg.sweep, {}), cfg, base, result, model)
         creates = [p for p in proxy.forwarded if p.endswith("/model-versions/create")]
-        assert proxy.dropped == 1 and len(creates) == 2, creates  # the fault happened: the create was re-sent
-        versions = MlflowClient(f"http://127.0.0.1:{port}").search_model_versions(f"name='{cfg.registered_name}'")
+        assert proxy.dropped == 1 and len(creates) in (1, 2), creates  # the fault happened
+        client = MlflowClient(uri)
+        versions = client.search_model_versions(f"name='{cfg.registered_name}'")
         assert [(str(v.version), v.tags["config_hash"]) for v in versions] == [(version, cfg.config_hash)]
         assert version == "1"  # the earliest copy is the one kept
-    finally:
-        if proxy:
-            proxy.close()
-        os.killpg(server.pid, signal.SIGTERM)
+        assert client.get_run(versions[0].run_id).info.status == "FINISHED"
 
 
 def test_a_resent_parent_create_is_not_taken_for_a_second_driver(tmp_path):
-    """A lost answer to ``runs/create`` makes MLflow's client create the sweep's parent run twice;
-    the driver must not then refuse its own sweep as "started at the same time" elsewhere."""
+    """A lost answer to ``runs/create`` for the sweep's parent run: MLflow's client before 3.18
+    created it twice, and from 3.18 raises. Either way the driver goes on with one RUNNING parent
+    and does not refuse its own sweep as "started at the same time" elsewhere."""
     from mlflow import MlflowClient
 
     from jobs.tracking import Tracker
 
-    port = _free_port()
-    server = _start_mlflow_server(tmp_path / "server", port)
-    proxy = None
-    try:
-        _wait_up(f"http://127.0.0.1:{port}")
-        proxy = _AnswerLosingProxy(port, "/runs/create")
+    with _lossy_server(tmp_path, "/runs/create") as (uri, proxy):
         tracker = Tracker(f"http://127.0.0.1:{proxy.port}", "lossy")
         rid = tracker.start_parent("s", {})
-        assert proxy.dropped == 1 and proxy.forwarded.count("/api/2.0/mlflow/runs/create") == 2
-        runs = MlflowClient(f"http://127.0.0.1:{port}").search_runs([tracker.experiment_id], "tags.kind = 'sweep'")
+        sent = proxy.forwarded.count("/api/2.0/mlflow/runs/create")
+        assert proxy.dropped == 1 and sent in (1, 2), proxy.forwarded
+        runs = MlflowClient(uri).search_runs([tracker.experiment_id], "tags.kind = 'sweep'")
         status = {r.info.run_id: r.info.status for r in runs}
-        assert len(status) == 2 and status.pop(rid) == "RUNNING"
-        assert list(status.values()) == ["KILLED"]
-    finally:
-        if proxy:
-            proxy.close()
-        os.killpg(server.pid, signal.SIGTERM)
+        assert status.pop(rid) == "RUNNING"
+        assert list(status.values()) == ["KILLED"] * (sent - 1)  # a re-sent copy is KILLED
+
+
+def test_a_config_run_whose_create_answer_is_lost_is_found_not_made_twice(tmp_path):
+    """The same for a configuration's own run: one FINISHED run carries the version; a re-sent
+    copy (MLflow before 3.18) ends FAILED, superseded."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking import Tracker
+
+    with _lossy_server(tmp_path, "/runs/create") as (uri, proxy):
+        parent = Tracker(uri, "lossy").start_parent("s", {})  # past the proxy: its first runs/create is the config's
+        cfg, base, result, model, _ = _one_result(tmp_path)
+        tracker = Tracker(f"http://127.0.0.1:{proxy.port}", "lossy")
+        version = tracker.log_config(parent, cfg, base, result, model)
+        sent = proxy.forwarded.count("/api/2.0/mlflow/runs/create")
+        assert proxy.dropped == 1 and sent in (1, 2), proxy.forwarded
+        client = MlflowClient(uri)
+        runs = client.search_runs([tracker.experiment_id],
+                                  f"tags.config_hash = '{cfg.config_hash}' and tags.kind = 'config'")
+        assert sorted(r.info.status for r in runs) == ["FAILED"] * (sent - 1) + ["FINISHED"]
+        [v] = client.search_model_versions(f"name='{cfg.registered_name}'")
+        assert str(v.version) == version and client.get_run(v.run_id).info.status == "FINISHED"
