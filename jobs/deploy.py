@@ -114,10 +114,32 @@ def export_onnx(model: nn.Module, input_shape, path: str | Path, *, check: bool 
     merged, n = lowrank.fuse_pointwise(model) if fuse else (model, 0)
     if n:
         try:
-            return _export_checked(merged, model, x, path, check)
+            return _stamp(_export_checked(merged, model, x, path, check), n)
         except RuntimeUnavailable:  # e.g. a traced graph an exporter takes less well: the model as it is
             pass
     return _export_checked(model, model, x, path, check)
+
+
+MERGED_KEY = "lowrank.merged_1x1_pairs"  # ONNX metadata: how many 1x1 conv pairs the file has merged
+
+
+def _stamp(path: Path, n: int) -> Path:
+    """Record in the file's metadata that ``n`` 1x1 conv pairs were merged (weights kept where the
+    exporter put them, inline or beside the file)."""
+    import onnx  # deferred: only export needs the ONNX package
+
+    m = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props}, MERGED_KEY: str(n)})
+    onnx.save(m, str(path))
+    return path
+
+
+def merged_pairs(path: str | Path) -> int:
+    """The 1x1 conv pairs ``export_onnx`` merged in the exported file (0: exported as it was)."""
+    import onnx  # deferred: only export needs the ONNX package
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return int(props.get(MERGED_KEY, 0))
 
 
 def _export_checked(exported: nn.Module, model: nn.Module, x: torch.Tensor, path: Path, check: bool) -> Path:
@@ -172,8 +194,12 @@ class Runtime:
     prepare: Callable
 
 
+def _onnx_path(model, input_shape, workdir) -> Path:
+    return Path(workdir) / f"m{id(model)}-{'x'.join(map(str, input_shape))}.onnx"
+
+
 def _prepare_ort(model, input_shape, threads, workdir):
-    path = Path(workdir) / f"m{id(model)}-{'x'.join(map(str, input_shape))}.onnx"
+    path = _onnx_path(model, input_shape, workdir)
     if not path.exists():  # exported and checked once per model and input: every (batch, threads) pair reuses it
         export_onnx(model, input_shape, path)
     sess = _session(path, threads)
@@ -239,7 +265,8 @@ def paired(dense: nn.Module, compressed: nn.Module, input_shape, *, runtime: str
            batches=(1, 32), threads=(1, 0), all_threads: int | None = None, repeats: int = 30) -> list[dict]:
     """Median forward time of both models on ``runtime`` for every (batch, threads) pair
     (``threads`` 0 = ``all_threads``, by default torch's intra-op threads), interleaved. One row per
-    pair: ``{runtime, input, batch, threads, dense_ms, compressed_ms, speedup, repeats}``."""
+    pair: ``{runtime, input, batch, threads, dense_ms, compressed_ms, speedup, repeats}``, and on
+    ONNX Runtime ``merged``: the 1x1 conv pairs merged in the timed files, ``(dense, compressed)``."""
     every = max(1, all_threads or torch.get_num_threads())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,6 +277,9 @@ def paired(dense: nn.Module, compressed: nn.Module, input_shape, *, runtime: str
                 rows.append({"runtime": runtime, "input": "x".join(map(str, input_shape)), "batch": b, "threads": t,
                              "dense_ms": 1e3 * d, "compressed_ms": 1e3 * c, "speedup": d / c if c > 0 else math.nan,
                              "repeats": repeats})
+        if runtime == "onnxruntime":
+            merged = tuple(merged_pairs(_onnx_path(m.float().eval(), tuple(input_shape), tmp)) for m in (dense, compressed))
+            rows = [{**r, "merged": merged} for r in rows]
     return rows
 
 

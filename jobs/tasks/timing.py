@@ -27,10 +27,9 @@ def timing_task(dense, compressed, input_shape: tuple, latency: LatencySpec, lay
         note = f"{latency.runtime} could not run the model ({deploy.failure(e)})"
         rows = deploy.paired(dense, compressed, shape, runtime="torch", **kw)
     runtime = rows[0]["runtime"]
-    if runtime == "onnxruntime":  # what the export merged (deploy.export_onnx), said beside the figures
-        merged = [lowrank.fuse_pointwise(m)[1] for m in (compressed, dense)]
-        if any(merged):
-            note = "; ".join(filter(None, [note, f"1x1 conv pairs merged at export: {merged[0]} (dense: {merged[1]})"]))
+    if any(rows[0].get("merged", ())):  # what the timed ONNX files merged (deploy.export_onnx), beside the figures
+        dense_n, compressed_n = rows[0]["merged"]
+        note = "; ".join(filter(None, [note, f"1x1 conv pairs merged at export: {compressed_n} (dense: {dense_n})"]))
     try:
         per = deploy.per_layer(dense, compressed, list(layers), shape, runtime=runtime, repeats=latency.repeats)
     except Exception:  # noqa: BLE001 - a layer the runtime cannot take alone: those layers are timed eagerly

@@ -180,6 +180,36 @@ def test_export_merges_pointwise_chains_and_the_file_still_computes_the_model(tm
             np.testing.assert_allclose(deploy._session(path, 1).run(None, {"input": x.numpy()})[0], small(x).numpy(),
                                        rtol=1e-4, atol=1e-5)
     assert convs == {False: 5, True: 3}  # the 3x3 conv, 64 -> 16 (merged twice), 16 -> 64
+    assert [deploy.merged_pairs(tmp_path / f"m{fuse}.onnx") for fuse in (False, True)] == [0, 2]  # in its metadata
+
+
+def test_the_merge_count_of_a_file_only_the_next_exporter_takes_is_stamped_beside_its_weights(tmp_path):
+    """The torch.export-based exporter keeps the weights in a file beside the model: the stamp
+    rewrites the model only, and ONNX Runtime still finds them."""
+    _, small = _pointwise_pairs()
+    odd = nn.Sequential(small[:5], nn.AdaptiveAvgPool2d((5, 5)), nn.Flatten(), nn.Linear(64 * 25, 4)).eval()
+    path = deploy.export_onnx(odd, (3, 12, 12), tmp_path / "m.onnx")  # 12 -> 5: the TorchScript exporter refuses
+    assert deploy.merged_pairs(path) == 2 and (tmp_path / "m.onnx.data").exists()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        np.testing.assert_allclose(deploy._session(path, 1).run(None, {"input": x.numpy()})[0], odd(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_where_the_merged_graph_does_not_export_the_model_as_it_is_is_timed_and_nothing_is_said_merged(monkeypatch):
+    dense, small = _pointwise_pairs()
+
+    def refusing(export):  # the exporters refuse every merged (traced) graph: the model as it is goes out
+        def run(model, x, path):
+            if isinstance(model, torch.fx.GraphModule):
+                raise RuntimeError("refused for the test")
+            export(model, x, path)
+        return run
+
+    monkeypatch.setattr(deploy, "EXPORTERS", {k: refusing(f) for k, f in deploy.EXPORTERS.items()})
+    out = timing_task(dense, small, (3, 12, 12), LatencySpec(batches=[1], threads=[1], repeats=3))
+    assert out["runtime"] == "onnxruntime" and out["note"] == ""
+    assert out["rows"][0]["merged"] == (0, 0)
 
 
 def test_timing_says_what_the_export_merged():
