@@ -133,19 +133,22 @@ def answer_lost(e: BaseException) -> bool:
 
 
 def create_once(create, find, *, attempts: int = 3):
-    """``create()`` for a write that must not happen twice. Since MLflow 3.18 the client no longer
-    re-sends a create whose answer was lost (3.17 did, so creates could land twice); the
-    error reaches us instead. Then ``find()`` looks for what the create made (None if it never
-    reached the server), and the create is sent again only when nothing was found."""
+    """``create()`` for a write that must not happen twice. Where the answer was lost (MLflow 3.18
+    and later raise; before 3.18 the client re-sent the create, which could land twice or come back
+    ``RESOURCE_ALREADY_EXISTS``), or another driver created the same thing first, ``find()`` looks
+    for what was made (None: nothing reached the server), and only then is the create sent again."""
     for i in range(attempts):
         try:
             return create()
         except Exception as e:
-            if not answer_lost(e) or i == attempts - 1:
+            exists = getattr(e, "error_code", None) == "RESOURCE_ALREADY_EXISTS"
+            if not (exists or answer_lost(e)):
                 raise
             found = find()
             if found is not None:
                 return found
+            if exists or i == attempts - 1:
+                raise
             time.sleep(0.5 * 2**i)
 
 

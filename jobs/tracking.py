@@ -71,7 +71,9 @@ class Tracker(SweepLock):
         with sqlite_init_lock(tracking_uri):  # the first access creates/migrates a sqlite store
             self.client = MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            self.experiment_id = exp.experiment_id if exp else create_once(
+                lambda: self.client.create_experiment(experiment),
+                lambda: getattr(self.client.get_experiment_by_name(experiment), "experiment_id", None))
 
     # ---------------------------------------------------------------- registry reads
     def registered_versions(self, name: str) -> list:

@@ -536,6 +536,18 @@ def test_a_resent_parent_create_is_not_taken_for_a_second_driver(tmp_path):
         assert list(status.values()) == ["KILLED"] * (sent - 1)  # a re-sent copy is KILLED
 
 
+def test_an_experiment_whose_create_answer_is_lost_is_found(tmp_path):
+    from mlflow import MlflowClient
+
+    from jobs.tracking import Tracker
+
+    with _lossy_server(tmp_path, "/experiments/create") as (uri, proxy):
+        tracker = Tracker(f"http://127.0.0.1:{proxy.port}", "lossy")
+        assert proxy.dropped == 1
+        assert [e.experiment_id for e in MlflowClient(uri).search_experiments() if e.name == "lossy"] == \
+            [tracker.experiment_id]
+
+
 def test_a_config_run_whose_create_answer_is_lost_is_found_not_made_twice(tmp_path):
     """The same for a configuration's own run: one FINISHED run carries the version; a re-sent
     copy (MLflow before 3.18) ends FAILED, superseded."""
