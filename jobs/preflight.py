@@ -54,11 +54,10 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
         size, channels = prep.crop, prep.channels
         dry_forward(model, m.num_classes, size, f"{source}: models.{i}", channels=channels)
         lat = spec.latency.input_size
-        if lat is not None and lat != size and comp is not None and comp.search is not None \
-                and comp.search.target == "latency":  # the search times every layer at that size
+        if lat is not None and lat != size:  # every version is timed at that size (and a latency search screens at it)
             dry_forward(model, m.num_classes, lat, f"{source}: latency.input_size: models.{i}", channels=channels,
-                        what="the latency target's input size", accepted="a latency.input_size the model can take, "
-                        "or none (the data's input size)")
+                        what="the size it is timed at", accepted="a latency.input_size the model can take, "
+                        f"or none (the data's input size, {size} px)")
         if spec.from_scratch is not None:
             _check_scratch(spec.from_scratch, model, m.name, source)
         if comp is not None:

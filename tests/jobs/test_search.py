@@ -175,15 +175,23 @@ def test_a_latency_target_is_screened_at_the_deployed_input_size(tmp_path, make_
     assert "outside the searched layers" in capsys.readouterr().out
 
 
-def test_a_latency_target_at_a_size_the_model_cannot_take_is_refused_before_ray(make_spec, capsys):
-    spec, data = make_spec("tiny-search.yaml", lambda d: (
-        d["models"].__setitem__(0, {"name": "vgg11", "num_classes": 10}),
-        d["compression"]["search"].update(strategies=["budget"], target="latency", ratio=1.2),
-        d.update(latency={"input_size": 16}), d["dataset"].update(input_size=32)), name="latency-size.yaml")
+@pytest.mark.parametrize("spec_file,search", [("tiny-search.yaml", True), ("tiny.yaml", False)])
+def test_a_latency_size_the_model_cannot_take_is_refused_before_ray(make_spec, capsys, spec_file, search):
+    """Every version is timed at ``latency.input_size`` (a latency search also screens at it): a
+    model that cannot run there is refused up front, not found out after the sweep's work."""
+    def edit(d):
+        d["models"][0] = {"name": "vgg11", "num_classes": 10}
+        d.update(latency={"input_size": 16})
+        d["dataset"].update(input_size=32)
+        if search:
+            d["compression"]["search"].update(strategies=["budget"], target="latency", ratio=1.2)
+
+    spec, _ = make_spec(spec_file, edit, name="latency-size.yaml")
     assert main(["run", str(spec)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "latency.input_size: models.0: VGG cannot run at the latency target's input size 16x16" \
-        in err[0] and "accepted: a latency.input_size the model can take" in err[0], err
+    assert len(err) == 1 and "latency.input_size: models.0: VGG cannot run at the size it is timed at 16x16" \
+        in err[0] and "accepted: a latency.input_size the model can take, or none (the data's input size, 32 px)" \
+        in err[0], err
 
 
 @pytest.mark.parametrize("layers,expected", [
