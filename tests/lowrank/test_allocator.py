@@ -15,17 +15,21 @@ ROOT = Path(__file__).resolve().parents[2]
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
 FIT = """
-import json, math, resource, sys, torch
+import json, math, resource, statistics, sys, torch
 from lowrank.allocator import allocator_tuned, tune_allocator
 tuned = tune_allocator()
 from lowrank.decompositions.cp_als import cp_als, init_factors
 torch.manual_seed(0)
-x = torch.randn(96, 96, 9, dtype=torch.float64)
-init = init_factors(x, 160, "svd")
-cp_als(x, 160, init=init, n_iter_max=2, tol=-1.0)  # one-off costs outside the count
-r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-f, errs = cp_als(x, 160, init=init, n_iter_max=20, tol=-1.0)
-print(json.dumps({"tuned": tuned, "state": allocator_tuned(), "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0,
+x = torch.randn(128, 128, 9, dtype=torch.float64)
+init = init_factors(x, 280, "svd")
+cp_als(x, 280, init=init, n_iter_max=2, tol=-1.0)  # one-off costs outside the count
+windows, errs = [], []
+for _ in range(6):  # six fits of 10 sweeps, faults counted in each
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f, e = cp_als(x, 280, init=init, n_iter_max=10, tol=-1.0)
+    windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    errs.append(e[-1])
+print(json.dumps({"tuned": tuned, "state": allocator_tuned(), "windows": windows, "faults": statistics.median(windows),
                   "err": errs[-1]}))
 """
 
@@ -42,11 +46,13 @@ def test_tuned_sweeps_stop_faulting_their_temporaries_in_and_fit_the_same():
     default, tuned = _fit("default"), _fit("tuned")
     assert default["tuned"] is False and default["state"] is False
     assert tuned["tuned"] is True and tuned["state"] is True
-    # glibc's defaults hand the megabyte temporaries back and fault them in again every sweep
-    assert default["faults"] > 2000, default
-    # tuned, what is left is the process's own start-up (about a thousand faults on a loaded machine): a
-    # third of the default's leaves room for that and still fails when the tuning does nothing
-    assert tuned["faults"] < default["faults"] / 3, (default, tuned)
+    # faults per window of 10 sweeps, the median of six: a single count was too noisy. With glibc's
+    # defaults the megabyte temporaries go back to the kernel and fault in again (medians 3600-14500
+    # here; its dynamic threshold keeps them in some windows, never in most). Tuned, a fit reuses what
+    # the one before touched: 0-1 faults in most windows, the first up to a few thousand (thread
+    # arenas, a loaded machine). A quarter of the default's still fails when the tuning does nothing
+    assert default["faults"] > 1000, default
+    assert tuned["faults"] < default["faults"] / 4, (default, tuned)
     assert tuned["err"] == pytest.approx(default["err"], rel=1e-12)  # where memory comes from, not what is computed
 
 
