@@ -128,8 +128,15 @@ _LOST = re.compile(r"API request to \S+ failed with (timeout )?exception")
 
 def answer_lost(e: BaseException) -> bool:
     """The request may have reached the server but no answer came back (the connection dropped
-    or timed out), as opposed to the server answering with an error."""
-    return type(e).__name__ == "MlflowException" and bool(_LOST.search(str(e)))
+    or timed out), as opposed to the server answering with an error: MLflow raises a plain
+    ``MlflowException`` for it, raised while handling the ``requests`` error (or, by its wording,
+    where that is not kept)."""
+    if type(e).__name__ != "MlflowException":
+        return False
+    import requests  # deferred: MLflow's own HTTP client library, only the driver's side needs it
+
+    inner = e.__cause__ or e.__context__
+    return isinstance(inner, (requests.ConnectionError, requests.Timeout)) or bool(_LOST.search(str(e)))
 
 
 def create_once(create, find, *, attempts: int = 3):
