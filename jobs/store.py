@@ -14,6 +14,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import requests  # MLflow's HTTP client library: its errors tell a lost answer (answer_lost)
+
 from .spec import SpecError
 
 SECRET_MARKERS = ("TOKEN", "PASSWORD", "SECRET", "KEY", "CREDENTIAL", "AUTH")
@@ -133,8 +135,6 @@ def answer_lost(e: BaseException) -> bool:
     where that is not kept)."""
     if type(e).__name__ != "MlflowException":
         return False
-    import requests  # deferred: MLflow's own HTTP client library, only the driver's side needs it
-
     inner = e.__cause__ or e.__context__
     return isinstance(inner, (requests.ConnectionError, requests.Timeout)) or bool(_LOST.search(str(e)))
 
