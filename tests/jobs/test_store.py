@@ -19,6 +19,12 @@ def _raised_while(inner: Exception, message: str) -> MlflowException:
         return e
 
 
+def _raising(e: Exception):
+    def create():
+        raise e
+    return create
+
+
 def test_a_lost_answer_is_told_from_an_answer():
     assert answer_lost(_raised_while(requests.ConnectionError("aborted"), "any wording"))
     assert answer_lost(_raised_while(requests.ReadTimeout("slow"), "any wording"))
@@ -43,11 +49,11 @@ def test_create_once_finds_what_a_lost_create_made_and_resends_only_when_nothing
     sent.clear()
     assert create_once(create, lambda: None) == "made on the second try" and len(sent) == 2
     exists = RestException({"error_code": "RESOURCE_ALREADY_EXISTS", "message": "Experiment(name=x) already exists"})
-    assert create_once(lambda: (_ for _ in ()).throw(exists), lambda: "the other driver's") == "the other driver's"
+    assert create_once(_raising(exists), lambda: "the other driver's") == "the other driver's"
     with pytest.raises(RestException):  # it says it exists, yet nothing is found: not re-sent, raised
-        create_once(lambda: (_ for _ in ()).throw(exists), lambda: None)
+        create_once(_raising(exists), lambda: None)
     looked = []
     with pytest.raises(RestException):  # any other answer is raised as it is, without a look-up
-        create_once(lambda: (_ for _ in ()).throw(RestException({"error_code": "INVALID_PARAMETER_VALUE",
-                                                                 "message": "bad"})), lambda: looked.append(1))
+        create_once(_raising(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad"})),
+                    lambda: looked.append(1))
     assert looked == []
