@@ -35,11 +35,8 @@ def in_sweep(x, rank: int, init, sweeps: int = 40) -> tuple[float, dict[str, flo
     """(microseconds per sweep, share of it per part) of ``cp_als`` with line search: the parts
     timed where the sweep calls them (``solve_normal``: Cholesky and solve; ``start`` and
     ``mode1``: the two large GEMMs and their contractions), after one warm-up fit."""
-    from lowrank.decompositions import cp_als as cp_als_module
-    from lowrank.decompositions import cp_sweep
-
     spent: dict[str, float] = {}
-    originals = {"solve_normal": cp_als_module.solve_normal, "start": cp_sweep.Sweep.start,
+    originals = {"solve_normal": cp_sweep.solve_normal, "start": cp_sweep.Sweep.start,
                  "mode1": cp_sweep.Sweep.mode1}
 
     def timed(name, fn):
@@ -51,7 +48,7 @@ def in_sweep(x, rank: int, init, sweeps: int = 40) -> tuple[float, dict[str, flo
         return run
 
     cp_als(x, rank, init=init, n_iter_max=sweeps, tol=-1, linesearch=True)
-    cp_als_module.solve_normal = timed("solve_normal", originals["solve_normal"])
+    cp_sweep.solve_normal = timed("solve_normal", originals["solve_normal"])
     cp_sweep.Sweep.start = timed("start", originals["start"])
     cp_sweep.Sweep.mode1 = timed("mode1", originals["mode1"])
     try:
@@ -59,7 +56,7 @@ def in_sweep(x, rank: int, init, sweeps: int = 40) -> tuple[float, dict[str, flo
         cp_als(x, rank, init=init, n_iter_max=sweeps, tol=-1, linesearch=True)
         total = time.perf_counter() - t
     finally:
-        cp_als_module.solve_normal = originals["solve_normal"]
+        cp_sweep.solve_normal = originals["solve_normal"]
         cp_sweep.Sweep.start, cp_sweep.Sweep.mode1 = originals["start"], originals["mode1"]
     return total / sweeps * 1e6, {k: v / total for k, v in spent.items()}
 

@@ -30,27 +30,29 @@ def _int(v: int = 0) -> ctypes.c_int64:
     return ctypes.c_int64(v)
 
 
-def _direct_solve(routines, g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(G Gamma^{-1}, failed)`` for a batch ``(B, I, R)``, ``(B, R, R)`` by ``potrf``/``potrs``."""
+def _direct_solve(routines, g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``(G Gamma^{-1}, failed)`` for a batch ``(B, I, R)``, ``(B, R, R)`` by ``potrf``/``potrs``;
+    ``failed`` lists the problems whose ``Gamma`` was not positive definite (a Python list: no
+    tensor operation per problem, which on small layers costs as much as the solve)."""
     potrf, potrs = routines
     chol, out = gamma.contiguous().clone(), g.contiguous().clone()
-    n, nrhs, uplo = _int(gamma.shape[-1]), _int(g.shape[-2]), ctypes.c_char_p(b"L")
-    failed = torch.zeros(gamma.shape[0], dtype=torch.bool)
+    n, nrhs, uplo, info = _int(gamma.shape[-1]), _int(g.shape[-2]), ctypes.c_char_p(b"L"), _int()
+    pn, pnrhs, pinfo = ctypes.byref(n), ctypes.byref(nrhs), ctypes.byref(info)
+    failed = []
     for b in range(gamma.shape[0]):
-        info = _int()
-        potrf(uplo, ctypes.byref(n), ctypes.c_void_p(chol[b].data_ptr()), ctypes.byref(n), ctypes.byref(info))
+        c = ctypes.c_void_p(chol[b].data_ptr() if gamma.shape[0] > 1 else chol.data_ptr())
+        potrf(uplo, pn, c, pn, pinfo)
+        if info.value == 0:
+            o = ctypes.c_void_p(out[b].data_ptr() if gamma.shape[0] > 1 else out.data_ptr())
+            potrs(uplo, pn, pnrhs, c, pn, o, pn, pinfo)
         if info.value != 0:  # not positive definite: the caller takes the pseudo-inverse
-            failed[b] = True
-            continue
-        potrs(uplo, ctypes.byref(n), ctypes.byref(nrhs), ctypes.c_void_p(chol[b].data_ptr()), ctypes.byref(n),
-              ctypes.c_void_p(out[b].data_ptr()), ctypes.byref(n), ctypes.byref(info))
-        failed[b] = info.value != 0
+            failed.append(b)
     return out, failed
 
 
-def _torch_solve(g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_solve(g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     chol, info = torch.linalg.cholesky_ex(gamma)
-    return torch.cholesky_solve(g.mT, chol).mT, info != 0
+    return torch.cholesky_solve(g.mT, chol).mT, torch.nonzero(info).flatten().tolist()
 
 
 @functools.cache
@@ -67,14 +69,14 @@ def _routines(dtype: torch.dtype):
     gamma = torch.tensor([[4.0, 1.0, 0.5], [1.0, 3.0, 0.25], [0.5, 0.25, 2.0]], dtype=dtype).unsqueeze(0)
     g = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]], dtype=dtype).unsqueeze(0)
     out, failed = _direct_solve(routines, g, gamma)
-    ok = not bool(failed.any()) and torch.allclose(out, g @ torch.linalg.inv(gamma), rtol=1e-4, atol=1e-5)
+    ok = not failed and torch.allclose(out, g @ torch.linalg.inv(gamma), rtol=1e-4, atol=1e-5)
     return routines if ok else None
 
 
-def cholesky_solve_right(g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cholesky_solve_right(g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """``(G Gamma^{-1}, failed)`` for a batch ``(B, I, R)``, ``(B, R, R)`` with ``Gamma`` symmetric:
-    ``failed`` ``(B,)`` marks the problems whose ``Gamma`` was not positive definite (their rows of
-    the result are not to be used)."""
+    ``failed`` lists the problems whose ``Gamma`` was not positive definite (their rows of the
+    result are not to be used)."""
     routines = _routines(g.dtype) if g.device.type == "cpu" and g.dtype in _NAMES else None
     return _direct_solve(routines, g, gamma) if routines is not None else _torch_solve(g, gamma)
 

@@ -9,8 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .cp_init import init_factors
-from .cp_sweep import (LS_FIRST_POWER, Sweep, gram_product, khatri_rao, ls_schedule, model_norm2, rebalance,
-                       solve_normal)
+from .cp_sweep import LS_FIRST_POWER, Sweep, gram_product, khatri_rao, ls_schedule, model_norm2, rebalance
 
 __all__ = ["SweepEngine", "cp_als", "gram_product", "init_factors", "khatri_rao", "rebalance", "reconstruct"]
 
@@ -48,13 +47,15 @@ class SweepEngine:
         started = self.start(factors)
         return self.rel_error(float((started[1][0] * factors[0]).sum()), grams), grams, started
 
-    def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable,
+    def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable | None = None,
               started: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
-        """One sweep; ``update(n, G, gamma)`` returns the new factor of mode ``n``; ``started``:
-        ``start(factors)``'s result, if at hand. Updates ``factors`` and ``grams`` in place and
-        returns ``<X, X_hat>`` for the final model."""
+        """One sweep; ``update(n, G, gamma)`` returns the new factor of mode ``n`` (``None``: ALS's
+        own, ``G gamma^{-1}``, run on the batch of one as it lies); ``started``: ``start(factors)``'s
+        result, if at hand. Updates ``factors`` and ``grams`` in place and returns ``<X, X_hat>``
+        for the final model."""
         fb, gb = [f.unsqueeze(0) for f in factors], [g.unsqueeze(0) for g in grams]
-        inner = self._sweep.sweep(fb, gb, lambda n, g, gam: update(n, g[0], gam[0]).unsqueeze(0), started)
+        batched = None if update is None else (lambda n, g, gam: update(n, g[0], gam[0]).unsqueeze(0))
+        inner = self._sweep.sweep(fb, gb, batched, started)
         factors[:], grams[:] = [f[0] for f in fb], [g[0] for g in gb]
         return float(inner[0])
 
@@ -80,13 +81,12 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
     engine = SweepEngine(x)
     grams = [f.T @ f for f in factors]
     errors: list[float] = []
-    update = lambda n, g, gam: solve_normal(g, gam)  # noqa: E731
     power, refused = LS_FIRST_POWER, 0
     started = None  # the next sweep's first GEMM, where the line search already made it
 
     for it in range(1, n_iter_max + 1):
         prev = [f.clone() for f in factors] if linesearch else None
-        err = engine.rel_error(engine.sweep(factors, grams, update, started), grams)
+        err = engine.rel_error(engine.sweep(factors, grams, None, started), grams)
         started = None
         if linesearch and it > 2:
             step = it ** (1.0 / power)

@@ -12,11 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cp_als import init_factors, reconstruct
-from .cp_sweep import LS_FIRST_POWER, Sweep, ls_schedule, model_norm2, rebalance, solve_normal
-
-
-def _update(n: int, g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    return solve_normal(g, gamma)
+from .cp_sweep import LS_FIRST_POWER, Sweep, ls_schedule, model_norm2, rebalance
 
 
 def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max: int = 500,
@@ -45,7 +41,7 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
 
     for it in range(1, n_iter_max + 1):
         prev = [f.clone() for f in factors] if linesearch else None
-        err = rel(engine.sweep(factors, grams, _update, started), grams)
+        err = rel(engine.sweep(factors, grams, None, started), grams)
         started = None
         if linesearch and it > 2:
             step = (it ** (1.0 / power)).view(-1, 1, 1)

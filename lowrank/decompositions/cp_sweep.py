@@ -33,8 +33,8 @@ def solve_normal(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     ``Gamma`` is singular."""
     flat_g, flat_gamma = g.reshape(-1, *g.shape[-2:]), gamma.reshape(-1, *gamma.shape[-2:])
     out, bad = cholesky_solve_right(flat_g, flat_gamma)
-    if bool(bad.any()):
-        out[bad] = flat_g[bad] @ torch.linalg.pinv(flat_gamma[bad], hermitian=True)
+    for b in bad:
+        out[b] = flat_g[b] @ torch.linalg.pinv(flat_gamma[b], hermitian=True)
     return out.reshape(g.shape)
 
 
@@ -116,6 +116,10 @@ def contract_rows(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.linalg.vecdot(p[:, :, k], u, dim=1) for k in range(p.shape[2])], 1)
 
 
+def _als_update(n: int, g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    return solve_normal(g, gamma)
+
+
 class Sweep:
     """A batch of reshaped tensors ``(B, I0, I1, K_1, ...)`` and one sweep with a per-mode update."""
 
@@ -131,6 +135,8 @@ class Sweep:
         self.x, self.norm2 = self.x[mask], self.norm2[mask]
 
     def _small_mttkrp(self, q: torch.Tensor, smalls: list[torch.Tensor], m: int) -> torch.Tensor:
+        if len(smalls) == 1:  # order 3: ``q`` is the MTTKRP already
+            return q
         letters = "abcdefgh"[: len(smalls)]
         ins = ["z" + letters + "r"] + ["z" + letters[j] + "r" for j in range(len(smalls)) if j != m]
         ops = [q] + [smalls[j] for j in range(len(smalls)) if j != m]
@@ -145,13 +151,16 @@ class Sweep:
         p = (self.x.view(b, self.i0 * self.k, self.i1) @ factors[1]).view(b, self.i0, self.k, r)
         return p, weighted_slices(p, khatri_rao(factors[2:]), 2)
 
-    def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable,
+    def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable | None,
               started: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One sweep; ``update(n, G, gamma)`` returns mode ``n``'s new factor from its MTTKRP ``G``
-        ``(B, I_n, R)`` and normal-equations matrix ``gamma`` ``(B, R, R)``. ``started``: what
+        ``(B, I_n, R)`` and normal-equations matrix ``gamma`` ``(B, R, R)``; ``None``: ALS's own
+        update, ``G gamma^{-1}`` (``solve_normal``). ``started``: what
         ``start(factors)`` returned for these very factors (saves the first GEMM). Updates
         ``factors`` and ``grams`` in place; returns ``<X, X_hat>`` per problem (for the cheap
         error ``||X||^2 - 2<X, X_hat> + ||X_hat||^2``)."""
+        if update is None:
+            update = _als_update
         b, r = factors[0].shape[0], factors[0].shape[-1]
         p, g0 = started if started is not None else self.start(factors)
         factors[0] = update(0, g0, gram_product(grams, 0))
