@@ -45,7 +45,7 @@ class SweepEngine:
         if the point is taken. ``<X, X_hat> = sum(G_0 * U_0)`` from ``start``'s mode-0 MTTKRP."""
         grams = [f.T @ f for f in factors]
         started = self.start(factors)
-        return self.rel_error(float((started[1][0] * factors[0]).sum()), grams), grams, started
+        return self.rel_error(float(torch.vdot(started[1][0].flatten(), factors[0].flatten())), grams), grams, started
 
     def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable | None = None,
               started: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
@@ -85,12 +85,12 @@ def cp_als(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_iter_max:
     started = None  # the next sweep's first GEMM, where the line search already made it
 
     for it in range(1, n_iter_max + 1):
-        prev = [f.clone() for f in factors] if linesearch else None
+        prev = list(factors) if linesearch else None  # a sweep replaces factors, never writes into them
         err = engine.rel_error(engine.sweep(factors, grams, None, started), grams)
         started = None
         if linesearch and it > 2:
             step = it ** (1.0 / power)
-            trial = [p + step * (f - p) for p, f in zip(prev, factors)]
+            trial = [torch.lerp(p, f, step) for p, f in zip(prev, factors)]  # p + step (f - p)
             terr, tgrams, tstart = engine.evaluate(trial)
             accepted = terr < err
             if accepted:

@@ -40,12 +40,12 @@ def cp_als_batched(x: torch.Tensor, rank: int, *, init="svd", seed: int = 0, n_i
         return (engine.norm2 - 2 * inner + model_norm2(gs)).clamp_min(0).sqrt() / norm
 
     for it in range(1, n_iter_max + 1):
-        prev = [f.clone() for f in factors] if linesearch else None
+        prev = list(factors) if linesearch else None  # a sweep replaces factors, never writes into them
         err = rel(engine.sweep(factors, grams, None, started), grams)
         started = None
         if linesearch and it > 2:
             step = (it ** (1.0 / power)).view(-1, 1, 1)
-            trial = [p + step * (f - p) for p, f in zip(prev, factors)]
+            trial = [torch.lerp(p, f, step) for p, f in zip(prev, factors)]  # p + step (f - p)
             tgrams = [f.transpose(1, 2) @ f for f in trial]
             tstart = engine.start(trial)
             terr = rel((tstart[1] * trial[0]).sum((1, 2)), tgrams)
