@@ -300,7 +300,8 @@ def per_layer(dense: nn.Module, compressed: nn.Module, names, input_shape, *, ru
 
 def headline(rows: list[dict]) -> dict:
     """The figures a registered version is tagged with: batch 1 and the largest batch, at one
-    thread where measured (else the fewest), in seconds, as ``EvalResult.latency`` holds them."""
+    thread where measured (else the fewest), in seconds, as ``EvalResult.latency`` holds them
+    (the largest under the key ``b32`` whatever it is; ``big_batch`` says which)."""
     t = min(r["threads"] for r in rows)
     at = {r["batch"]: r for r in rows if r["threads"] == t}
     big = max(at)

@@ -42,13 +42,15 @@ def named(m: dict, q: str) -> dict:
 
 
 def latency_metrics(dense: dict, lat: dict) -> dict:
-    """Latency and speedup at batch 1 and the large batch: from the paired timing step where it
+    """Latency and speedup at batch 1 and the large batch, named by the batch they were taken at
+    (``speedup_b8`` where ``latency.batches`` is ``[1, 8]``): from the paired timing step where it
     ran (``lat['b1_dense']``, the dense model timed beside the compressed one), else against the
-    baseline's own in-task figures; plus one figure per timed (batch, threads) pair."""
+    baseline's own in-task figures (batch 32); plus one figure per timed (batch, threads) pair."""
     m = {}
-    for key in ("b1", "b32"):
+    big = lat.get("big_batch", 32)
+    for key, name in (("b1", "b1"), ("b32", f"b{big}")) if big > 1 else (("b1", "b1"),):
         d = lat.get(f"{key}_dense", dense[key])
-        m.update({f"latency_{key}_dense_ms": 1e3 * d, f"latency_{key}_ms": 1e3 * lat[key], f"speedup_{key}": d / lat[key]})
+        m.update({f"latency_{name}_dense_ms": 1e3 * d, f"latency_{name}_ms": 1e3 * lat[key], f"speedup_{name}": d / lat[key]})
     if "mac_ratio" in lat:  # the timing step's MAC reduction at the size it timed: how much of it is realised
         m.update(mac_ratio_timed=lat["mac_ratio"], speedup_per_mac_b1=m["speedup_b1"] / lat["mac_ratio"])
     for r in lat.get("rows", []):

@@ -83,6 +83,8 @@ def test_sweep_registers_versions_with_tags_aliases_and_loadable_models(sweep, c
     run = client.get_run(best.tags["run_id"])
     assert {"acc_pre", "acc_post", "acc_ft", "acc_pre_top5", "mac_ratio", "speedup_b1"} <= set(run.data.metrics)
     assert {"speedup_b1_t1", "speedup_b8_t1", "speedup_b1_t2", "latency_b8_t2_dense_ms"} <= set(run.data.metrics)
+    assert {"speedup_b8", "latency_b8_ms"} <= set(run.data.metrics)  # named by the batch they were taken at
+    assert not any("b32" in k for k in run.data.metrics)
     assert float(best.tags["speedup_b1"]) == pytest.approx(run.data.metrics["speedup_b1_t1"], rel=1e-3)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "layers")}
     assert "layers/layers.parquet" in arts

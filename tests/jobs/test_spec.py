@@ -46,6 +46,8 @@ def test_every_spec_the_readme_and_tests_run_validates_against_its_models(path, 
     (lambda d: d["compression"].update(methods=["tuker2"]), "compression.methods: unknown method 'tuker2'; accepted: cp3"),
     (lambda d: d["compression"]["options"].update({"cp3-epc": {"epc_sweeps": 3}}), "unknown option(s) ['epc_sweeps']"),
     (lambda d: d["dataset"].update(kind="cifar10"), "dataset kind 'cifar10' needs 'root'"),
+    (lambda d: d.update(latency={"batches": [8, 64]}),
+     "latency.batches: [8, 64] has no batch 1; accepted: a list of batch sizes with 1 among them (speedup_b1, the tag versions are compared by, is batch 1's), e.g. [1, 64]"),
     (lambda d: d["dataset"].update(kind="svhn"),
      "dataset.kind: Input should be 'digits', 'cifar10', 'imagefolder', 'mnist', 'fashion-mnist' or 'images'"),
 ])
