@@ -58,6 +58,10 @@ def check_models(spec: SweepSpec, source: str = "spec") -> list[Config]:
             dry_forward(model, m.num_classes, lat, f"{source}: latency.input_size: models.{i}", channels=channels,
                         what="the size it is timed at", accepted="a latency.input_size the model can take, "
                         f"or none (the data's input size, {size} px)")
+        for extra in spec.latency.extra_sizes(m, lat or size):  # every version is also timed there
+            dry_forward(model, m.num_classes, extra, f"{source}: latency.also_at: models.{i}", channels=channels,
+                        what="a size it is also timed at", accepted="latency.also_at sizes the model can take, "
+                        "or [] (none)")
         if spec.from_scratch is not None:
             _check_scratch(spec.from_scratch, model, m.name, source)
         if comp is not None:

@@ -53,10 +53,11 @@ def latency_metrics(dense: dict, lat: dict) -> dict:
         m.update({f"latency_{name}_dense_ms": 1e3 * d, f"latency_{name}_ms": 1e3 * lat[key], f"speedup_{name}": d / lat[key]})
     if "mac_ratio" in lat:  # the timing step's MAC reduction at the size it timed: how much of it is realised
         m.update(mac_ratio_timed=lat["mac_ratio"], speedup_per_mac_b1=m["speedup_b1"] / lat["mac_ratio"])
-    for r in lat.get("rows", []):
-        m[f"speedup_b{r['batch']}_t{r['threads']}"] = r["speedup"]
-        m[f"latency_b{r['batch']}_t{r['threads']}_ms"] = r["compressed_ms"]
-        m[f"latency_b{r['batch']}_t{r['threads']}_dense_ms"] = r["dense_ms"]
+    rows = [(r, "") for r in lat.get("rows", [])] + [(r, f"_{a['size']}px") for a in lat.get("also", []) for r in a["rows"]]
+    for r, at in rows:
+        m[f"speedup_b{r['batch']}_t{r['threads']}{at}"] = r["speedup"]
+        m[f"latency_b{r['batch']}_t{r['threads']}{at}_ms"] = r["compressed_ms"]
+        m[f"latency_b{r['batch']}_t{r['threads']}{at}_dense_ms"] = r["dense_ms"]
     return m
 
 
@@ -65,9 +66,11 @@ def latency_tags(lat: dict) -> dict:
     if "runtime" not in lat:  # no timing step ran (a result replayed from the spool, or it failed)
         return {"latency_runtime": f"{lat.get('in_task', 'torch')} (in the task, beside other tasks"
                                    + (f"; {lat['note']}" if lat.get("note") else "") + ")"}
+    also = {f"speedup_b1_{a['size']}px": f"{r['speedup']:.4f}" for a in lat.get("also", []) for r in a["rows"]
+            if r["threads"] == lat["threads"]}  # at the other sizes, batch 1, the tags' threads
     return {"latency_runtime": lat["runtime"] + (f" ({lat['note']})" if lat.get("note") else ""),
             "latency_input": lat["input"], "latency_threads": str(lat["threads"]),
-            "latency_big_batch": str(lat["big_batch"])}
+            "latency_big_batch": str(lat["big_batch"]), **also}
 
 
 def config_metrics(base: dict, result) -> dict:

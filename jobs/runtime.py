@@ -273,8 +273,9 @@ class Session:
         dense = TaskEnv(cfg.model.spec, self.spec.dataset, self.spec.seed, False).build(dense_state)
         layers = [s["name"] for s in result.layer_status if s["status"] == "ok"]
         options = self.timing_options()
-        ref = self.remote(timing_task, options).remote(dense, model, tuple(base["input_shape"]), self.spec.latency,
-                                                       layers)
+        shape = tuple(base["input_shape"])
+        also = self.spec.latency.extra_sizes(cfg.model.spec, self.spec.latency.input_size or shape[-1])
+        ref = self.remote(timing_task, options).remote(dense, model, shape, self.spec.latency, layers, also)
         self._inflight[ref] = ((_TIMING, pending, options["num_cpus"] / self.options["num_cpus"]), True)
 
     def _timed(self, pending: tuple, slots_held: float, out) -> None:

@@ -13,6 +13,7 @@ from pydantic import Field, JsonValue, ValidationError, ValidationInfo, field_va
 
 from .models import available_models, check_timm_name
 from .spec_data import DatasetSpec, NormalizeSpec
+from .spec_latency import LatencySpec
 from .spec_compression import (STRATEGY_FIELDS, CompressionSpec, FromScratchSpec, LayerSelection, RankSpec,
                                SearchSpec, StagesSpec, TuneSpec, _Strict)
 
@@ -129,30 +130,6 @@ class ResourcesSpec(_Strict):
                                                  "yet is waited for (schedule_timeout_s) instead of refused")
     schedule_timeout_s: float = Field(600, gt=0, le=86_400, description="autoscaling: how long to wait for a node "
                                                                         "that can run a task, then exit 1")
-
-
-class LatencySpec(_Strict):
-    runtime: Literal["onnxruntime", "torch", "torch-compile"] = Field(
-        "onnxruntime", description="where the dense and the compressed model are timed for the tags (speedup_b1): "
-                                   "ONNX Runtime on CPU (the exported ONNX model), PyTorch eager, or torch.compile")
-    batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
-        [1, 32], min_length=1, max_length=8, description="batch sizes timed, 1 among them (tags: speedup_b1, and "
-                                                         "the largest as speedup_b<N>)")
-    threads: list[Annotated[int, Field(ge=0, le=1024)]] = Field(
-        [1, 0], min_length=1, max_length=4, description="intra-op threads timed; 0 = all of the timing task's CPUs "
-                                                        "(tags: the fewest)")
-    input_size: int | None = Field(None, ge=8, le=4096, description="square input size timed (default: the data's)")
-    repeats: int = Field(20, ge=1, le=10_000, description="interleaved repetitions per model (medians compared)")
-    exclusive: bool = Field(True, description="the timing task takes a whole node's CPUs, so that no other task "
-                                              "runs beside it; false: resources.cpus_per_task")
-
-    @field_validator("batches")
-    @classmethod
-    def _has_batch_one(cls, v: list[int]) -> list[int]:
-        if 1 not in v:
-            raise ValueError(f"{v} has no batch 1; accepted: a list of batch sizes with 1 among them (speedup_b1, "
-                             f"the tag versions are compared by, is batch 1's), e.g. [1, {max(v)}]")
-        return v
 
 
 class MlflowSpec(_Strict):

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import lowrank
-from jobs import deploy
+from jobs import deploy, report
 from jobs.models import SmallCNN
-from jobs.spec import LatencySpec, SpecError, parse_spec
+from jobs.spec import LatencySpec, ModelSpec, SpecError, parse_spec
 from jobs.tasks.timing import timing_task
 
 from .specs import write_spec
@@ -153,6 +153,32 @@ def test_timing_at_another_input_size_than_the_data():
     assert macs[0] / macs[1] != pytest.approx(lowrank.count(dense, (3, 16, 16))[1] / lowrank.count(small, (3, 16, 16))[1])
 
 
+def test_timing_also_at_other_sizes_gives_batch_one_there_as_metrics_and_a_tag():
+    dense, small = _compressed("spatial-svd")
+    out = timing_task(dense, small, (3, 16, 16), LatencySpec(batches=[1, 4], threads=[1], repeats=3), also_at=(24,))
+    assert out["input"] == "3x16x16" and [a["size"] for a in out["also"]] == [24]
+    rows = out["also"][0]["rows"]
+    assert [(r["batch"], r["threads"], r["input"]) for r in rows] == [(1, 1, "3x24x24")]
+    metrics = report.latency_metrics({"b1": 1.0, "b32": 1.0}, out)  # the in-task figures, unused here
+    assert metrics["speedup_b1_t1_24px"] == rows[0]["speedup"] > 0
+    assert metrics["latency_b1_t1_24px_dense_ms"] == rows[0]["dense_ms"]
+    assert metrics["speedup_b4_t1"] > 0 and not any(k.endswith("px") and "b4" in k for k in metrics)
+    tags = report.latency_tags(out)
+    assert tags["speedup_b1_24px"] == f"{rows[0]['speedup']:.4f}" and tags["latency_input"] == "3x16x16"
+
+
+@pytest.mark.parametrize("model,also_at,timed,expected", [
+    ({"name": "resnet18"}, "auto", 32, (224,)),         # an ImageNet-style network timed small: also at 224
+    ({"name": "resnet18"}, "auto", 224, ()),            # already timed there
+    ({"name": "smallcnn"}, "auto", 32, ()),
+    ({"name": "mine", "factory": "examples.own_model:build"}, "auto", 28, ()),  # a user's own network: as asked
+    ({"name": "smallcnn"}, [224, 32, 224, 96], 32, (224, 96)),
+    ({"name": "resnet18"}, [], 32, ()),
+])
+def test_the_sizes_a_version_is_also_timed_at(model, also_at, timed, expected):
+    assert LatencySpec(also_at=also_at).extra_sizes(ModelSpec(**model), timed) == expected
+
+
 def _pointwise_pairs() -> tuple[nn.Module, nn.Module]:
     """Two SVD-factorized 1x1 convs with a BatchNorm between: their inner stages merge at export
     (and in the dense model the two 64 -> 64 convs, a linear chain as well)."""
@@ -225,7 +251,10 @@ def test_latency_settings_are_checked_in_one_line(tmp_path):
     for bad, expected in (({"runtime": "tensorrt"}, "latency.runtime: Input should be 'onnxruntime', 'torch' or "
                                                     "'torch-compile'"),
                           ({"batches": [0]}, "latency.batches.0: Input should be greater than or equal to 1"),
-                          ({"batches": []}, "latency.batches: List should have at least 1 item")):
+                          ({"batches": []}, "latency.batches: List should have at least 1 item"),
+                          ({"also_at": [4]}, "latency.also_at: [4] is not a size list; accepted: 'auto' (224 px for "
+                                             "ImageNet-style networks), a list of up to 4 square sizes of 8-4096 px, or [] (none)"),
+                          ({"also_at": "always"}, "latency.also_at: 'always' is not a size list; accepted: 'auto'")):
         with pytest.raises(SpecError) as e:
             parse_spec({**data, "latency": bad}, "spec.yaml")
         assert expected in str(e.value) and "\n" not in str(e.value)

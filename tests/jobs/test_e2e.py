@@ -17,6 +17,7 @@ def sweep(tmp_path_factory, ray_start_2_cpus):
     data = yaml.safe_load(TINY.read_text())
     data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp}/mlflow.db"
     data["pretrain"]["cache_dir"] = str(tmp / "cache")
+    data["latency"]["also_at"] = [24]  # every version also timed at another size (auto: 224 for ImageNet-style nets)
     spec = tmp / "tiny.yaml"
     spec.write_text(yaml.safe_dump(data))
     return tmp, spec, data
@@ -85,6 +86,8 @@ def test_sweep_registers_versions_with_tags_aliases_and_loadable_models(sweep, c
     assert {"speedup_b1_t1", "speedup_b8_t1", "speedup_b1_t2", "latency_b8_t2_dense_ms"} <= set(run.data.metrics)
     assert {"speedup_b8", "latency_b8_ms"} <= set(run.data.metrics)  # named by the batch they were taken at
     assert not any("b32" in k for k in run.data.metrics)
+    assert {"speedup_b1_t1_24px", "latency_b1_t2_24px_dense_ms"} <= set(run.data.metrics)
+    assert float(best.tags["speedup_b1_24px"]) == pytest.approx(run.data.metrics["speedup_b1_t1_24px"], rel=1e-3)
     assert float(best.tags["speedup_b1"]) == pytest.approx(run.data.metrics["speedup_b1_t1"], rel=1e-3)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "layers")}
     assert "layers/layers.parquet" in arts

@@ -194,6 +194,19 @@ def test_a_latency_size_the_model_cannot_take_is_refused_before_ray(make_spec, c
         in err[0], err
 
 
+def test_an_also_at_size_the_model_cannot_take_is_refused_before_ray(make_spec, capsys):
+    def edit(d):
+        d["models"][0] = {"name": "vgg11", "num_classes": 10}
+        d.update(latency={"also_at": [16, 64]})
+        d["dataset"].update(input_size=32)
+
+    spec, _ = make_spec("tiny.yaml", edit, name="also-at.yaml")
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "latency.also_at: models.0: VGG cannot run at a size it is also timed at 16x16" in err[0] \
+        and "accepted: latency.also_at sizes the model can take, or [] (none)" in err[0], err
+
+
 @pytest.mark.parametrize("layers,expected", [
     ({"include": ["features.3"]}, r"compression.layers leaves out 5 layer\(s\) a method could take, \d+% of the "
                                   r"model's MACs, the most in features\.(6|9|12): widen the layer selection\)$"),

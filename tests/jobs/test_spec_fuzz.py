@@ -53,7 +53,7 @@ def _base_search(folder: Path) -> dict:
         "resources": {"cpus_per_task": 1, "gpus_per_task": 0, "memory_per_task_gb": 1.0, "max_concurrent": 4,
                       "autoscaling": False, "schedule_timeout_s": 60},
         "latency": {"runtime": "onnxruntime", "batches": [1, 8], "threads": [1, 0], "input_size": 32, "repeats": 5,
-                    "exclusive": True},
+                    "exclusive": True, "also_at": [40]},
         "mlflow": {"tracking_uri": f"sqlite:///{folder}/mlflow.db", "experiment": "fuzz",
                    "registered_model_prefix": "lowrank-", "registered_names": {"smallcnn": "fuzz-small"}},
     }
