@@ -3,6 +3,7 @@ table, the Pareto fronts, the summary printed at the end, Parquet files and PNG 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 def quality(figures: dict) -> str:
@@ -98,6 +99,9 @@ def config_metrics(base: dict, result) -> dict:
     return named(m, q)
 
 
+_AT = re.compile(r"speedup_b1_(\d+)px")
+
+
 def summary_row(model: str, method: str, registered_name: str, version: str, tags: dict, config_hash: str) -> dict:
     """A registered version as a row of the sweep's summary (from its tags); ``acc_*`` hold its
     top-1 figures, ``metric`` says which (``acc`` or ``agree``)."""
@@ -107,22 +111,26 @@ def summary_row(model: str, method: str, registered_name: str, version: str, tag
             "speedup_b1": float(tags.get("speedup_b1", "nan")), "acc_pre": float(tags[f"{q}_pre"]),
             "acc_post": float(tags[f"{q}_post"]), "acc_ft": float(tags[f"{q}_ft"]), "metric": q,
             "degenerate_layers": int(tags["degenerate_layers"]), "config_hash": config_hash,
-            "timed_on": " ".join(tags[k] for k in ("latency_runtime", "latency_input") if k in tags)}
+            "timed_on": " ".join(tags[k] for k in ("latency_runtime", "latency_input") if k in tags),
+            **{k: float(v) for k, v in tags.items() if _AT.fullmatch(k)}}  # speedup_b1_224px: latency.also_at
 
 
 def format_summary(rows: list[dict], candidates: dict[str, str] | None = None) -> str:
     q = rows[0].get("metric", "acc") if rows else "acc"
-    head = f"{'model':<20} {'method':<16} {'params x':>8} {'MACs x':>7} {'speedup':>7} {q + '_pre':>7} " \
-           f"{q + '_post':>8} {q + '_ft':>7} {'degen':>5}  registered"
+    sizes = sorted({int(m[1]) for r in rows for k in r if (m := _AT.fullmatch(k))})  # a column per also_at size
+    head = f"{'model':<20} {'method':<16} {'params x':>8} {'MACs x':>7} {'speedup':>7} " \
+           + "".join(f"{f'@{s}px':>7} " for s in sizes) + f"{q + '_pre':>7} {q + '_post':>8} {q + '_ft':>7} {'degen':>5}  registered"
     lines = [head, "-" * len(head)]
     for r in rows:
         star = " *candidate" if candidates and candidates.get(r["registered_name"]) == r["version"] else ""
+        at = "".join(f"{r[k]:>7.2f} " if (k := f"speedup_b1_{s}px") in r else f"{'-':>7} " for s in sizes)
         lines.append(f"{r['model']:<20} {r['method']:<16} {r['compression_ratio']:>8.2f} {r['mac_ratio']:>7.2f} "
-                     f"{r.get('speedup_b1', float('nan')):>7.2f} {r['acc_pre']:>7.3f} {r['acc_post']:>8.3f} "
+                     f"{r.get('speedup_b1', float('nan')):>7.2f} {at}{r['acc_pre']:>7.3f} {r['acc_post']:>8.3f} "
                      f"{r['acc_ft']:>7.3f} {r['degenerate_layers']:>5}  {r['registered_name']} v{r['version']}{star}")
     where = sorted({r["timed_on"] for r in rows if r.get("timed_on")})
     if where:
-        lines.append(f"(speedup: the compressed model against the dense one, batch 1, one thread, on {'; '.join(where)})")
+        lines.append(f"(speedup: the compressed model against the dense one, batch 1, one thread, on {'; '.join(where)}"
+                     + ("; @Npx: the same at N x N px (latency.also_at)" if sizes else "") + ")")
     return "\n".join(lines)
 
 

@@ -35,6 +35,26 @@ def test_summary_marks_the_candidate():
     assert "   1.37 " in text and text.endswith("batch 1, one thread, on onnxruntime 3x32x32)")
 
 
+def test_summary_has_a_column_per_size_a_version_was_also_timed_at(tmp_path):
+    from jobs.report import summary_row
+
+    tags = {"compression_ratio": "2.0", "mac_ratio": "1.8", "speedup_b1": "1.1", "acc_pre": "0.9", "acc_post": "0.5",
+            "acc_ft": "0.88", "degenerate_layers": "0", "latency_runtime": "onnxruntime", "latency_input": "3x32x32"}
+    big = summary_row("resnet18", "tucker2", "lowrank-resnet18", "2", {**tags, "speedup_b1_224px": "1.2345"}, "h1")
+    small = summary_row("smallcnn", "tucker2", "lowrank-smallcnn", "1", tags, "h2")
+    assert big["speedup_b1_224px"] == 1.2345 and not any(k.endswith("px") for k in small)
+    head, _, first, second, note = format_summary([big, small]).splitlines()
+    assert "speedup  @224px acc_pre" in head and "   1.10    1.23   0.900" in first and "   1.10       -   0.900" in second
+    assert note.endswith("; @Npx: the same at N x N px (latency.also_at))")
+    assert "@" not in format_summary([small])  # no column where nothing was timed at another size
+    import pyarrow.parquet as pq
+
+    from jobs.report import write_parquet
+
+    write_parquet([big, small], tmp_path / "summary.parquet")  # the sweep's summary table, as the driver writes it
+    assert pq.read_table(tmp_path / "summary.parquet").column("speedup_b1_224px").to_pylist() == [1.2345, None]
+
+
 def test_a_model_trained_here_no_better_than_chance_is_named_in_the_progress_line():
     from jobs.report import chance_note
 
