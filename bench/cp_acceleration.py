@@ -39,13 +39,8 @@ sys.path.insert(0, str(ROOT))
 from bench.cp_speed import tensorly_fit  # noqa: E402
 from lowrank.allocator import tune_allocator  # noqa: E402
 from lowrank.decompositions.cp_als import SweepEngine, cp_als, init_factors, reconstruct  # noqa: E402
-from lowrank.decompositions.cp_sweep import solve_normal  # noqa: E402
 
 ITERS = {64: 200, 128: 100}
-
-
-def _update(n, g, gamma):
-    return solve_normal(g, gamma)
 
 
 class Fit:
@@ -58,7 +53,7 @@ class Fit:
         self.started = None
 
     def sweep(self) -> float:
-        err = self.engine.rel_error(self.engine.sweep(self.factors, self.grams, _update, self.started), self.grams)
+        err = self.engine.rel_error(self.engine.sweep(self.factors, self.grams, None, self.started), self.grams)
         self.started = None
         return err
 

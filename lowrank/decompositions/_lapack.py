@@ -38,13 +38,13 @@ def _direct_solve(routines, g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch
     chol, out = gamma.contiguous().clone(), g.contiguous().clone()
     n, nrhs, uplo, info = _int(gamma.shape[-1]), _int(g.shape[-2]), ctypes.c_char_p(b"L"), _int()
     pn, pnrhs, pinfo = ctypes.byref(n), ctypes.byref(nrhs), ctypes.byref(info)
+    step_c, step_o = chol[0].numel() * chol.element_size(), out[0].numel() * out.element_size()  # bytes per problem
     failed = []
     for b in range(gamma.shape[0]):
-        c = ctypes.c_void_p(chol[b].data_ptr() if gamma.shape[0] > 1 else chol.data_ptr())
+        c = ctypes.c_void_p(chol.data_ptr() + b * step_c)
         potrf(uplo, pn, c, pn, pinfo)
         if info.value == 0:
-            o = ctypes.c_void_p(out[b].data_ptr() if gamma.shape[0] > 1 else out.data_ptr())
-            potrs(uplo, pn, pnrhs, c, pn, o, pn, pinfo)
+            potrs(uplo, pn, pnrhs, c, pn, ctypes.c_void_p(out.data_ptr() + b * step_o), pn, pinfo)
         if info.value != 0:  # not positive definite: the caller takes the pseudo-inverse
             failed.append(b)
     return out, failed

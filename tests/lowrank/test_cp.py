@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lowrank
-from lowrank.decompositions.cp_als import cp_als, khatri_rao, reconstruct
+from lowrank.decompositions.cp_als import SweepEngine, cp_als, init_factors, khatri_rao, rebalance, reconstruct
 from lowrank.decompositions.epc import epc, objective_value
 from lowrank.decompositions.diagnostics import CANCELLATION_DEGENERATE
 
@@ -281,3 +281,17 @@ def test_grouped_conv_cp_fits_its_groups_as_one_batch(monkeypatch):
         alone, _ = cp_als(w, 6, n_iter_max=30)
         got = reconstruct([m[i] for m in f.factors]).double()
         assert float((got - reconstruct(alone)).norm() / w.norm()) < 1e-9
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 4), (6, 5, 3, 2)])
+def test_a_sweep_replaces_factors_and_never_writes_into_them(shape):
+    """Line search keeps the previous factors by reference (no copy): that holds only while a
+    sweep, its update and rebalancing leave the tensors they were given untouched."""
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    factors = init_factors(x, 4, "random", 0)
+    before = [f.clone() for f in factors]
+    kept, grams = list(factors), [f.T @ f for f in factors]
+    engine = SweepEngine(x)
+    engine.sweep(factors, grams)
+    rebalance(factors, grams)
+    assert all(k.equal(b) for k, b in zip(kept, before)) and not all(f is k for f, k in zip(factors, kept))
