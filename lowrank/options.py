@@ -46,6 +46,7 @@ class CPEPCOptions(CPOptions):
     epc_tol: float = _opt(1e-7, min=0.0)
     epc_target: float | None = _opt(None, min=0.0, max=1.0, optional=True)  # relative error bound; None = ALS's
     epc_rescale: bool = _opt(False)  # multiply by the least-squares scalar after EPC (lowrank.decompositions.cp)
+    epc_extrapolate: bool = _opt(True)  # a step along each EPC sweep's move, scaled onto the bound (epc.py)
 
 
 def option_names(cls) -> list[str]:

@@ -47,7 +47,7 @@ def rescale(factors: list[torch.Tensor], a: float) -> None:
 
 def _fit(tensors: list[torch.Tensor], rank: int, method: str, shape, *, use_epc: bool, init, seed, n_iter_max,
          tol, callback, linesearch, als_dtype, epc_objective, epc_max_sweeps, epc_tol, epc_target, epc_rescale,
-         epc_callback) -> CPFactors:
+         epc_extrapolate, epc_callback) -> CPFactors:
     per_group, diags = [], []
     fits = als_fits(tensors, rank, init=init, seed=seed, n_iter_max=n_iter_max, tol=tol, callback=callback,
                     linesearch=linesearch, als_dtype=als_dtype)
@@ -58,7 +58,7 @@ def _fit(tensors: list[torch.Tensor], rank: int, method: str, shape, *, use_epc:
             t1 = time.perf_counter()
             delta = None if epc_target is None else float(epc_target) * float(x.norm())
             factors, info = epc(x, factors, delta=delta, objective=epc_objective, max_sweeps=epc_max_sweeps,
-                                tol=epc_tol, callback=epc_callback)
+                                tol=epc_tol, extrapolate=epc_extrapolate, callback=epc_callback)
             d["epc_rel_error_at_bound"] = info["rel_error"]
             d["epc_scale"] = ls_scale(x, factors)
             if epc_rescale and d["epc_scale"] > 0:
@@ -66,7 +66,7 @@ def _fit(tensors: list[torch.Tensor], rank: int, method: str, shape, *, use_epc:
             d["epc"] = cp_diagnostics(factors, x)
             d.update(epc_sweeps=info["sweeps"], epc_converged=info["converged"],
                      epc_objective_start=info["objective_start"], epc_objective_end=info["objective_end"],
-                     epc_seconds=time.perf_counter() - t1)
+                     epc_extrapolated=info["extrapolated"], epc_seconds=time.perf_counter() - t1)
         per_group.append(factors)
         diags.append(d)
     stacked = tuple(torch.stack([fs[n] for fs in per_group]) for n in range(len(per_group[0])))
@@ -121,7 +121,7 @@ def decompose_cp(weight: torch.Tensor, rank: int, *, order: int, use_epc: bool, 
                  seed: int = 0, n_iter_max: int = 500, tol: float = 1e-8, callback=None, linesearch: bool = False,
                  als_dtype: str = "float64", epc_objective: str = "norm",
                  epc_max_sweeps: int = 3000, epc_tol: float = 1e-7, epc_target: float | None = None,
-                 epc_rescale: bool = False, epc_callback=None) -> CPFactors:
+                 epc_rescale: bool = False, epc_extrapolate: bool = True, epc_callback=None) -> CPFactors:
     """CP of each group's kernel as an order-3 ``(T_g, S, kh*kw)`` (``order=3``) or order-4
     ``(T_g, S, kh, kw)`` tensor, by ALS and, with ``use_epc``, Error Preserving Correction.
     ``als_dtype='float32'`` runs ALS in single precision (twice the GEMM rate); the diagnostics and
@@ -133,4 +133,4 @@ def decompose_cp(weight: torch.Tensor, rank: int, *, order: int, use_epc: bool, 
     return _fit(tensors, rank, name, weight.shape, use_epc=use_epc, init=init, seed=seed, n_iter_max=n_iter_max,
                 tol=tol, callback=callback, linesearch=linesearch, als_dtype=als_dtype, epc_objective=epc_objective,
                 epc_max_sweeps=epc_max_sweeps, epc_tol=epc_tol, epc_target=epc_target, epc_rescale=epc_rescale,
-                epc_callback=epc_callback)
+                epc_extrapolate=epc_extrapolate, epc_callback=epc_callback)

@@ -51,11 +51,15 @@ class SweepEngine:
               started: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
         """One sweep; ``update(n, G, gamma)`` returns the new factor of mode ``n`` (``None``: ALS's
         own, ``G gamma^{-1}``, run on the batch of one as it lies); ``started``: ``start(factors)``'s
-        result, if at hand. Updates ``factors`` and ``grams`` in place and returns ``<X, X_hat>``
-        for the final model."""
+        result, if at hand. Updates ``factors`` and ``grams`` in place (each factor as soon as it is
+        updated, so that ``update`` reading ``factors`` sees the sweep's current point, as EPC's
+        weights must) and returns ``<X, X_hat>`` for the final model."""
         fb, gb = [f.unsqueeze(0) for f in factors], [g.unsqueeze(0) for g in grams]
-        batched = None if update is None else (lambda n, g, gam: update(n, g[0], gam[0]).unsqueeze(0))
-        inner = self._sweep.sweep(fb, gb, batched, started)
+
+        def batched(n, g, gam):  # ``factors[n]`` replaced at once: an update that reads the others sees them current
+            factors[n] = update(n, g[0], gam[0])
+            return factors[n].unsqueeze(0)
+        inner = self._sweep.sweep(fb, gb, None if update is None else batched, started)
         factors[:], grams[:] = [f[0] for f in fb], [g[0] for g in gb]
         return float(inner[0])
 

@@ -9,6 +9,12 @@ sensitivity (``objective='sens'``). One factor at a time, the subproblem
 secular equation ``sum_r c_r (e_r + 2 rho)/(e_r + rho)^2 = ||X||^2 - delta^2`` in the eigenbasis
 of ``W^{-1/2} Gamma W^{-1/2}`` (docs/algorithms.md, section 1.4). Each block step is monotone in ``J``
 and keeps the error pinned at ``delta``.
+
+``extrapolate``: after each sweep, the point ``F_prev + s (F - F_prev)`` along the sweep's move,
+scaled back onto the error bound (``_on_bound``: one scalar, from ``<X, M>`` at the next sweep's
+first GEMM, which that sweep reuses, and ``||M||^2`` from the Gram matrices), is kept where its
+``J`` is lower; ``s`` triples after a kept step and falls by 4 (not below 2) after a refused one
+(docs/algorithms.md, section 1.4; ``bench/epc_extrapolate.py``).
 """
 from __future__ import annotations
 
@@ -19,8 +25,10 @@ import numpy as np
 import torch
 
 from .cp_als import SweepEngine, rebalance, reconstruct
+from .cp_sweep import model_norm2
 
 _W_FLOOR = 1e-300
+STEP_FIRST, STEP_GROW, STEP_SHRINK, STEP_MAX = 2.0, 3.0, 4.0, 1e4  # extrapolation's step, see ``epc``
 
 
 def _secular_root(c: np.ndarray, e: np.ndarray, tau: float) -> float:
@@ -49,6 +57,25 @@ def _secular_root(c: np.ndarray, e: np.ndarray, tau: float) -> float:
         if hi - lo <= 1e-16 * hi:
             break
     return rho
+
+
+def _on_bound(factors, engine, tau: float, normalise):
+    """An extrapolated point moved onto the error bound by scaling the model: ``(factors, grams,
+    started)`` for ``a M``, ``a`` the smaller root of ``||X - a M||^2 = delta^2`` (``tau = ||X||^2 -
+    delta^2``), or ``None`` where no scale reaches the bound. ``<X, M>`` comes from the next sweep's
+    first GEMM (``started``, reused when the point is kept) and ``||M||^2`` from the Gram matrices."""
+    normalise(factors)
+    grams = [f.T @ f for f in factors]
+    p, g0 = engine.start(factors)
+    inner, m2 = float(torch.vdot(g0[0].flatten(), factors[0].flatten())), float(model_norm2(grams))
+    disc = inner * inner - m2 * tau
+    if m2 <= 0 or disc < 0:
+        return None
+    a = tau / (inner + math.sqrt(disc))  # = (inner - sqrt(disc)) / m2, without the cancellation
+    if not a > 0:
+        return None
+    s, n = a ** (1.0 / len(factors)), len(factors)
+    return [f * s for f in factors], [g * (s * s) for g in grams], (p * s, g0 * s ** (n - 1))
 
 
 def _weights(factors, n: int, objective: str) -> torch.Tensor:
@@ -87,13 +114,16 @@ def _optimal_sensitivity_scaling(factors) -> None:
 
 
 def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = None, objective: str = "norm",
-        max_sweeps: int = 5000, tol: float = 1e-8, callback: Callable | None = None) -> tuple[list[torch.Tensor], dict]:
+        max_sweeps: int = 5000, tol: float = 1e-8, extrapolate: bool = True,
+        callback: Callable | None = None) -> tuple[list[torch.Tensor], dict]:
     """Correct ``factors`` (a CP model of ``x``) at error bound ``delta`` (absolute Frobenius
     norm; default: the model's current error).
 
     Stops when ``J`` changes by at most ``tol`` relatively, or after ``max_sweeps``.
-    ``callback(sweep, J)`` is called after every sweep. Returns ``(factors, info)`` with
-    ``info = {'sweeps', 'objective_start', 'objective_end', 'delta', 'rel_error', 'converged'}``.
+    ``extrapolate``: try a step along each sweep's move (module docstring); the same error, a lower
+    ``J`` after as many sweeps. ``callback(sweep, J)`` is called after every sweep. Returns
+    ``(factors, info)`` with ``info = {'sweeps', 'objective_start', 'objective_end', 'delta',
+    'rel_error', 'converged', 'extrapolated'}`` (``extrapolated``: the steps kept).
     """
     if objective not in ("norm", "sens"):
         raise ValueError(f"unknown EPC objective {objective!r}; accepted: 'norm', 'sens'")
@@ -109,10 +139,15 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
         # sqrt(eps) * ||X||; a fit already exact to that level is returned unchanged.
         j = objective_value(factors, objective)
         return factors, {"sweeps": 0, "objective_start": j, "objective_end": j, "delta": delta,
-                         "rel_error": delta / norm, "converged": True, "skipped": "fit exact to rounding"}
-    rebalance(factors)
-    if objective == "sens":
-        _optimal_sensitivity_scaling(factors)
+                         "rel_error": delta / norm, "converged": True, "extrapolated": 0,
+                         "skipped": "fit exact to rounding"}
+
+    def normalise(fs):  # the scaling J is measured in (the tensor unchanged)
+        rebalance(fs)
+        if objective == "sens":
+            _optimal_sensitivity_scaling(fs)
+
+    normalise(factors)
     grams = [f.T @ f for f in factors]
     j_start = j_prev = objective_value(factors, objective)
     converged = False
@@ -132,23 +167,30 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
         rho = _secular_root(c.cpu().numpy(), e.cpu().numpy(), tau)
         return ((gt / (e + rho)) @ qmat.T) * wis
 
-    sweep = 0
+    sweep, kept, step, started = 0, 0, STEP_FIRST, None
     for sweep in range(1, max_sweeps + 1):
-        engine.sweep(factors, grams, update)
-        rebalance(factors)
-        if objective == "sens":
-            _optimal_sensitivity_scaling(factors)
+        prev = list(factors)  # a sweep replaces factors, never writes into them
+        engine.sweep(factors, grams, update, started)
+        normalise(factors)
         grams = [f.T @ f for f in factors]
         j = objective_value(factors, objective)
+        started = None
+        if extrapolate and sweep > 1 and tau > 0:
+            trial = _on_bound([torch.lerp(p, f, step) for p, f in zip(prev, factors)], engine, tau, normalise)
+            if trial is not None and (tj := objective_value(trial[0], objective)) < j:
+                (factors, grams, started), j, kept = trial, tj, kept + 1
+                step = min(step * STEP_GROW, STEP_MAX)
+            else:
+                step = max(STEP_FIRST, step / STEP_SHRINK)
+        done = abs(j_prev - j) <= tol * j_prev
         if callback is not None:
             callback(sweep, j)
-        if abs(j_prev - j) <= tol * j_prev:
-            converged = True
-            j_prev = j
-            break
         j_prev = j
+        if done:
+            converged = True
+            break
     err = float((x - reconstruct(factors)).norm())
     return factors, {
         "sweeps": sweep, "objective_start": j_start, "objective_end": j_prev, "delta": delta,
-        "rel_error": err / norm, "converged": converged,
+        "rel_error": err / norm, "converged": converged, "extrapolated": kept,
     }
