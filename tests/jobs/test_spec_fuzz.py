@@ -41,7 +41,7 @@ def _base_search(folder: Path) -> dict:
                         "cp3-epc": {"init": "svd", "seed": 0, "n_iter_max": 10, "tol": 1e-8, "linesearch": True,
                                     "als_dtype": "float64", "epc_objective": "norm",
                                     "epc_max_sweeps": 5, "epc_tol": 1e-7, "epc_target": 0.5,
-                                    "epc_rescale": True}},
+                                    "epc_rescale": True, "epc_extrapolate": False}},
             "search": {"strategies": ["budget", "uniform", "vbmf", "tolerance", "tune"], "target": "params",
                        "ratio": 2.0, "candidate_ratios": [1.5, 2.0, 3.0], "loss": "sensitivity",
                        "latency_device": "cpu", "val_batches": 2, "bn_batches": 2, "epsilon": 0.02,
