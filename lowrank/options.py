@@ -42,7 +42,7 @@ class CPOptions:
 @dataclass(frozen=True)
 class CPEPCOptions(CPOptions):
     epc_objective: str = _opt("norm", choices=("norm", "sens"))
-    epc_max_sweeps: int = _opt(3000, min=1)
+    epc_max_sweeps: int = _opt(1000, min=1)  # extrapolated, J below what 3000 plain sweeps reach (bench/epc_extrapolate.py)
     epc_tol: float = _opt(1e-7, min=0.0)
     epc_target: float | None = _opt(None, min=0.0, max=1.0, optional=True)  # relative error bound; None = ALS's
     epc_rescale: bool = _opt(False)  # multiply by the least-squares scalar after EPC (lowrank.decompositions.cp)

@@ -120,7 +120,7 @@ def _worst(diags: list[dict]) -> dict:
 def decompose_cp(weight: torch.Tensor, rank: int, *, order: int, use_epc: bool, groups: int = 1, init="svd",
                  seed: int = 0, n_iter_max: int = 500, tol: float = 1e-8, callback=None, linesearch: bool = False,
                  als_dtype: str = "float64", epc_objective: str = "norm",
-                 epc_max_sweeps: int = 3000, epc_tol: float = 1e-7, epc_target: float | None = None,
+                 epc_max_sweeps: int = 1000, epc_tol: float = 1e-7, epc_target: float | None = None,
                  epc_rescale: bool = False, epc_extrapolate: bool = True, epc_callback=None) -> CPFactors:
     """CP of each group's kernel as an order-3 ``(T_g, S, kh*kw)`` (``order=3``) or order-4
     ``(T_g, S, kh, kw)`` tensor, by ALS and, with ``use_epc``, Error Preserving Correction.
