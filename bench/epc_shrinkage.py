@@ -3,7 +3,8 @@
 The default sweep's set-up (digits at 32 px, the model pre-trained 4 epochs, every selected layer
 at 2x parameters, ALS 100 sweeps): plain ``cp3`` against ``cp3-epc`` with the corrected model kept
 as EPC returns it (the default) and rescaled by its least-squares scalar (``epc_rescale: true``),
-at several EPC sweep caps and both objectives. Per configuration: the mean scalar
+at several EPC sweep caps and both objectives, extrapolated (the default) and, at the first cap, plain
+(``epc_extrapolate: false``, column ``ext``). Per configuration: the mean scalar
 ``<X, M> / ||M||^2`` over the layers (1 = no shrinkage), the model's norm against the kernel's,
 the mean relative error, the layers flagged degenerate, whether EPC converged; what the
 BatchNorm after each layer sees with only that layer compressed (``shift``: the mean over channels
@@ -87,13 +88,15 @@ def main() -> None:
     lines = [f"# {' '.join(['bench/epc_shrinkage.py', *sys.argv[1:]])}",
              f"# torch {torch.__version__}, CPU; {args.dataset} {len(train)} training / {len(val)} validation images, "
              f"{args.epochs} pre-training epochs, every selected layer at 2x parameters, ALS 100 sweeps",
-             f"{'model':<9} {'method':<8} {'sweeps':>6} {'obj':<4} {'rescale':<7} {'scale':>6} {'|M|/|X|':>7} "
+             f"{'model':<9} {'method':<8} {'sweeps':>6} {'ext':<3} {'obj':<4} {'rescale':<7} {'scale':>6} {'|M|/|X|':>7} "
              f"{'err':>6} {'degen':>5} {'conv':>4} {'shift':>6} {'std':>6} {'alone':>6} {'post':>6} {'bn':>6} {'s':>5}"]
     print("\n".join(lines), flush=True)
     configs = [("cp3", {}, "")]
     for s in args.sweeps:
         configs += [("cp3-epc", {"epc_max_sweeps": s}, "no"),
                     ("cp3-epc", {"epc_max_sweeps": s, "epc_rescale": True}, "yes")]
+        if s == args.sweeps[0]:
+            configs += [("cp3-epc", {"epc_max_sweeps": s, "epc_extrapolate": False}, "no")]
     configs += [("cp3-epc", {"epc_max_sweeps": args.sweeps[0], "epc_objective": "sens"}, "no"),
                 ("cp3-epc", {"epc_max_sweeps": args.sweeps[0], "epc_objective": "sens", "epc_rescale": True}, "yes")]
     for name in args.models:
@@ -115,7 +118,8 @@ def main() -> None:
             recalibrate_bn(new, plain, 20)
             bn = evaluate(new, vdl)["top1"]
             mean = [sum(v[i] for v in sh) / len(sh) for i in range(3)]
-            lines.append(f"{name:<9} {method:<8} {opts.get('epc_max_sweeps', ''):>6} "
+            ext = "" if method == "cp3" else "no" if opts.get("epc_extrapolate") is False else "yes"
+            lines.append(f"{name:<9} {method:<8} {opts.get('epc_max_sweeps', ''):>6} {ext:<3} "
                          f"{opts.get('epc_objective', 'norm' if method != 'cp3' else ''):<4} {rescale:<7} "
                          f"{mean[0]:>6.3f} {mean[1]:>7.3f} {mean[2]:>6.3f} {degen:>2}/{len(fac):<2} {conv:>4} "
                          + " ".join(f"{sum(p[i] for p in per) / len(per):>6.3f}" for i in range(3)) + " "
