@@ -12,7 +12,7 @@ final relative errors (equal by construction) and cancellation ratios (``lowrank
 He-initialised random kernels, or with ``--state-dict`` a trained ResNet-18's first ``conv1`` of
 each width (``bench/epc_layers.py`` caches one).
 
-    .venv/bin/python bench/epc_extrapolate.py                 # ~10 min on 2 cores
+    .venv/bin/python bench/epc_extrapolate.py                 # ~13 min on 2 cores
     .venv/bin/python bench/epc_extrapolate.py --state-dict .cache/bench/epc-fashion-mnist-resnet18-e15-n12000.pt \
         --out bench/epc_extrapolate_trained.out.txt
 """
@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--state-dict", help="a ResNet-18 state dict: each width's first 3x3 conv1 instead of a random kernel")
     ap.add_argument("--channels", nargs="+", type=int, default=[64, 128])
     ap.add_argument("--ratios", nargs="+", type=float, default=[2.0])
-    ap.add_argument("--sweeps", type=int, default=3000, help="EPC's cap (the library's epc_max_sweeps)")
+    ap.add_argument("--sweeps", type=int, default=3000,
+                    help="EPC's cap (3000: the library's epc_max_sweeps before EPC extrapolated)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "epc_extrapolate.out.txt"))
     args = ap.parse_args()
     trained = torch.load(args.state_dict, map_location="cpu", weights_only=True) if args.state_dict else None

@@ -39,13 +39,19 @@ class SweepEngine:
         reconstruction: ``||X||^2 - 2<X, X_hat> + ||X_hat||^2``)."""
         return math.sqrt(max(self.norm2 - 2 * inner + float(model_norm2(grams)), 0.0)) / self.norm
 
-    def evaluate(self, factors: list[torch.Tensor]):
-        """The error of a candidate point (line search's extrapolation) at one large GEMM, the
-        next sweep's first: ``(rel_error, grams, started)``, the last two for ``sweep`` to reuse
-        if the point is taken. ``<X, X_hat> = sum(G_0 * U_0)`` from ``start``'s mode-0 MTTKRP."""
+    def inner(self, factors: list[torch.Tensor]):
+        """``(<X, X_hat>, grams, started)`` of a candidate point at one large GEMM, the next sweep's
+        first (``<X, X_hat> = sum(G_0 * U_0)`` from ``start``'s mode-0 MTTKRP); ``grams`` and
+        ``started`` for ``sweep`` to reuse if the point is taken."""
         grams = [f.T @ f for f in factors]
         started = self.start(factors)
-        return self.rel_error(float(torch.vdot(started[1][0].flatten(), factors[0].flatten())), grams), grams, started
+        return float(torch.vdot(started[1][0].flatten(), factors[0].flatten())), grams, started
+
+    def evaluate(self, factors: list[torch.Tensor]):
+        """The error of a candidate point (line search's extrapolation): ``(rel_error, grams,
+        started)``, as ``inner``."""
+        inner, grams, started = self.inner(factors)
+        return self.rel_error(inner, grams), grams, started
 
     def sweep(self, factors: list[torch.Tensor], grams: list[torch.Tensor], update: Callable | None = None,
               started: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:

@@ -65,9 +65,8 @@ def _on_bound(factors, engine, tau: float, normalise):
     delta^2``), or ``None`` where no scale reaches the bound. ``<X, M>`` comes from the next sweep's
     first GEMM (``started``, reused when the point is kept) and ``||M||^2`` from the Gram matrices."""
     normalise(factors)
-    grams = [f.T @ f for f in factors]
-    p, g0 = engine.start(factors)
-    inner, m2 = float(torch.vdot(g0[0].flatten(), factors[0].flatten())), float(model_norm2(grams))
+    inner, grams, (p, g0) = engine.inner(factors)
+    m2 = float(model_norm2(grams))
     disc = inner * inner - m2 * tau
     if m2 <= 0 or disc < 0:
         return None
