@@ -30,10 +30,12 @@ def _int(v: int = 0) -> ctypes.c_int64:
     return ctypes.c_int64(v)
 
 
-def _direct_solve(routines, g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """``(G Gamma^{-1}, failed)`` for a batch ``(B, I, R)``, ``(B, R, R)`` by ``potrf``/``potrs``;
-    ``failed`` lists the problems whose ``Gamma`` was not positive definite (a Python list: no
-    tensor operation per problem, which on small layers costs as much as the solve)."""
+def _direct_solve(routines, g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """``(G Gamma^{-1}, failed, factor)`` for a batch ``(B, I, R)``, ``(B, R, R)`` by
+    ``potrf``/``potrs``; ``failed`` lists the problems whose ``Gamma`` was not positive definite (a
+    Python list: no tensor operation per problem, which on small layers costs as much as the
+    solve); ``factor``'s upper triangle, read row-major, is ``C`` with ``C^T C = Gamma`` (the
+    column-major ``L`` is the row-major ``L^T``; below the diagonal it holds ``Gamma``'s entries)."""
     potrf, potrs = routines
     chol, out = gamma.contiguous().clone(), g.contiguous().clone()
     n, nrhs, uplo, info = _int(gamma.shape[-1]), _int(g.shape[-2]), ctypes.c_char_p(b"L"), _int()
@@ -47,12 +49,12 @@ def _direct_solve(routines, g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch
             potrs(uplo, pn, pnrhs, c, pn, ctypes.c_void_p(out.data_ptr() + b * step_o), pn, pinfo)
         if info.value != 0:  # not positive definite: the caller takes the pseudo-inverse
             failed.append(b)
-    return out, failed
+    return out, failed, chol
 
 
-def _torch_solve(g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+def _torch_solve(g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     chol, info = torch.linalg.cholesky_ex(gamma)
-    return torch.cholesky_solve(g.mT, chol).mT, torch.nonzero(info).flatten().tolist()
+    return torch.cholesky_solve(g.mT, chol).mT, torch.nonzero(info).flatten().tolist(), chol.mT
 
 
 @functools.cache
@@ -68,7 +70,7 @@ def _routines(dtype: torch.dtype):
         return None
     gamma = torch.tensor([[4.0, 1.0, 0.5], [1.0, 3.0, 0.25], [0.5, 0.25, 2.0]], dtype=dtype).unsqueeze(0)
     g = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]], dtype=dtype).unsqueeze(0)
-    out, failed = _direct_solve(routines, g, gamma)
+    out, failed, _ = _direct_solve(routines, g, gamma)
     ok = not failed and torch.allclose(out, g @ torch.linalg.inv(gamma), rtol=1e-4, atol=1e-5)
     return routines if ok else None
 
@@ -77,6 +79,14 @@ def cholesky_solve_right(g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Te
     """``(G Gamma^{-1}, failed)`` for a batch ``(B, I, R)``, ``(B, R, R)`` with ``Gamma`` symmetric:
     ``failed`` lists the problems whose ``Gamma`` was not positive definite (their rows of the
     result are not to be used)."""
+    return cholesky_solve_right_factor(g, gamma)[:2]
+
+
+def cholesky_solve_right_factor(g: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """``cholesky_solve_right`` and the factor: ``(G Gamma^{-1}, failed, C)``, ``C`` ``(B, R, R)``
+    upper triangular with ``C^T C = Gamma`` in its upper triangle (what lies below it is not to be
+    read: ``torch.linalg.solve_triangular(C, Y, upper=True, left=False)``, ``Y C^{-1}``, reads only
+    the triangle)."""
     routines = _routines(g.dtype) if g.device.type == "cpu" and g.dtype in _NAMES else None
     return _direct_solve(routines, g, gamma) if routines is not None else _torch_solve(g, gamma)
 

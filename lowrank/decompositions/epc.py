@@ -24,10 +24,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ._lapack import cholesky_solve_right_factor
 from .cp_als import SweepEngine, rebalance, reconstruct
 from .cp_sweep import model_norm2
 
 _W_FLOOR = 1e-300
+RIDGE_NEWTON, RIDGE_TOL = 3, 1e-5  # the Cholesky path's Newton steps on 1/phi, and the relative step in rho it stops at
 STEP_FIRST, STEP_GROW, STEP_SHRINK, STEP_MAX = 2.0, 3.0, 4.0, 1e4  # extrapolation's step, see ``epc``
 
 
@@ -57,6 +59,48 @@ def _secular_root(c: np.ndarray, e: np.ndarray, tau: float) -> float:
         if hi - lo <= 1e-16 * hi:
             break
     return rho
+
+
+def _ridge_by_cholesky(gt: torch.Tensor, a: torch.Tensor, tau: float, rho: float):
+    """The block step without an eigendecomposition: ``(Y, rho)`` with ``Y = Gt (A + rho I)^{-1}``
+    on the error bound, by Newton steps on ``1/phi(rho) = 1/tau`` from ``rho`` (the same mode's
+    root one sweep before), one Cholesky factorisation each. In the factor's terms
+    (``A + rho I = C^T C``): ``phi = <Y, Gt> + rho ||Y||^2`` and
+    ``phi' = -2 rho ||Y C^{-1}||^2``. Stops within ``RIDGE_TOL`` of ``tau``; ``Y`` is then scaled
+    onto the bound exactly (the smaller root of ``m s^2 - 2 i s + tau = 0``, ``i = <Y, Gt>``,
+    ``m = i - rho ||Y||^2``: the model's ``<X, X_hat>`` and ``||X_hat||^2``), which changes ``J``
+    by the square of that tolerance. ``None`` where the eigen path must decide (no previous root,
+    the bound out of reach, a step that leaves a factor of 10 of ``rho``)."""
+    if not rho > 0:
+        return None
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    last = False
+    for step in range(RIDGE_NEWTON + 1):
+        y, failed, c = cholesky_solve_right_factor(gt.unsqueeze(0), torch.add(a, eye, alpha=rho).unsqueeze(0))
+        if failed:
+            return None
+        y, c = y[0], c[0]
+        i, yy = float(torch.vdot(y.flatten(), gt.flatten())), float(torch.vdot(y.flatten(), y.flatten()))
+        if last:
+            break
+        phi = i + rho * yy
+        v = torch.linalg.solve_triangular(c, y, upper=True, left=False)
+        slope = 2.0 * rho * float(torch.vdot(v.flatten(), v.flatten())) / (phi * phi)  # d(1/phi)/d rho
+        if not slope > 0:
+            return None
+        move = (1.0 / phi - 1.0 / tau) / slope
+        if abs(move) <= RIDGE_TOL * rho:
+            break
+        if step == RIDGE_NEWTON or not -9 * rho < move < 0.9 * rho:
+            return None
+        # Newton converges quadratically: after a move this small the next point is within the tolerance
+        last = abs(move) <= math.sqrt(RIDGE_TOL) * rho
+        rho -= move
+    m = i - rho * yy
+    disc = i * i - m * tau
+    if disc < 0:
+        return None
+    return y * (tau / (i + math.sqrt(disc))), rho
 
 
 def _on_bound(factors, engine, tau: float, normalise):
@@ -114,18 +158,24 @@ def _optimal_sensitivity_scaling(factors) -> None:
 
 def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = None, objective: str = "norm",
         max_sweeps: int = 5000, tol: float = 1e-8, extrapolate: bool = True,
-        callback: Callable | None = None) -> tuple[list[torch.Tensor], dict]:
+        callback: Callable | None = None, ridge: str = "cholesky") -> tuple[list[torch.Tensor], dict]:
     """Correct ``factors`` (a CP model of ``x``) at error bound ``delta`` (absolute Frobenius
     norm; default: the model's current error).
 
     Stops when ``J`` changes by at most ``tol`` relatively, or after ``max_sweeps``.
     ``extrapolate``: try a step along each sweep's move (module docstring); the same error, a lower
-    ``J`` after as many sweeps. ``callback(sweep, J)`` is called after every sweep. Returns
+    ``J`` after as many sweeps. ``ridge``: how each block step finds its ``rho``: ``'cholesky'``
+    (Newton steps from the previous sweep's root, ``_ridge_by_cholesky``; the eigen path where
+    that declines) or ``'eigh'`` (an eigendecomposition every step). ``callback(sweep, J)`` is
+    called after every sweep. Returns
     ``(factors, info)`` with ``info = {'sweeps', 'objective_start', 'objective_end', 'delta',
-    'rel_error', 'converged', 'extrapolated'}`` (``extrapolated``: the steps kept).
+    'rel_error', 'converged', 'extrapolated', 'eigen_steps'}`` (``extrapolated``: the steps kept;
+    ``eigen_steps``: the block steps that took an eigendecomposition).
     """
     if objective not in ("norm", "sens"):
         raise ValueError(f"unknown EPC objective {objective!r}; accepted: 'norm', 'sens'")
+    if ridge not in ("cholesky", "eigh"):
+        raise ValueError(f"unknown EPC ridge solver {ridge!r}; accepted: 'cholesky', 'eigh'")
     factors = [f.clone() for f in factors]
     engine = SweepEngine(x)
 
@@ -138,7 +188,7 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
         # sqrt(eps) * ||X||; a fit already exact to that level is returned unchanged.
         j = objective_value(factors, objective)
         return factors, {"sweeps": 0, "objective_start": j, "objective_end": j, "delta": delta,
-                         "rel_error": delta / norm, "converged": True, "extrapolated": 0,
+                         "rel_error": delta / norm, "converged": True, "extrapolated": 0, "eigen_steps": 0,
                          "skipped": "fit exact to rounding"}
 
     def normalise(fs):  # the scaling J is measured in (the tensor unchanged)
@@ -151,12 +201,25 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
     j_start = j_prev = objective_value(factors, objective)
     converged = False
 
+    roots = [[0.0, 0.0] for _ in factors]  # each mode's rho of the two sweeps before (0: none yet)
+    eigen_steps = [0]
+
+    def guess(n):  # rho moves smoothly from sweep to sweep: extrapolated geometrically
+        last, before = roots[n]
+        return last * last / before if before > 0 and 0.5 < last / before < 2 else last
+
     def update(n, g, gamma):
         if tau <= 0:
             return torch.zeros_like(g)
         w = _weights(factors, n, objective).clamp_min(_W_FLOOR)
         wis = w.rsqrt()
-        e, qmat = torch.linalg.eigh(wis[:, None] * gamma * wis[None, :])
+        a = wis[:, None] * gamma * wis[None, :]
+        if ridge == "cholesky" and (found := _ridge_by_cholesky(g * wis, a, tau, guess(n))) is not None:
+            y, rho = found
+            roots[n] = [rho, roots[n][0]]
+            return y * wis
+        eigen_steps[0] += 1
+        e, qmat = torch.linalg.eigh(a)
         # null directions of Gamma: G has no component there in exact arithmetic (G = X K and
         # K q = 0), so what the rounding leaves is dropped (the minimum-J solution)
         null = e <= 1e-13 * e.max().clamp_min(1e-300)
@@ -164,6 +227,7 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
         gt = torch.where(null, torch.zeros_like(g[:1]), (g * wis) @ qmat)  # G W^{-1/2} Q
         c = gt.pow(2).sum(0)
         rho = _secular_root(c.cpu().numpy(), e.cpu().numpy(), tau)
+        roots[n] = [rho, roots[n][0]]
         return ((gt / (e + rho)) @ qmat.T) * wis
 
     sweep, kept, step, started = 0, 0, STEP_FIRST, None
@@ -191,5 +255,5 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
     err = float((x - reconstruct(factors)).norm())
     return factors, {
         "sweeps": sweep, "objective_start": j_start, "objective_end": j_prev, "delta": delta,
-        "rel_error": err / norm, "converged": converged, "extrapolated": kept,
+        "rel_error": err / norm, "converged": converged, "extrapolated": kept, "eigen_steps": eigen_steps[0],
     }

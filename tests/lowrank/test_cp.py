@@ -7,7 +7,7 @@ from torch import nn
 import lowrank
 from lowrank.decompositions.cp_als import SweepEngine, cp_als, init_factors, khatri_rao, rebalance, reconstruct
 from lowrank.decompositions.cp_sweep import solve_normal
-from lowrank.decompositions.epc import epc, objective_value
+from lowrank.decompositions.epc import _ridge_by_cholesky, _secular_root, epc, objective_value
 from lowrank.decompositions.diagnostics import CANCELLATION_DEGENERATE
 
 
@@ -105,6 +105,62 @@ def test_epc_extrapolation_keeps_the_error_and_lowers_j_in_fewer_sweeps(degenera
     assert runs[False][0]["extrapolated"] == 0 and runs[True][0]["extrapolated"] > 20
     assert runs[True][1][99] <= runs[False][1][-1]
     assert runs[True][0]["objective_end"] < 0.8 * runs[False][0]["objective_end"]
+
+
+def _ridge_problem(seed, i=20, r=30):
+    """One EPC block step's ridge problem: ``Gt`` (I x R), ``A`` (R x R, SPD) and a ``tau`` that some
+    ``rho > 0`` meets (a fraction of least squares' ``phi(0)``)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(3 * r, r, generator=g, dtype=torch.float64)
+    a = k.T @ k
+    gt = torch.randn(i, r, generator=g, dtype=torch.float64)
+    e, q = torch.linalg.eigh(a)
+    c = ((gt @ q) ** 2).sum(0)
+    return gt, a, 0.6 * float((c / e).sum()), e, q, c
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("off", [0.9, 1.003, 1.5])
+def test_cholesky_ridge_step_equals_the_eigen_path_and_lies_on_the_bound(seed, off):
+    """From a root guessed a little or far off (the previous sweep's), Newton steps on 1/phi with one
+    Cholesky each reach the secular equation's root: the same block step as the eigendecomposition's,
+    with ``phi = 2<Y, Gt> - tr(Y A Y^T) = tau`` (the error on its bound) to rounding."""
+    gt, a, tau, e, q, c = _ridge_problem(seed)
+    rho = _secular_root(c.numpy(), e.numpy(), tau)
+    y_eig = ((gt @ q) / (e + rho)) @ q.T
+    found = _ridge_by_cholesky(gt, a, tau, rho * off)
+    assert found is not None
+    y, rho_c = found
+    assert rho_c == pytest.approx(rho, rel=1e-4)
+    assert float((y - y_eig).norm() / y_eig.norm()) < 1e-6
+    phi = 2 * float((y * gt).sum()) - float(((y @ a) * y).sum())
+    assert phi == pytest.approx(tau, rel=1e-12)
+
+
+def test_cholesky_ridge_declines_where_the_eigen_path_must_decide():
+    gt, a, tau, e, q, c = _ridge_problem(3)
+    assert _ridge_by_cholesky(gt, a, tau, 0.0) is None  # no previous root
+    rho = _secular_root(c.numpy(), e.numpy(), tau)
+    assert _ridge_by_cholesky(gt, a, tau, rho * 1e4) is None  # too far for a few Newton steps
+    # the bound out of reach (tau above least squares' phi(0)): the root is 0, which only eigh finds
+    assert _ridge_by_cholesky(gt, a, 2.0 * float((c / e).sum()), rho) is None
+
+
+@pytest.mark.parametrize("objective", ["norm", "sens"])
+def test_epc_by_cholesky_steps_equals_epc_by_eigendecompositions(degenerate_kernel_fit, objective):
+    """The same sweeps either way (without extrapolation, whose accept/refuse decisions amplify
+    rounding): J to 1e-6, the error to rounding, and all but the first sweep's block steps without
+    an eigendecomposition."""
+    x, als = degenerate_kernel_fit
+    runs = {ridge: epc(x, als, max_sweeps=60, tol=0, extrapolate=False, objective=objective, ridge=ridge)
+            for ridge in ("eigh", "cholesky")}
+    (fe, ie), (fc, ic) = runs["eigh"], runs["cholesky"]
+    assert ic["objective_end"] == pytest.approx(ie["objective_end"], rel=1e-6)
+    assert ic["rel_error"] == pytest.approx(ie["rel_error"], rel=1e-9)
+    assert ie["eigen_steps"] == 60 * 4
+    assert 4 <= ic["eigen_steps"] <= 12
+    with pytest.raises(ValueError, match="accepted: 'cholesky', 'eigh'"):
+        epc(x, als, ridge="lu")
 
 
 def test_border_rank_tensor_is_flagged_and_healthy_is_not():

@@ -31,12 +31,28 @@ def test_direct_solve_equals_torch(dtype, tol, b, i, r):
     g = torch.randn(b, i, r, dtype=dtype)
     g_before, gamma_before = g.clone(), gamma.clone()
     ours, failed = _lapack.cholesky_solve_right(g, gamma)
-    ref, ref_failed = _lapack._torch_solve(g, gamma)
+    ref, ref_failed, _ = _lapack._torch_solve(g, gamma)
     assert failed == [] and ref_failed == []
     assert float((ours - ref).norm() / ref.norm()) < tol
     exact = (g.double() @ torch.linalg.inv(gamma.double())).to(dtype)
     assert float((ours - exact).norm() / exact.norm()) < 100 * tol
     assert g.equal(g_before) and gamma.equal(gamma_before)  # inputs are not overwritten
+
+
+@pytest.mark.parametrize("path", ["direct", "torch"])
+def test_the_factor_returned_is_the_upper_cholesky_factor_in_its_upper_triangle(path):
+    gamma = _spd(2, 40, torch.float64)
+    g = torch.randn(2, 9, 40, dtype=torch.float64)
+    solve = _lapack.cholesky_solve_right_factor if path == "direct" else _lapack._torch_solve
+    out, failed, c = solve(g, gamma)
+    assert failed == []
+    upper = torch.triu(c)
+    assert torch.allclose(upper.mT @ upper, gamma, atol=1e-10)
+    # what EPC's root finder reads: Y C^{-1} from the triangle alone
+    y = torch.randn(2, 9, 40, dtype=torch.float64)
+    assert torch.allclose(torch.linalg.solve_triangular(c, y, upper=True, left=False), y @ torch.linalg.inv(upper),
+                          atol=1e-10)
+    assert torch.allclose(out, g @ torch.linalg.inv(gamma), atol=1e-10)
 
 
 def test_non_contiguous_inputs_and_one_problem_unbatched():
