@@ -8,7 +8,9 @@ sensitivity (``objective='sens'``). One factor at a time, the subproblem
 ``U = G (Gamma + rho W)^{-1}`` (a generalised ridge step), where ``rho`` is the root of the
 secular equation ``sum_r c_r (e_r + 2 rho)/(e_r + rho)^2 = ||X||^2 - delta^2`` in the eigenbasis
 of ``W^{-1/2} Gamma W^{-1/2}`` (docs/algorithms.md, section 1.4). Each block step is monotone in ``J``
-and keeps the error pinned at ``delta``.
+and keeps the error pinned at ``delta``. By default (``ridge='cholesky'``) ``rho`` is found without
+the eigendecomposition, by Newton steps from the previous sweeps' roots, one Cholesky factorisation
+each (``_ridge_by_cholesky``; ``bench/epc_ridge.py``).
 
 ``extrapolate``: after each sweep, the point ``F_prev + s (F - F_prev)`` along the sweep's move,
 scaled back onto the error bound (``_on_bound``: one scalar, from ``<X, M>`` at the next sweep's
@@ -63,14 +65,15 @@ def _secular_root(c: np.ndarray, e: np.ndarray, tau: float) -> float:
 
 def _ridge_by_cholesky(gt: torch.Tensor, a: torch.Tensor, tau: float, rho: float):
     """The block step without an eigendecomposition: ``(Y, rho)`` with ``Y = Gt (A + rho I)^{-1}``
-    on the error bound, by Newton steps on ``1/phi(rho) = 1/tau`` from ``rho`` (the same mode's
-    root one sweep before), one Cholesky factorisation each. In the factor's terms
-    (``A + rho I = C^T C``): ``phi = <Y, Gt> + rho ||Y||^2`` and
-    ``phi' = -2 rho ||Y C^{-1}||^2``. Stops within ``RIDGE_TOL`` of ``tau``; ``Y`` is then scaled
-    onto the bound exactly (the smaller root of ``m s^2 - 2 i s + tau = 0``, ``i = <Y, Gt>``,
-    ``m = i - rho ||Y||^2``: the model's ``<X, X_hat>`` and ``||X_hat||^2``), which changes ``J``
-    by the square of that tolerance. ``None`` where the eigen path must decide (no previous root,
-    the bound out of reach, a step that leaves a factor of 10 of ``rho``)."""
+    on the error bound, by Newton steps on ``1/phi(rho) = 1/tau`` from ``rho`` (a guess from the
+    same mode's roots of the sweeps before), one Cholesky factorisation each. In the factor's terms
+    (``A + rho I = C^T C``): ``phi = <Y, Gt> + rho ||Y||^2`` and ``phi' = -2 rho ||Y C^{-1}||^2``.
+    Stops where the Newton step is below ``RIDGE_TOL * rho``, or one factorisation after a step
+    below ``sqrt(RIDGE_TOL) * rho``; ``Y`` is then scaled onto the bound exactly (the smaller root
+    of ``m s^2 - 2 i s + tau = 0``, ``i = <Y, Gt>``, ``m = i - rho ||Y||^2``: the model's
+    ``<X, X_hat>`` and ``||X_hat||^2``), which leaves ``J`` above the exact step's by about the
+    square of ``rho``'s relative error. ``None`` where the eigen path must decide (no previous
+    root, the bound out of reach, a step that leaves a factor of 10 of ``rho``)."""
     if not rho > 0:
         return None
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
