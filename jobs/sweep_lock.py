@@ -97,14 +97,21 @@ class SweepLock:
 
     def create_run(self, run_name: str, tags: dict):
         """``MlflowClient.create_run`` that makes one run even where the server's answer is lost:
-        the run carries a unique ``attempt`` tag, by which ``create_once`` finds what it made."""
+        the run is created with a unique ``attempt`` tag, by which ``create_once`` finds what it
+        made; the tag is then deleted, so that the runs users browse carry only their own tags
+        (where that delete fails, the tag stays: harmless)."""
         tags = {**tags, "attempt": uuid.uuid4().hex}
 
         def made():
             runs = self.client.search_runs([self.experiment_id], f"tags.attempt = '{tags['attempt']}'")
             return runs[0] if runs else None
 
-        return create_once(lambda: self.client.create_run(self.experiment_id, run_name=run_name, tags=tags), made)
+        run = create_once(lambda: self.client.create_run(self.experiment_id, run_name=run_name, tags=tags), made)
+        try:
+            self.client.delete_tag(run.info.run_id, "attempt")
+        except Exception:  # noqa: BLE001 - the key has done its work; one left behind changes nothing
+            pass
+        return run
 
     def heartbeat(self, run_id: str) -> None:
         self.client.set_tag(run_id, "heartbeat", f"{time.time():.3f}")

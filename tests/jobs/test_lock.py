@@ -29,6 +29,18 @@ def test_running_sweep_is_refused_with_exit_3_before_any_work(tmp_path, capsys):
         tracker.fail_stale_parents("tiny")
 
 
+def test_runs_carry_no_idempotency_key_once_created(tmp_path):
+    """``attempt`` finds a run whose create lost its answer; once the run exists it is deleted, so
+    that the MLflow UI shows only the runs' own tags."""
+    spec, data = _spec(tmp_path)
+    tracker = Tracker(data["mlflow"]["tracking_uri"], data["mlflow"]["experiment"])
+    rid = tracker.start_parent("tiny", {"name": "tiny"})
+    child = tracker.create_run("child", {"sweep": "tiny"}).info.run_id
+    for run_id in (rid, child):
+        tags = tracker.client.get_run(run_id).data.tags
+        assert "attempt" not in tags and tags["sweep"] == "tiny"
+
+
 def test_stale_parent_is_marked_failed(tmp_path):
     spec, data = _spec(tmp_path)
     tracker = Tracker(data["mlflow"]["tracking_uri"], data["mlflow"]["experiment"])
