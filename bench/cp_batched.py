@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cp_speed import tensorly_fit  # noqa: E402
+from bench.cp_start_error import cp_rank  # noqa: E402
 from lowrank.allocator import allocator_note, tune_allocator  # noqa: E402
 from lowrank.decompositions.cp_als import cp_als, init_factors  # noqa: E402
 from lowrank.decompositions.cp_batched import cp_als_batched  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
             g = torch.Generator().manual_seed(c)
             shape = (c, c, 9) if order == 3 else (c, c, 3, 3)
             x = torch.randn(n, *shape, generator=g, dtype=torch.float64) * math.sqrt(2 / (c * 9))
-            r = (c * c * 9) // (2 * (2 * c + (9 if order == 3 else 6)))
+            r = cp_rank(c, order, 2)
             inits = [init_factors(x[i], r, "svd", seed=0) for i in range(n)]
             t0 = time.perf_counter()
             for i in range(n):

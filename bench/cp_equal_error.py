@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cp_speed import best_of, tensorly_fit, warm_up  # noqa: E402
+from bench.cp_start_error import cp_rank  # noqa: E402
 from lowrank.allocator import allocator_note, tune_allocator  # noqa: E402
 from lowrank.decompositions._lapack import lapack_note  # noqa: E402
 from lowrank.decompositions.cp_als import cp_als, init_factors, reconstruct  # noqa: E402
@@ -84,7 +85,7 @@ def main() -> None:
                 if order == 3:
                     lines.append(f"# {c} channels: {name}")
             for ratio in (2, 4):
-                r = (c * c * 9) // (ratio * (2 * c + (9 if order == 3 else 6)))
+                r = cp_rank(c, order, ratio)
                 n = ITERS[c]
                 init = init_factors(x, r, "svd", seed=0)
                 warm_up(x, init, dtypes=(torch.float64, torch.float32), backends=("pytorch",))

@@ -40,6 +40,23 @@ def kernel(c: int, order: int, trained: dict | None) -> tuple[torch.Tensor, str]
     return trained[name].double().reshape(shape), name
 
 
+def kernels(channels, trained: dict | None, lines: list[str]):
+    """``(order, c, x)`` for order 3 then 4 over ``channels`` (``kernel``), each announced by a
+    ``# c channels, order n: name`` line appended to ``lines`` and printed."""
+    for order in (3, 4):
+        for c in channels:
+            x, name = kernel(c, order, trained)
+            lines.append(f"# {c} channels, order {order}: {name}")
+            print(lines[-1], flush=True)
+            yield order, c, x
+
+
+def cp_rank(c: int, order: int, ratio: float) -> int:
+    """The CP rank that makes a ``c``-to-``c`` 3x3 conv ``ratio`` times smaller as ``cp3`` (order 3:
+    factors ``c, c, 9``) or ``cp4`` (order 4: ``c, c, 3, 3``)."""
+    return int(c * c * 9 // (ratio * (2 * c + (9 if order == 3 else 6))))
+
+
 def start(x: torch.Tensor, rank: int, init: str) -> tuple[float, float]:
     """(best-of-three seconds, relative error) of one start."""
     times = []
@@ -70,7 +87,7 @@ def main() -> None:
             if order == 3:
                 lines.append(f"# {c} channels: {name}")
             for ratio in (2, 4):
-                r = (c * c * 9) // (ratio * (2 * c + (9 if order == 3 else 6)))
+                r = cp_rank(c, order, ratio)
                 res = {n: start(x, r, n) for n in names}
                 cells = " | ".join(f"{res[n][1]:>11.4g} {res[n][0]:>6.3f}" for n in names)
                 lines.append(f"{'x'.join(map(str, x.shape)):<12} {ratio:>4}x {r:>5} | {cells} | "

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lowrank  # noqa: E402
-from bench.cp_start_error import kernel  # noqa: E402
+from bench.cp_start_error import cp_rank, kernels  # noqa: E402
 from lowrank.decompositions.cp_als import cp_als  # noqa: E402
 from lowrank.decompositions.epc import epc  # noqa: E402
 
@@ -63,27 +63,23 @@ def main() -> None:
              f"{'ms':>6} {'cancel':>6} | {'extra it':>8} {'J150':>8} {'J end':>8} {'ms':>6} {'cancel':>6} {'kept':>5} | "
              f"{'reach':>5} {'sweeps x':>8} {'ms x':>5} {'err diff':>8}"]
     print("\n".join(lines), flush=True)
-    for order in (3, 4):
-        for c in args.channels:
-            x, name = kernel(c, order, trained)
-            lines.append(f"# {c} channels, order {order}: {name}")
+    for order, c, x in kernels(args.channels, trained, lines):
+        for ratio in args.ratios:
+            r = cp_rank(c, order, ratio)
+            als, _ = cp_als(x, r)
+            plain, extra = run(x, als, args.sweeps, False), run(x, als, args.sweeps, True)
+            j_als = plain["j_start"]
+            end = plain["js"][-1]
+            reach = next((i + 1 for i, j in enumerate(extra["js"]) if j <= end), None)
+            j150 = [p["js"][min(149, len(p["js"]) - 1)] for p in (plain, extra)]
+            lines.append(
+                f"{'x'.join(map(str, x.shape)):<12} {ratio:>4g}x {r:>5} {j_als:>8.4g} | "
+                f"{plain['sweeps']:>8} {j150[0]:>8.4g} {end:>8.4g} {1e3 * plain['per_sweep']:>6.2f} "
+                f"{plain['cancel']:>6.2f} | {extra['sweeps']:>8} {j150[1]:>8.4g} {extra['js'][-1]:>8.4g} "
+                f"{1e3 * extra['per_sweep']:>6.2f} {extra['cancel']:>6.2f} {extra['kept']:>5} | "
+                f"{reach if reach else '-':>5} {plain['sweeps'] / reach if reach else float('nan'):>8.2f} "
+                f"{extra['per_sweep'] / plain['per_sweep']:>5.2f} {abs(extra['err'] - plain['err']) / plain['err']:>8.1e}")
             print(lines[-1], flush=True)
-            for ratio in args.ratios:
-                r = int((c * c * 9) // (ratio * (2 * c + (9 if order == 3 else 6))))
-                als, _ = cp_als(x, r)
-                plain, extra = run(x, als, args.sweeps, False), run(x, als, args.sweeps, True)
-                j_als = plain["j_start"]
-                end = plain["js"][-1]
-                reach = next((i + 1 for i, j in enumerate(extra["js"]) if j <= end), None)
-                j150 = [p["js"][min(149, len(p["js"]) - 1)] for p in (plain, extra)]
-                lines.append(
-                    f"{'x'.join(map(str, x.shape)):<12} {ratio:>4g}x {r:>5} {j_als:>8.4g} | "
-                    f"{plain['sweeps']:>8} {j150[0]:>8.4g} {end:>8.4g} {1e3 * plain['per_sweep']:>6.2f} "
-                    f"{plain['cancel']:>6.2f} | {extra['sweeps']:>8} {j150[1]:>8.4g} {extra['js'][-1]:>8.4g} "
-                    f"{1e3 * extra['per_sweep']:>6.2f} {extra['cancel']:>6.2f} {extra['kept']:>5} | "
-                    f"{reach if reach else '-':>5} {plain['sweeps'] / reach if reach else float('nan'):>8.2f} "
-                    f"{extra['per_sweep'] / plain['per_sweep']:>5.2f} {abs(extra['err'] - plain['err']) / plain['err']:>8.1e}")
-                print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.cp_start_error import kernel  # noqa: E402
+from bench.cp_start_error import cp_rank, kernels  # noqa: E402
 from lowrank.decompositions.cp_als import cp_als  # noqa: E402
 from lowrank.decompositions.epc import epc  # noqa: E402
 
@@ -62,28 +62,24 @@ def main() -> None:
              f"{'tensor':<12} {'rank':>5} {'sweeps':>6} | {'eigh ms':>8} {'chol ms':>8} {'x':>5} {'eigh share':>10} | "
              f"{'J diff':>8} {'err diff':>8} | {'eigh s':>7} {'chol s':>7}"]
     print("\n".join(lines), flush=True)
-    for order in (3, 4):
-        for c in args.channels:
-            x, name = kernel(c, order, trained)
-            lines.append(f"# {c} channels, order {order}: {name}")
-            print(lines[-1], flush=True)
-            r = int((c * c * 9) // (2.0 * (2 * c + (9 if order == 3 else 6))))
-            als, _ = cp_als(x, r)
-            best: dict[str, dict] = {}
-            for _ in range(args.repeats):
-                for ridge in ("eigh", "cholesky"):
-                    got = run(x, als, args.sweeps, ridge, not args.plain)
-                    if ridge not in best or got["seconds"] < best[ridge]["seconds"]:
-                        best[ridge] = got
-            e, ch = best["eigh"], best["cholesky"]
-            ms_e, ms_c = (1e3 * b["seconds"] / b["sweeps"] for b in (e, ch))
-            steps = ch["sweeps"] * order
-            lines.append(
-                f"{'x'.join(map(str, x.shape)):<12} {r:>5} {ch['sweeps']:>6} | {ms_e:>8.2f} {ms_c:>8.2f} "
-                f"{ms_e / ms_c:>5.2f} {ch['eigen_steps'] / steps:>10.1%} | "
-                f"{(ch['objective_end'] - e['objective_end']) / e['objective_end']:>8.1e} "
-                f"{(ch['rel_error'] - e['rel_error']) / e['rel_error']:>8.1e} | {e['seconds']:>7.2f} {ch['seconds']:>7.2f}")
-            print(lines[-1], flush=True)
+    for order, c, x in kernels(args.channels, trained, lines):
+        r = cp_rank(c, order, 2)
+        als, _ = cp_als(x, r)
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for ridge in ("eigh", "cholesky"):
+                got = run(x, als, args.sweeps, ridge, not args.plain)
+                if ridge not in best or got["seconds"] < best[ridge]["seconds"]:
+                    best[ridge] = got
+        e, ch = best["eigh"], best["cholesky"]
+        ms_e, ms_c = (1e3 * b["seconds"] / b["sweeps"] for b in (e, ch))
+        steps = ch["sweeps"] * order
+        lines.append(
+            f"{'x'.join(map(str, x.shape)):<12} {r:>5} {ch['sweeps']:>6} | {ms_e:>8.2f} {ms_c:>8.2f} "
+            f"{ms_e / ms_c:>5.2f} {ch['eigen_steps'] / steps:>10.1%} | "
+            f"{(ch['objective_end'] - e['objective_end']) / e['objective_end']:>8.1e} "
+            f"{(ch['rel_error'] - e['rel_error']) / e['rel_error']:>8.1e} | {e['seconds']:>7.2f} {ch['seconds']:>7.2f}")
+        print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 
