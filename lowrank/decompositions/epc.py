@@ -9,7 +9,7 @@ sensitivity (``objective='sens'``). One factor at a time, the subproblem
 secular equation ``sum_r c_r (e_r + 2 rho)/(e_r + rho)^2 = ||X||^2 - delta^2`` in the eigenbasis
 of ``W^{-1/2} Gamma W^{-1/2}`` (docs/algorithms.md, section 1.4). Each block step is monotone in ``J``
 and keeps the error pinned at ``delta``. By default (``ridge='cholesky'``) ``rho`` is found without
-the eigendecomposition, by Newton steps from the previous sweeps' roots, one Cholesky factorisation
+the eigendecomposition, by Halley steps from the previous sweep's root, one Cholesky factorisation
 each (``_ridge_by_cholesky``; ``bench/epc_ridge.py``).
 
 ``extrapolate``: after each sweep, the point ``F_prev + s (F - F_prev)`` along the sweep's move,
@@ -31,7 +31,7 @@ from .cp_als import SweepEngine, rebalance, reconstruct
 from .cp_sweep import model_norm2
 
 _W_FLOOR = 1e-300
-RIDGE_NEWTON, RIDGE_TOL = 3, 1e-5  # the Cholesky path's Newton steps on 1/phi, and the relative step in rho it stops at
+RIDGE_STEPS, RIDGE_TOL = 3, 1e-5  # the Cholesky path's Halley steps on 1/phi, and the relative step in rho it stops at
 STEP_FIRST, STEP_GROW, STEP_SHRINK, STEP_MAX = 2.0, 3.0, 4.0, 1e4  # extrapolation's step, see ``epc``
 
 
@@ -65,12 +65,14 @@ def _secular_root(c: np.ndarray, e: np.ndarray, tau: float) -> float:
 
 def _ridge_by_cholesky(gt: torch.Tensor, a: torch.Tensor, tau: float, rho: float):
     """The block step without an eigendecomposition: ``(Y, rho)`` with ``Y = Gt (A + rho I)^{-1}``
-    on the error bound, by Newton steps on ``1/phi(rho) = 1/tau`` from ``rho`` (a guess from the
-    same mode's roots of the sweeps before), one Cholesky factorisation each. In the factor's terms
-    (``A + rho I = C^T C``): ``phi = <Y, Gt> + rho ||Y||^2`` and ``phi' = -2 rho ||Y C^{-1}||^2``.
-    Stops where the Newton step is below ``RIDGE_TOL * rho``, or one factorisation after a step
-    below ``sqrt(RIDGE_TOL) * rho``; ``Y`` is then scaled onto the bound exactly (the smaller root
-    of ``m s^2 - 2 i s + tau = 0``, ``i = <Y, Gt>``, ``m = i - rho ||Y||^2``: the model's
+    on the error bound, by Halley steps on ``1/phi(rho) = 1/tau`` from ``rho`` (the same mode's
+    root one sweep before), one Cholesky factorisation each. With ``A + rho I = C^T C`` and
+    ``mu_k = sum_r c_r / (e_r + rho)^k``: ``mu_1 = <Y, Gt>``, ``mu_2 = ||Y||^2``,
+    ``mu_3 = ||Y C^{-1}||^2``, ``mu_4 = ||Y C^{-1} C^{-T}||^2``, so ``phi = mu_1 + rho mu_2``,
+    ``phi' = -2 rho mu_3`` and ``phi'' = 6 rho mu_4 - 2 mu_3``. Stops where the step is below
+    ``RIDGE_TOL * rho``, or one factorisation after a step below ``RIDGE_TOL^(1/3) * rho`` (Halley
+    converges cubically); ``Y`` is then scaled onto the bound exactly (the smaller root of
+    ``m s^2 - 2 i s + tau = 0``, ``i = <Y, Gt>``, ``m = i - rho ||Y||^2``: the model's
     ``<X, X_hat>`` and ``||X_hat||^2``), which leaves ``J`` above the exact step's by about the
     square of ``rho``'s relative error. ``None`` where the eigen path must decide (no previous
     root, the bound out of reach, a step that leaves a factor of 10 of ``rho``)."""
@@ -78,7 +80,7 @@ def _ridge_by_cholesky(gt: torch.Tensor, a: torch.Tensor, tau: float, rho: float
         return None
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     last = False
-    for step in range(RIDGE_NEWTON + 1):
+    for step in range(RIDGE_STEPS + 1):
         y, failed, c = cholesky_solve_right_factor(gt.unsqueeze(0), torch.add(a, eye, alpha=rho).unsqueeze(0))
         if failed:
             return None
@@ -86,18 +88,22 @@ def _ridge_by_cholesky(gt: torch.Tensor, a: torch.Tensor, tau: float, rho: float
         i, yy = float(torch.vdot(y.flatten(), gt.flatten())), float(torch.vdot(y.flatten(), y.flatten()))
         if last:
             break
-        phi = i + rho * yy
-        v = torch.linalg.solve_triangular(c, y, upper=True, left=False)
-        slope = 2.0 * rho * float(torch.vdot(v.flatten(), v.flatten())) / (phi * phi)  # d(1/phi)/d rho
-        if not slope > 0:
+        v = torch.linalg.solve_triangular(c, y, upper=True, left=False)  # Y C^{-1}
+        w = torch.linalg.solve_triangular(c.mT, v, upper=False, left=False)  # Y (A + rho I)^{-1}
+        mu3, mu4 = float(torch.vdot(v.flatten(), v.flatten())), float(torch.vdot(w.flatten(), w.flatten()))
+        phi, d1, d2 = i + rho * yy, -2.0 * rho * mu3, 6.0 * rho * mu4 - 2.0 * mu3
+        h, h1 = 1.0 / phi - 1.0 / tau, -d1 / (phi * phi)  # h = 1/phi - 1/tau and its derivatives
+        h2 = -d2 / (phi * phi) + 2.0 * d1 * d1 / phi ** 3
+        if not h1 > 0:
             return None
-        move = (1.0 / phi - 1.0 / tau) / slope
+        newton = h / h1
+        damp = 1.0 - newton * h2 / (2.0 * h1)
+        move = newton / damp if damp > 0.5 else newton  # Halley, or Newton where the curvature term is large
         if abs(move) <= RIDGE_TOL * rho:
             break
-        if step == RIDGE_NEWTON or not -9 * rho < move < 0.9 * rho:
+        if step == RIDGE_STEPS or not -9 * rho < move < 0.9 * rho:
             return None
-        # Newton converges quadratically: after a move this small the next point is within the tolerance
-        last = abs(move) <= math.sqrt(RIDGE_TOL) * rho
+        last = abs(move) <= RIDGE_TOL ** (1 / 3) * rho  # the next point is within the tolerance
         rho -= move
     m = i - rho * yy
     disc = i * i - m * tau
@@ -168,7 +174,7 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
     Stops when ``J`` changes by at most ``tol`` relatively, or after ``max_sweeps``.
     ``extrapolate``: try a step along each sweep's move (module docstring); the same error, a lower
     ``J`` after as many sweeps. ``ridge``: how each block step finds its ``rho``: ``'cholesky'``
-    (Newton steps from the previous sweep's root, ``_ridge_by_cholesky``; the eigen path where
+    (Halley steps from the previous sweep's root, ``_ridge_by_cholesky``; the eigen path where
     that declines) or ``'eigh'`` (an eigendecomposition every step). ``callback(sweep, J)`` is
     called after every sweep. Returns
     ``(factors, info)`` with ``info = {'sweeps', 'objective_start', 'objective_end', 'delta',
@@ -204,12 +210,8 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
     j_start = j_prev = objective_value(factors, objective)
     converged = False
 
-    roots = [[0.0, 0.0] for _ in factors]  # each mode's rho of the two sweeps before (0: none yet)
+    roots = [0.0] * len(factors)  # each mode's rho of the sweep before (0: none yet)
     eigen_steps = [0]
-
-    def guess(n):  # rho moves smoothly from sweep to sweep: extrapolated geometrically
-        last, before = roots[n]
-        return last * last / before if before > 0 and 0.5 < last / before < 2 else last
 
     def update(n, g, gamma):
         if tau <= 0:
@@ -217,9 +219,8 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
         w = _weights(factors, n, objective).clamp_min(_W_FLOOR)
         wis = w.rsqrt()
         a = wis[:, None] * gamma * wis[None, :]
-        if ridge == "cholesky" and (found := _ridge_by_cholesky(g * wis, a, tau, guess(n))) is not None:
-            y, rho = found
-            roots[n] = [rho, roots[n][0]]
+        if ridge == "cholesky" and (found := _ridge_by_cholesky(g * wis, a, tau, roots[n])) is not None:
+            y, roots[n] = found
             return y * wis
         eigen_steps[0] += 1
         e, qmat = torch.linalg.eigh(a)
@@ -229,8 +230,7 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
         e = torch.where(null, torch.ones_like(e), e)
         gt = torch.where(null, torch.zeros_like(g[:1]), (g * wis) @ qmat)  # G W^{-1/2} Q
         c = gt.pow(2).sum(0)
-        rho = _secular_root(c.cpu().numpy(), e.cpu().numpy(), tau)
-        roots[n] = [rho, roots[n][0]]
+        rho = roots[n] = _secular_root(c.cpu().numpy(), e.cpu().numpy(), tau)
         return ((gt / (e + rho)) @ qmat.T) * wis
 
     sweep, kept, step, started = 0, 0, STEP_FIRST, None
