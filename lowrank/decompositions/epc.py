@@ -211,9 +211,10 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
     converged = False
 
     roots = [0.0] * len(factors)  # each mode's rho of the sweep before (0: none yet)
-    eigen_steps = [0]
+    eigen_steps = 0
 
     def update(n, g, gamma):
+        nonlocal eigen_steps
         if tau <= 0:
             return torch.zeros_like(g)
         w = _weights(factors, n, objective).clamp_min(_W_FLOOR)
@@ -222,7 +223,7 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
         if ridge == "cholesky" and (found := _ridge_by_cholesky(g * wis, a, tau, roots[n])) is not None:
             y, roots[n] = found
             return y * wis
-        eigen_steps[0] += 1
+        eigen_steps += 1
         e, qmat = torch.linalg.eigh(a)
         # null directions of Gamma: G has no component there in exact arithmetic (G = X K and
         # K q = 0), so what the rounding leaves is dropped (the minimum-J solution)
@@ -258,5 +259,5 @@ def epc(x: torch.Tensor, factors: list[torch.Tensor], *, delta: float | None = N
     err = float((x - reconstruct(factors)).norm())
     return factors, {
         "sweeps": sweep, "objective_start": j_start, "objective_end": j_prev, "delta": delta,
-        "rel_error": err / norm, "converged": converged, "extrapolated": kept, "eigen_steps": eigen_steps[0],
+        "rel_error": err / norm, "converged": converged, "extrapolated": kept, "eigen_steps": eigen_steps,
     }
